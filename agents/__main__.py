@@ -1,0 +1,78 @@
+"""``bus-agent``: run one agent (or ``--replicas N`` forked agents) against a coordinator."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import click
+
+from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
+
+_ENV = {
+    "endpoint": "BUS_ENDPOINT",
+    "agent_id": "BUS_AGENT_ID",
+    "kind": "BUS_AGENT_KIND",
+    "backend": "BUS_BACKEND",
+    "policy_len": "BUS_POLICY_LEN",
+    "replicas": "BUS_AGENT_REPLICAS",
+    "heartbeat": "BUS_HEARTBEAT",
+    "seed": "BUS_SEED",
+    "log_level": "BUS_LOG_LEVEL",
+}
+
+#: Agents are single-threaded by design: one process per core-share, no BLAS threads.
+_SINGLE_THREADED = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}
+
+
+def default_agent_id() -> str:
+    """``$HONCHO_PROCESS_NAME`` (``agent.3`` under honcho), else ``host-pid``."""
+    return os.environ.get("HONCHO_PROCESS_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoint", envvar=_ENV["endpoint"], default=DEFAULT_ENDPOINT, show_default=True,
+              help="Coordinator endpoint to connect to.")
+@click.option("--id", "agent_id", envvar=_ENV["agent_id"], default=None,
+              help="Agent id [default: $HONCHO_PROCESS_NAME, else host-pid]; with --replicas, ID-1 .. ID-N.")
+@click.option("--kind", envvar=_ENV["kind"], type=click.Choice(["explorer", "null"]), default="explorer",
+              show_default=True)
+@click.option("--backend", envvar=_ENV["backend"], type=click.Choice(["numpy", "jax"]), default="numpy",
+              show_default=True, help="Explorer inference backend.")
+@click.option("--policy-len", envvar=_ENV["policy_len"], type=click.IntRange(1, 8), default=1, show_default=True)
+@click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Fork this many agent processes from one prepared parent.")
+@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=0.5, show_default=True)
+@click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: run until signalled).")
+@click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True)
+@click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
+def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, max_steps, seed, log_level):
+    """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
+    configure_logging(log_level)
+    from agents.kinds import create
+    from agents.launcher import launch
+    from bus.protocol import ProtocolError
+
+    options = {"backend": backend, "policy_len": policy_len, "seed": seed} if kind == "explorer" else {}
+    try:
+        code = launch(lambda: create(kind, **options), endpoint, agent_id or default_agent_id(), replicas,
+                      heartbeat=heartbeat, max_steps=max_steps)
+    except ProtocolError as exc:
+        raise click.UsageError(f"invalid agent id: {exc.reason}") from None
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    for var, value in _SINGLE_THREADED.items():
+        os.environ.setdefault(var, value)
+    cli.main(args=argv, prog_name="bus-agent", default_map=dotenv_defaults(_ENV))
+
+
+if __name__ == "__main__":
+    main()

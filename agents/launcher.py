@@ -1,0 +1,121 @@
+"""Start one agent, or fork many from one prepared parent.
+
+``bus-agent --replicas N`` imports the agent kind's libraries once (pymdp: 0.3 s),
+then forks N agent processes that share those pages copy-on-write.  Measured on 2
+cores: 20 explorer agents stepping well under a second after the first fork, at a few
+MB PSS each, against 2.5-16 s and 30-110 MB each for 20 fresh interpreters.
+
+Forking is safe here because the parent never creates a ZeroMQ context, a socket or a
+thread of its own before it forks; every child creates its context itself (see
+``bus.sockets.context``).  JAX starts thread pools when it initialises, so the ``jax``
+backend is imported by each child after the fork instead.
+
+The parent supervises: it forwards SIGINT/SIGTERM to its children, reaps them, and
+exits non-zero if any child failed.  Children die with the parent (PR_SET_PDEATHSIG),
+so a SIGKILLed launcher leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import time
+from typing import Callable
+
+from agents.runtime import Runtime
+from agents.sdk import Agent
+from bus.signals import StopSignal
+
+__all__ = ["launch"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds children get to say BYE and exit after SIGTERM, before SIGKILL.
+STOP_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1,
+           **runtime_options) -> int:
+    """Run ``replicas`` agents made by ``factory``; returns the exit status."""
+    if replicas == 1:
+        agent = factory()
+        agent.prepare()
+        return Runtime(agent, endpoint, agent_id, **runtime_options).run()
+
+    template = factory()
+    if getattr(template, "forkable", True):
+        template.prepare()
+    parent = os.getpid()
+    children: dict[int, str] = {}
+    for i in range(1, replicas + 1):
+        child_id = f"{agent_id}-{i}"
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            os._exit(_child(factory, endpoint, child_id, parent, runtime_options))
+        children[pid] = child_id
+    log.info("started %d %s agents (%s-1 .. %s-%d)", replicas, template.kind, agent_id, agent_id, replicas)
+    return _supervise(children)
+
+
+def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: dict) -> int:
+    try:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass  # not Linux: the supervisor's signal forwarding still applies
+        if os.getppid() != parent:
+            return 1  # the launcher died before we could ask to die with it
+        agent = factory()
+        agent.prepare()
+        return Runtime(agent, endpoint, agent_id, **runtime_options).run()
+    except BaseException:
+        log.exception("agent %s failed", agent_id)
+        return 1
+
+
+def _supervise(children: dict[int, str]) -> int:
+    failed: list[str] = []
+    stop_at: float | None = None
+    with StopSignal() as stop:
+        while children:
+            if stop.requested is not None and stop_at is None:
+                log.info("signal %d: stopping %d agents", stop.requested, len(children))
+                _signal_all(children, signal.SIGTERM)
+                stop_at = time.monotonic() + STOP_GRACE_S
+            if stop_at is not None and time.monotonic() >= stop_at:
+                log.warning("%d agents did not stop within %.0f s: killing them", len(children), STOP_GRACE_S)
+                _signal_all(children, signal.SIGKILL)
+                stop_at = float("inf")
+            select.select([stop.fd], [], [], 0.1)
+            stop.drain()
+            while children:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    children.clear()
+                    break
+                if pid == 0:
+                    break
+                agent_id = children.pop(pid, None)
+                code = os.waitstatus_to_exitcode(status)
+                stopped_by_us = stop.requested is not None and code in (-signal.SIGTERM, -signal.SIGKILL)
+                if code != 0 and not stopped_by_us:
+                    failed.append(agent_id)
+                    log.error("agent %s (pid %d) exited with status %d", agent_id, pid, code)
+    if failed:
+        log.error("%d agents failed: %s", len(failed), ", ".join(sorted(failed)))
+        return 1
+    return 0
+
+
+def _signal_all(children: dict[int, str], sig: int) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,50 @@
+"""What integrators build on: subclass :class:`Agent`, then :func:`agents.runtime.run` it.
+
+An agent is a small object with lifecycle hooks; the runtime owns the socket, the
+handshake, heartbeats, reconnection and shutdown::
+
+    from agents.sdk import Agent, run
+
+    class Walker(Agent):
+        kind = "walker"
+        def step(self, obs):
+            return 4            # always "stay"
+
+    run(Walker(), endpoint="tcp://127.0.0.1:5555", agent_id="walker-1")
+
+Agents written in other languages speak the protocol in docs/protocol.md directly.
+"""
+
+from __future__ import annotations
+
+from bus.protocol import Welcome
+
+__all__ = ["Agent", "run"]
+
+
+class Agent:
+    """Base class for agents.  Override :meth:`step`; the other hooks are optional."""
+
+    #: Reported to the coordinator in HELLO; must match ``[A-Za-z0-9._:@/+-]{1,128}``.
+    kind = "custom"
+
+    def prepare(self) -> None:
+        """Load heavy libraries.  Runs once, before any fork and before any socket exists."""
+
+    def on_start(self, welcome: Welcome) -> None:
+        """Registered with a coordinator (again, after it restarted).  ``welcome.params``
+        describes the world and the schedule; build or rebuild the model here."""
+
+    def step(self, obs: list[int]) -> int:
+        """Return the action for observation ``obs`` (one outcome index per modality)."""
+        raise NotImplementedError("an Agent subclass must implement step()")
+
+    def on_stop(self) -> None:
+        """The runtime is stopping (signal, or the coordinator said BYE for good)."""
+
+
+def run(agent: Agent, endpoint: str, agent_id: str, **options) -> int:
+    """Run ``agent`` on the bus until SIGINT/SIGTERM; returns an exit status."""
+    from agents.runtime import Runtime
+
+    return Runtime(agent, endpoint, agent_id, **options).run()

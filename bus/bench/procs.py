@@ -1,0 +1,79 @@
+"""Child processes of busbench: started through the operators' entry points, watched,
+and always reaped -- on success, on error, on Ctrl-C and when busbench itself dies
+(children ask the kernel to SIGTERM them when busbench goes: PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+__all__ = ["Child", "ChildFailed"]
+
+log = logging.getLogger(__name__)
+
+
+class ChildFailed(RuntimeError):
+    """A process busbench started exited while it was still needed."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Child:
+    """One process started as ``python -m MODULE ARGS`` (the console scripts' code)."""
+
+    def __init__(self, name: str, module: str, args: list[str], log_path: str | None = None):
+        self.name = name
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            preexec_fn=_die_with_parent, start_new_session=True,
+        )
+        self.started_at = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise ChildFailed(f"{self.name} (pid {self.pid}) exited early with status {code}")
+
+    def processes(self) -> list[psutil.Process]:
+        """This process and its descendants (the forked agents of a launcher)."""
+        try:
+            p = psutil.Process(self.pid)
+            return [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL the whole group.  Returns the status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s: killing it", self.name, timeout)
+        # Whatever is left in its session (orphaned agents, say) goes too.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        code = self.proc.wait(timeout)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+        return code

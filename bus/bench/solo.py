@@ -1,0 +1,71 @@
+"""r1: the single-agent rate -- one agent of the same kind and model, stepping alone in
+one process against the same world, with no bus.  Run as its own process so that its
+imports and threads never touch busbench's, and printed as JSON::
+
+    python -m bus.bench.solo --kind explorer --backend numpy --duration 2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from agents.__main__ import _SINGLE_THREADED
+
+SOLO_ID = "solo"
+
+
+def solo_rate(kind: str, options: dict, world: dict, warmup_steps: int, duration: float) -> dict:
+    from agents.kinds import create
+    from coordinator.world import GridWorld, WorldConfig
+
+    env = GridWorld(WorldConfig(**world))
+    agent = create(kind, **options)
+    agent.prepare()
+    if hasattr(agent, "configure"):
+        agent.configure(env.params(), SOLO_ID)
+    env.place(SOLO_ID)
+    step, observe, move = agent.step, env.observe, env.move
+    for _ in range(warmup_steps):
+        move(SOLO_ID, step(observe(SOLO_ID)))
+    steps = 0
+    clock = time.perf_counter
+    start = clock()
+    end = start + duration
+    while True:
+        for _ in range(50):
+            move(SOLO_ID, step(observe(SOLO_ID)))
+        steps += 50
+        now = clock()
+        if now >= end:
+            break
+    elapsed = now - start
+    return {"rate": steps / elapsed, "steps": steps, "elapsed_s": elapsed, "step_us": elapsed / steps * 1e6}
+
+
+@click.command()
+@click.option("--kind", default="explorer")
+@click.option("--backend", default="numpy")
+@click.option("--policy-len", type=int, default=1)
+@click.option("--world", "world_json", default="{}", help="WorldConfig fields as JSON.")
+@click.option("--warmup", type=int, default=200)
+@click.option("--duration", type=float, default=2.0)
+def cli(kind, backend, policy_len, world_json, warmup, duration):
+    options = {"backend": backend, "policy_len": policy_len} if kind == "explorer" else {}
+    result = solo_rate(kind, options, json.loads(world_json), warmup, duration)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+def main() -> None:
+    for var, value in _SINGLE_THREADED.items():
+        os.environ.setdefault(var, value)
+    cli.main(prog_name="busbench-solo")
+
+
+if __name__ == "__main__":
+    main()

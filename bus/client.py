@@ -1,0 +1,89 @@
+"""A control client: ask a running coordinator for ``ping``, ``stats`` or ``measure``.
+
+Every call is bounded by a timeout and a failure names the endpoint it tried.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable
+
+import zmq
+
+from bus import protocol as P
+from bus import sockets
+
+__all__ = ["ControlClient", "BusUnavailable", "ControlFailed"]
+
+
+class BusUnavailable(TimeoutError):
+    """No answer from the coordinator in time."""
+
+
+class ControlFailed(RuntimeError):
+    """The coordinator answered, refusing the request."""
+
+
+class ControlClient:
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self._sock = sockets.dealer(endpoint)
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(self, command: str, args: dict | None = None) -> int:
+        """Send one CONTROL request; returns its id for :meth:`wait`."""
+        request_id = next(self._ids)
+        self._sock.send(P.encode(P.Control(request_id, command, args or {})))
+        return request_id
+
+    def wait(self, request_id: int, timeout: float, idle: Callable[[], None] | None = None,
+             command: str = "request") -> dict:
+        """Wait up to ``timeout`` s for the REPLY to ``request_id``.
+
+        ``idle`` is called about every 0.1 s while waiting; it may raise to abort (busbench
+        uses it to notice a dead child process at once).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BusUnavailable(f"no reply to {command!r} from the coordinator at {self.endpoint} within "
+                                     f"{timeout:.1f} s: is bus-coordinator running and bound there?")
+            if self._sock.poll(min(left, 0.1) * 1000, zmq.POLLIN):
+                try:
+                    msg = P.decode(self._sock.recv(zmq.NOBLOCK))
+                except (P.ProtocolError, zmq.Again):
+                    continue
+                if type(msg) is P.Reply and msg.request_id == request_id:
+                    if not msg.ok:
+                        raise ControlFailed(f"coordinator at {self.endpoint} refused {command!r}: "
+                                            f"{msg.result.get('error', msg.result)}")
+                    return msg.result
+                # a stale reply to an earlier request: drop it
+            elif idle is not None:
+                idle()
+
+    def request(self, command: str, args: dict | None = None, timeout: float = 5.0,
+                idle: Callable[[], None] | None = None) -> dict:
+        """Send one CONTROL request and wait up to ``timeout`` s for its REPLY."""
+        return self.wait(self.send(command, args), timeout, idle, command)
+
+    def wait_ready(self, timeout: float = 10.0) -> dict:
+        """Ping until the coordinator answers (it may still be starting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.request("ping", timeout=min(0.5, max(0.05, deadline - time.monotonic())))
+            except BusUnavailable:
+                if time.monotonic() >= deadline:
+                    raise BusUnavailable(f"the coordinator at {self.endpoint} did not answer within {timeout:.1f} s")

@@ -1,0 +1,54 @@
+"""Configuration: one precedence rule for every entry point.
+
+command line  >  process environment  >  ``.env`` in the working directory  >  defaults
+
+The command line and the environment are handled by click (each option names its
+``BUS_*`` variable); ``.env`` values reach click as its ``default_map``, so they sit
+exactly one step below the environment.  This is the same file honcho reads for the
+Procfile, so an operator sets ``BUS_ENDPOINT`` once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["DEFAULT_ENDPOINT", "read_dotenv", "dotenv_defaults", "configure_logging"]
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+def read_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
+    """Parse a ``KEY=value`` file (comments, blank lines, ``export`` and quotes allowed)."""
+    values: dict[str, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def dotenv_defaults(options: dict[str, str], path: str | os.PathLike = ".env") -> dict[str, str]:
+    """click ``default_map`` from ``.env``: ``options`` maps parameter name -> variable."""
+    env = read_dotenv(path)
+    return {param: env[var] for param, var in options.items() if var in env}
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Configure logging for a process.  Called once, from ``main()`` only."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-5s %(name)s[%(process)d] %(message)s",
+        stream=sys.stderr,
+    )

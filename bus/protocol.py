@@ -1,0 +1,448 @@
+"""The agentbus wire protocol, in one place.
+
+Every message is ONE ZeroMQ frame holding ONE msgpack array::
+
+    [version, type, field1, field2, ...]
+
+``version`` is :data:`PROTOCOL_VERSION`, ``type`` a :class:`MsgType` code and the
+fields follow positionally, as each record below lists them.  A ROUTER prepends the
+peer's routing id; nothing else is ever framed around a message.  ``docs/protocol.md``
+is the specification for people writing agents in other languages; this module is the
+reference implementation and the two must agree.
+
+numpy arrays travel as msgpack extension type :data:`EXT_NDARRAY` whose payload is the
+msgpack array ``[dtype, shape, raw bytes]`` (dtype a numpy type string such as
+``"<f8"``); nothing is ever pickled.
+
+Decoding never trusts its input: :func:`decode` raises :class:`ProtocolError` (with an
+:class:`ErrorCode`) for anything that is not a well-formed message of this version, and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Any, ClassVar
+
+import msgpack
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE_BYTES",
+    "EXT_NDARRAY",
+    "MsgType",
+    "ErrorCode",
+    "ProtocolError",
+    "Hello",
+    "Welcome",
+    "Observation",
+    "Action",
+    "Heartbeat",
+    "Bye",
+    "Error",
+    "Control",
+    "Reply",
+    "Message",
+    "encode",
+    "decode",
+    "pack",
+    "unpack",
+]
+
+PROTOCOL_VERSION = 1
+#: Largest message a peer accepts by default (the sockets enforce it too, with
+#: ``ZMQ_MAXMSGSIZE``).  Observations and actions are a few dozen bytes.
+MAX_MESSAGE_BYTES = 64 * 1024
+#: msgpack extension type code used for numpy arrays.
+EXT_NDARRAY = 1
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_U32_MAX = 2**32 - 1
+_ID_RE = re.compile(r"[A-Za-z0-9._:@/+-]{1,128}\Z")
+_MAX_TEXT = 1024
+_MAX_MODALITIES = 32
+# numpy dtype kinds allowed on the wire: bool, signed, unsigned, float, complex.
+_ARRAY_KINDS = frozenset("biufc")
+_MAX_ARRAY_DIMS = 8
+
+
+class MsgType(enum.IntEnum):
+    """Message type codes: the second element of every message."""
+
+    HELLO = 1
+    WELCOME = 2
+    OBSERVATION = 3
+    ACTION = 4
+    HEARTBEAT = 5
+    BYE = 6
+    ERROR = 7
+    CONTROL = 8
+    REPLY = 9
+
+
+class ErrorCode(enum.IntEnum):
+    """Error codes carried by ERROR messages and by :class:`ProtocolError`."""
+
+    MALFORMED = 1
+    UNSUPPORTED_VERSION = 2
+    UNKNOWN_TYPE = 3
+    BAD_FIELD = 4
+    TOO_LARGE = 5
+    BAD_FRAMING = 6
+    NOT_REGISTERED = 7
+    STALE_TICK = 8
+    WORLD_FULL = 9
+    SHUTTING_DOWN = 10
+    UNKNOWN_COMMAND = 11
+    UNEXPECTED = 12
+
+
+#: What the receiver of each error should do about it.  Part of the protocol.
+ERROR_HINTS: dict[ErrorCode, str] = {
+    ErrorCode.MALFORMED: "send one frame holding a msgpack array [version, type, ...]",
+    ErrorCode.UNSUPPORTED_VERSION: f"speak protocol version {PROTOCOL_VERSION}",
+    ErrorCode.UNKNOWN_TYPE: "use a message type listed in docs/protocol.md",
+    ErrorCode.BAD_FIELD: "check the fields' number, order and types against docs/protocol.md",
+    ErrorCode.TOO_LARGE: f"keep messages under {MAX_MESSAGE_BYTES} bytes",
+    ErrorCode.BAD_FRAMING: "send exactly one frame per message (a DEALER adds no envelope)",
+    ErrorCode.NOT_REGISTERED: "send HELLO and wait for WELCOME before anything else",
+    ErrorCode.STALE_TICK: "answer the latest OBSERVATION before its deadline",
+    ErrorCode.WORLD_FULL: "retry later or start the coordinator with a larger world",
+    ErrorCode.SHUTTING_DOWN: "reconnect with HELLO once the coordinator is back",
+    ErrorCode.UNKNOWN_COMMAND: "use a CONTROL command listed in docs/protocol.md",
+    ErrorCode.UNEXPECTED: "report this as a bug, with the coordinator's log",
+}
+
+
+class ProtocolError(Exception):
+    """A message that is not valid agentbus protocol.  Carries an :class:`ErrorCode`."""
+
+    def __init__(self, code: ErrorCode, reason: str):
+        super().__init__(f"{code.name}: {reason}")
+        self.code = code
+        self.reason = reason
+
+    @property
+    def hint(self) -> str:
+        return ERROR_HINTS.get(self.code, "")
+
+
+def _bad(reason: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_FIELD, reason)
+
+
+def _int(value: Any, name: str, lo: int = _INT64_MIN, hi: int = _INT64_MAX) -> int:
+    # `type(...) is int` rejects bool, which msgpack would happily carry.
+    if type(value) is not int or not lo <= value <= hi:
+        raise _bad(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+    return value
+
+
+def _text(value: Any, name: str, max_len: int = _MAX_TEXT) -> str:
+    if type(value) is not str or len(value) > max_len:
+        raise _bad(f"{name} must be a string of at most {max_len} characters")
+    return value
+
+
+def _ident(value: Any, name: str) -> str:
+    if type(value) is not str or not _ID_RE.match(value):
+        raise _bad(f"{name} must match [A-Za-z0-9._:@/+-]{{1,128}}, got {value!r:.40}")
+    return value
+
+
+def _map(value: Any, name: str) -> dict:
+    if type(value) is not dict:
+        raise _bad(f"{name} must be a map")
+    return value
+
+
+def _arity(fields: list, n: int, name: str) -> None:
+    if len(fields) != n:
+        raise _bad(f"{name} takes {n} fields after [version, type], got {len(fields)}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello:
+    """Agent -> coordinator: join (or rejoin) the bus.
+
+    agent_id: stable name of the agent; a HELLO with an id already registered replaces
+        that registration (the agent restarted).
+    kind: free-form agent kind, e.g. ``"explorer"``; reported in metrics.
+    pid: the agent's OS process id, or 0 if it has none to report.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    agent_id: str
+    kind: str
+    pid: int = 0
+
+    def wire(self) -> tuple:
+        return (self.agent_id, self.kind, self.pid)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Hello:
+        _arity(f, 3, "HELLO")
+        return cls(_ident(f[0], "agent_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome:
+    """Coordinator -> agent: registration accepted.
+
+    session: id of this coordinator run; changes when the coordinator restarts.
+    agent_id: the id registered, echoed.
+    params: world and schedule parameters (keys listed in docs/protocol.md).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.WELCOME
+    session: str
+    agent_id: str
+    params: dict
+
+    def wire(self) -> tuple:
+        return (self.session, self.agent_id, self.params)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Welcome:
+        _arity(f, 3, "WELCOME")
+        return cls(_ident(f[0], "session"), _ident(f[1], "agent_id"), _map(f[2], "params"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Observation:
+    """Coordinator -> agent: what the agent observes at ``tick``; answer with ACTION.
+
+    tick: the step number this observation belongs to.
+    obs: one outcome index per observation modality.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.OBSERVATION
+    tick: int
+    obs: list
+
+    def wire(self) -> tuple:
+        return (self.tick, self.obs)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Observation:
+        _arity(f, 2, "OBSERVATION")
+        obs = f[1]
+        if type(obs) is not list or not 0 < len(obs) <= _MAX_MODALITIES:
+            raise _bad(f"obs must be a list of 1..{_MAX_MODALITIES} outcome indices")
+        for o in obs:
+            _int(o, "obs[i]", 0, _U32_MAX)
+        return cls(_int(f[0], "tick", 0), obs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Action:
+    """Agent -> coordinator: the action chosen for ``tick``.
+
+    tick: the tick of the OBSERVATION being answered.
+    action: index of the chosen action.
+    compute_us: microseconds the agent spent computing it (for latency accounting).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.ACTION
+    tick: int
+    action: int
+    compute_us: int = 0
+
+    def wire(self) -> tuple:
+        return (self.tick, self.action, self.compute_us)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Action:
+        _arity(f, 3, "ACTION")
+        return cls(_int(f[0], "tick", 0), _int(f[1], "action", 0, _U32_MAX), _int(f[2], "compute_us", 0))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Either direction: I am alive.  Sent when a peer has sent nothing else for a while."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+
+    def wire(self) -> tuple:
+        return ()
+
+    @classmethod
+    def from_wire(cls, f: list) -> Heartbeat:
+        _arity(f, 0, "HEARTBEAT")
+        return _HEARTBEAT
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bye:
+    """Either direction: I am leaving; forget me.
+
+    reason: human-readable reason, for logs.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.BYE
+    reason: str = ""
+
+    def wire(self) -> tuple:
+        return (self.reason,)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Bye:
+        _arity(f, 1, "BYE")
+        return cls(_text(f[0], "reason"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Error:
+    """Either direction: the last message was refused.
+
+    code: an :class:`ErrorCode` value (unknown codes are kept as plain ints).
+    reason: what was wrong and what to do, for humans.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: int
+    reason: str
+
+    def wire(self) -> tuple:
+        return (int(self.code), self.reason)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Error:
+        _arity(f, 2, "ERROR")
+        return cls(_int(f[0], "code", 0, _U32_MAX), _text(f[1], "reason"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Control:
+    """Client -> coordinator: an operator or benchmark request (no registration needed).
+
+    request_id: echoed in the REPLY, so a client can drop stale replies.
+    command: ``ping``, ``stats`` or ``measure`` (docs/protocol.md lists their args).
+    args: command arguments.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.CONTROL
+    request_id: int
+    command: str
+    args: dict = dataclasses.field(default_factory=dict)
+
+    def wire(self) -> tuple:
+        return (self.request_id, self.command, self.args)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Control:
+        _arity(f, 3, "CONTROL")
+        return cls(_int(f[0], "request_id", 0), _ident(f[1], "command"), _map(f[2], "args"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """Coordinator -> client: the answer to CONTROL ``request_id``.
+
+    request_id: the request answered.
+    ok: whether the command succeeded.
+    result: the command's result (a map), or ``{"error": reason}`` when not ok.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.REPLY
+    request_id: int
+    ok: bool
+    result: dict
+
+    def wire(self) -> tuple:
+        return (self.request_id, self.ok, self.result)
+
+    @classmethod
+    def from_wire(cls, f: list) -> Reply:
+        _arity(f, 3, "REPLY")
+        if type(f[1]) is not bool:
+            raise _bad("ok must be a boolean")
+        return cls(_int(f[0], "request_id", 0), f[1], _map(f[2], "result"))
+
+
+_HEARTBEAT = Heartbeat()
+Message = Hello | Welcome | Observation | Action | Heartbeat | Bye | Error | Control | Reply
+_RECORDS = {cls.TYPE: cls for cls in (Hello, Welcome, Observation, Action, Heartbeat, Bye, Error, Control, Reply)}
+
+
+# --- codec -------------------------------------------------------------------------
+
+
+def _default(obj: Any) -> Any:
+    """msgpack fallback for non-native values: numpy arrays and scalars only."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in _ARRAY_KINDS:
+            raise TypeError(f"arrays of dtype {obj.dtype} cannot travel on the bus")
+        arr = np.ascontiguousarray(obj)
+        return msgpack.ExtType(
+            EXT_NDARRAY, msgpack.packb([arr.dtype.str, list(arr.shape), arr.tobytes()], use_bin_type=True)
+        )
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} cannot travel on the bus (no pickle, by design)")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != EXT_NDARRAY:
+        raise _bad(f"unknown msgpack extension type {code}")
+    import numpy as np
+
+    try:
+        dtype_str, shape, raw = msgpack.unpackb(data, raw=False, use_list=True)
+        dtype = np.dtype(dtype_str)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise _bad(f"bad array payload: {exc}") from None
+    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject:
+        raise _bad(f"arrays of dtype {dtype_str!r:.20} are not allowed")
+    if type(shape) is not list or len(shape) > _MAX_ARRAY_DIMS or type(raw) is not bytes:
+        raise _bad("array payload must be [dtype, shape, bytes]")
+    count = 1
+    for dim in shape:
+        count *= _int(dim, "array dimension", 0, MAX_MESSAGE_BYTES * 16)
+    if count * dtype.itemsize != len(raw):
+        raise _bad(f"array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode any bus value (numpy arrays included)."""
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """msgpack-decode a bus value; raises :class:`ProtocolError` on anything malformed."""
+    try:
+        return msgpack.unpackb(data, raw=False, use_list=True, ext_hook=_ext_hook, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def encode(msg: Message) -> bytes:
+    """One frame for ``msg``."""
+    return pack([PROTOCOL_VERSION, int(msg.TYPE), *msg.wire()])
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate one frame; raises :class:`ProtocolError` and nothing else."""
+    if len(data) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(data)} bytes, limit {max_bytes}")
+    obj = unpack(data)
+    if type(obj) is not list or len(obj) < 2:
+        raise ProtocolError(ErrorCode.MALFORMED, "a message is a msgpack array [version, type, ...]")
+    version, mtype = obj[0], obj[1]
+    if type(version) is not int:
+        raise ProtocolError(ErrorCode.MALFORMED, "version must be an integer")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})"
+        )
+    record = _RECORDS.get(mtype) if type(mtype) is int else None
+    if record is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype!r:.40}")
+    return record.from_wire(obj[2:])

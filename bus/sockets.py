@@ -1,0 +1,78 @@
+"""Socket factories: every agentbus socket is made here, with its options set deliberately.
+
+One ZeroMQ context per process, created lazily *inside* that process
+(:func:`context`).  A forked child must never reuse its parent's context; the
+``pid`` check below makes that mistake impossible rather than merely documented.
+"""
+
+from __future__ import annotations
+
+import os
+
+import zmq
+
+from bus.protocol import MAX_MESSAGE_BYTES
+
+__all__ = ["context", "router", "dealer", "endpoint_is_public"]
+
+#: Send/receive high-water marks, in messages.  A coordinator with N agents has at
+#: most one outstanding OBSERVATION and a heartbeat per agent, so 1000 is ample
+#: headroom; past it ROUTER_MANDATORY makes sends fail loudly (EAGAIN) instead of
+#: dropping silently.
+DEFAULT_HWM = 1000
+
+_ctx: zmq.Context | None = None
+_ctx_pid: int | None = None
+
+
+def context() -> zmq.Context:
+    """This process's ZeroMQ context, created on first use in this process."""
+    global _ctx, _ctx_pid
+    if _ctx is None or _ctx_pid != os.getpid():
+        _ctx = zmq.Context()
+        _ctx_pid = os.getpid()
+    return _ctx
+
+
+def _common(sock: zmq.Socket, hwm: int, max_bytes: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    # libzmq drops the connection of a peer that sends a bigger message, before it
+    # costs us memory; the protocol layer checks again (and can answer) below that.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 1024)
+
+
+def router(endpoint: str, hwm: int = DEFAULT_HWM, max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+    """The coordinator's ROUTER, bound to ``endpoint``."""
+    sock = context().socket(zmq.ROUTER)
+    _common(sock, hwm, max_bytes)
+    # A message to a peer that is gone, or whose queue is full, raises instead of
+    # vanishing: the coordinator counts every one.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # An agent that reconnects with the same routing id takes it over (restarts).
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.bind(endpoint)
+    return sock
+
+
+def dealer(endpoint: str, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
+           max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+    """An agent's (or a client's) DEALER, connected to ``endpoint``."""
+    sock = context().socket(zmq.DEALER)
+    _common(sock, hwm, max_bytes)
+    if identity:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    # Queue only to a completed connection: messages sent while the coordinator is
+    # away fail fast (EAGAIN) instead of piling up for a peer that may never return.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(endpoint)
+    return sock
+
+
+def endpoint_is_public(endpoint: str) -> bool:
+    """True for a TCP endpoint bound beyond loopback (``*``, ``0.0.0.0``, a real address)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return not (host.startswith("127.") or host in ("localhost", "::1"))

@@ -1,0 +1,66 @@
+"""``bus-coordinator``: run the coordinator until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
+from coordinator.core import MODES, Settings
+from coordinator.world import WorldConfig
+
+_ENV = {
+    "bind": "BUS_ENDPOINT",
+    "mode": "BUS_MODE",
+    "deadline": "BUS_DEADLINE",
+    "heartbeat": "BUS_HEARTBEAT",
+    "width": "BUS_WORLD_WIDTH",
+    "height": "BUS_WORLD_HEIGHT",
+    "obstacles": "BUS_WORLD_OBSTACLES",
+    "goals": "BUS_WORLD_GOALS",
+    "seed": "BUS_SEED",
+    "log_level": "BUS_LOG_LEVEL",
+}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bind", envvar=_ENV["bind"], default=DEFAULT_ENDPOINT, show_default=True,
+              help="Endpoint to bind the ROUTER on (tcp://host:port or ipc:///path).")
+@click.option("--mode", envvar=_ENV["mode"], type=click.Choice(MODES), default="lockstep", show_default=True,
+              help="lockstep: ticks close when every agent answered; async: each agent steps on its own.")
+@click.option("--deadline", envvar=_ENV["deadline"], type=float, default=1.0, show_default=True,
+              help="Seconds a tick (or, async, an observation) waits for answers.")
+@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=0.5, show_default=True,
+              help="Heartbeat interval in seconds; a peer silent for 3 intervals is dead.")
+@click.option("--width", envvar=_ENV["width"], type=int, default=5, show_default=True)
+@click.option("--height", envvar=_ENV["height"], type=int, default=5, show_default=True)
+@click.option("--obstacles", envvar=_ENV["obstacles"], type=int, default=2, show_default=True)
+@click.option("--goals", envvar=_ENV["goals"], type=int, default=2, show_default=True)
+@click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True,
+              help="World layout and placement seed (same seed, same world).")
+@click.option("--endpoint-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the endpoint actually bound here (useful with a wildcard port, tcp://127.0.0.1:*).")
+@click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
+def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, endpoint_file, log_level):
+    """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
+    configure_logging(log_level)
+    from coordinator.driver import serve
+
+    try:
+        settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat)
+        world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        serve(bind, settings, world, endpoint_file=endpoint_file)
+    except OSError as exc:  # zmq.ZMQError is an OSError: address in use, bad endpoint...
+        raise click.ClickException(f"cannot serve on {bind}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="bus-coordinator", default_map=dotenv_defaults(_ENV))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The thin ZeroMQ loop around :class:`~coordinator.core.CoordinatorCore`.
+
+Poll; drain every frame that is ready into the core; run its timers; hand its outbox to
+the socket.  A frame the socket refuses (peer gone, queue full: ``ROUTER_MANDATORY``)
+is counted by the core, never lost silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+
+import zmq
+
+from bus import sockets
+from bus.signals import StopSignal
+from coordinator.core import CoordinatorCore, Settings
+from coordinator.world import GridWorld, WorldConfig
+
+__all__ = ["serve"]
+
+log = logging.getLogger(__name__)
+
+#: Frames taken from the socket before timers run and the outbox is flushed.
+DRAIN_BUDGET = 256
+#: Longest the loop ever sleeps, so every wait stays bounded.
+MAX_POLL_S = 0.25
+
+
+def flush(sock: zmq.Socket, core: CoordinatorCore) -> None:
+    outbox, core.outbox = core.outbox, []
+    send = sock.send_multipart
+    for peer, frame in outbox:
+        try:
+            send((peer, frame), zmq.NOBLOCK)
+        except zmq.Again:
+            core.on_undeliverable(peer)
+            log.warning("send queue to peer %s is full: message counted undeliverable", peer.hex())
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            core.on_undeliverable(peer)
+            log.debug("peer %s is gone: message counted undeliverable", peer.hex())
+
+
+def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | None = None,
+          endpoint_file: str | None = None) -> CoordinatorCore:
+    """Run the coordinator on ``endpoint`` until SIGINT/SIGTERM; returns the core.
+
+    ``endpoint`` may use a wildcard port (``tcp://127.0.0.1:*``); the endpoint actually
+    bound is logged and, with ``endpoint_file``, written there once the socket is ready.
+    """
+    if sockets.endpoint_is_public(endpoint):
+        log.warning("binding %s beyond loopback without encryption: anyone who can reach it can join", endpoint)
+    core = CoordinatorCore(settings, GridWorld(world), session or uuid.uuid4().hex[:12])
+    sock = sockets.router(endpoint, max_bytes=settings.max_message_bytes)
+    clock = time.monotonic
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    if endpoint_file:
+        tmp = f"{endpoint_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(endpoint + "\n")
+        os.replace(tmp, endpoint_file)  # atomic: readers never see half a line
+    log.info("coordinator %s listening on %s (mode %s, %dx%d world, seed %d)", core.session, endpoint,
+             settings.mode, world.width, world.height, world.seed)
+    try:
+        with StopSignal() as stop:
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(stop.fd, zmq.POLLIN)
+            recv = sock.recv_multipart
+            while stop.requested is None:
+                timeout = min(core.next_timeout(clock()), MAX_POLL_S)
+                events = dict(poller.poll(timeout * 1000))
+                if sock in events:
+                    for _ in range(DRAIN_BUDGET):
+                        try:
+                            frames = recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        core.on_frames(frames[0], frames[1:], clock())
+                        if core.outbox:
+                            flush(sock, core)
+                core.on_timer(clock())
+                flush(sock, core)
+            log.info("signal %d: shutting down", stop.requested)
+            core.shutdown(clock())
+            flush(sock, core)
+    finally:
+        sock.close(linger=0)
+    ledger = core.ledger.snapshot()
+    log.info("coordinator stopped after %d ticks; ledger %s", core.tick, ledger)
+    return core
