@@ -57,15 +57,16 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, max_
     configure_logging(log_level)
     from agents.kinds import create
     from agents.launcher import launch
-    from bus.protocol import ProtocolError
+    from bus.protocol import Hello, ProtocolError
 
     options = {"backend": backend, "policy_len": policy_len, "seed": seed} if kind == "explorer" else {}
-    try:
-        code = launch(lambda: create(kind, **options), endpoint, agent_id or default_agent_id(), replicas,
-                      heartbeat=heartbeat, max_steps=max_steps)
+    agent_id = agent_id or default_agent_id()
+    try:  # the longest id the replicas will use, checked before anything forks
+        Hello.from_wire([agent_id if replicas == 1 else f"{agent_id}-{replicas}", kind, 0])
     except ProtocolError as exc:
         raise click.UsageError(f"invalid agent id: {exc.reason}") from None
-    sys.exit(code)
+    sys.exit(launch(lambda: create(kind, **options), endpoint, agent_id, replicas,
+                    heartbeat=heartbeat, max_steps=max_steps))
 
 
 def main(argv: list[str] | None = None) -> None:

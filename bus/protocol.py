@@ -377,9 +377,9 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in _ARRAY_KINDS:
             raise TypeError(f"arrays of dtype {obj.dtype} cannot travel on the bus")
-        arr = np.ascontiguousarray(obj)
+        # tobytes() is always C order, whatever the array's layout.
         return msgpack.ExtType(
-            EXT_NDARRAY, msgpack.packb([arr.dtype.str, list(arr.shape), arr.tobytes()], use_bin_type=True)
+            EXT_NDARRAY, msgpack.packb([obj.dtype.str, list(obj.shape), obj.tobytes()], use_bin_type=True)
         )
     if isinstance(obj, np.generic):
         return obj.item()

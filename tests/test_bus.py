@@ -1,0 +1,143 @@
+"""End to end: a real coordinator process, real agent processes, real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import zmq
+
+from bus import protocol as P
+from bus import sockets
+from bus.protocol import ErrorCode
+from tests.conftest import wait_until
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_agents_register_and_every_step_is_accounted(bus, transport):
+    bind = "tcp://127.0.0.1:*" if transport == "tcp" else None
+    endpoint = bus.coordinator(bind)
+    assert endpoint.startswith(transport)
+    bus.agents(3, "--kind", "null")
+    r = bus.client.request("measure", {"agents": 3, "warmup_steps": 30, "steps": 600}, timeout=60)
+    assert r["agents"] == 3 and r["steps"] == 600
+    w = r["window"]
+    assert w["received"] == 600 and w["missing"] == 0 and w["late"] == 0 and w["undeliverable"] == 0
+    assert r["ledger"]["balanced"]
+    assert r["ticks"] >= 200  # lock-step: every tick has all three agents
+    assert sorted(bus.stats()["agent_ids"]) == ["t-1", "t-2", "t-3"]
+
+
+def test_explorer_agents_step_through_the_bus(bus):
+    bus.coordinator()
+    bus.agents(2, "--kind", "explorer")
+    r = bus.client.request("measure", {"agents": 2, "warmup_steps": 20, "steps": 200}, timeout=90)
+    assert r["steps"] == 200 and r["window"]["missing"] == 0
+    assert r["compute_s"] > 0  # agents report their own compute time
+    stats = bus.stats()
+    assert stats["goal_visits"] >= 0 and stats["ledger"]["balanced"]
+
+
+def _agent_pids(launcher) -> list[int]:
+    return [p.pid for p in psutil.Process(launcher.pid).children()]
+
+
+def test_sigkilled_agent_expires_and_the_others_go_on(bus):
+    bus.coordinator()
+    launcher = bus.agents(3, "--kind", "null")
+    bus.wait_agents(3)
+    victim = wait_until(lambda: len(_agent_pids(launcher)) == 3 and _agent_pids(launcher)[0], 10, "3 agent pids")
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    bus.wait_agents(2, timeout=10)
+    assert time.monotonic() - killed < 3.0  # heartbeat 0.5 s x liveness 3, plus a sweep
+    tick = bus.stats()["tick"]
+    wait_until(lambda: bus.stats()["tick"] > tick + 50, 10, "ticks to go on without the dead agent")
+    ledger = bus.stats()["ledger"]
+    assert ledger["balanced"] and ledger["errors"].get("expired") == 1
+
+
+def test_sigterm_makes_an_agent_say_bye_at_once(bus):
+    bus.coordinator()
+    agent = bus.agents(1, "--kind", "null")
+    bus.wait_agents(1)
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(5) == 0
+    stats = bus.wait_agents(0, timeout=1.0, ready=False)  # well before liveness expiry
+    assert "expired" not in stats["ledger"]["errors"]
+
+
+def test_garbage_gets_errors_and_the_bus_keeps_serving(bus):
+    endpoint = bus.coordinator()
+    bus.agents(2, "--kind", "null")
+    bus.wait_agents(2)
+    evil = sockets.dealer(endpoint)
+    try:
+        cases = {
+            ErrorCode.MALFORMED: [b"\xc1garbage"],
+            ErrorCode.BAD_FRAMING: [b"one", b"two", b"three"],
+            ErrorCode.UNKNOWN_TYPE: [P.pack([P.PROTOCOL_VERSION, 42])],
+            ErrorCode.UNSUPPORTED_VERSION: [P.pack([9, 1, "x", "y", 0])],
+            ErrorCode.BAD_FIELD: [P.pack([P.PROTOCOL_VERSION, 1, "bad id!", "k", 0])],
+            ErrorCode.NOT_REGISTERED: [P.encode(P.Action(0, 1, 0))],
+        }
+        for code, frames in cases.items():
+            evil.send_multipart(frames)
+            assert evil.poll(5000), f"no answer to a {code.name} message"
+            reply = P.decode(evil.recv())
+            assert type(reply) is P.Error and reply.code == code and reply.reason
+        # Bigger than MAXMSGSIZE: libzmq drops that connection; nothing reaches Python.
+        evil.send(b"\x00" * (P.MAX_MESSAGE_BYTES + 4096))
+    finally:
+        evil.close(linger=0)
+    tick = bus.stats()["tick"]
+    wait_until(lambda: bus.stats()["tick"] > tick + 50, 10, "the agents to keep stepping")
+    stats = bus.stats()
+    assert stats["agents"] == 2 and stats["ledger"]["balanced"]
+    assert sum(stats["ledger"]["errors"].values()) >= len(cases)
+
+
+def test_agent_started_before_the_coordinator_waits_for_it(bus, tmp_path):
+    bind = f"ipc://{tmp_path}/late.ipc"
+    bus.agents(1, "--kind", "null", endpoint=bind)
+    time.sleep(0.3)  # the agent is up and knocking; the coordinator is not (a real delay, not a sync)
+    bus.coordinator(bind)
+    bus.wait_agents(1, timeout=10)
+
+
+def test_agents_rejoin_a_restarted_coordinator(bus):
+    endpoint = bus.coordinator()
+    bus.agents(2, "--kind", "null")
+    bus.wait_agents(2)
+    first = bus.stats()["session"]
+    old = bus.coordinator_child
+    old.proc.send_signal(signal.SIGKILL)
+    old.proc.wait(5)
+    bus.coordinator(endpoint)  # same ipc path, a new session
+    stats = bus.wait_agents(2, timeout=15)
+    assert stats["session"] != first and stats["ledger"]["balanced"]
+
+
+def test_coordinator_stops_cleanly_on_sigterm_and_agents_stay_up(bus):
+    bus.coordinator()
+    agents = bus.agents(2, "--kind", "null")
+    bus.wait_agents(2)
+    coord = bus.coordinator_child
+    coord.proc.send_signal(signal.SIGTERM)
+    assert coord.proc.wait(5) == 0
+    # Agents outlive the coordinator: they back off and wait for the next one.
+    time.sleep(0.5)
+    assert agents.proc.poll() is None
+
+
+def test_one_context_per_process_even_after_fork():
+    ctx = sockets.context()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if sockets.context() is not ctx else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sockets.context() is ctx and isinstance(ctx, zmq.Context)

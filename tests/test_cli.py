@@ -1,0 +1,165 @@
+"""The operator's and developer's entry points: the Procfile under honcho, busbench,
+and the commands' option handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bus.client import ControlClient
+from bus.config import dotenv_defaults, read_dotenv
+from tests.conftest import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # The console scripts live beside this interpreter (pip install puts them there).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _reap(proc: subprocess.Popen, extra: list[psutil.Process]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    for p in extra:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_procfile_runs_a_live_bus_under_honcho(tmp_path):
+    if shutil.which("bus-coordinator", path=_env()["PATH"]) is None:
+        pytest.fail("bus-coordinator is not installed: run the README's test command (pip install .[test])")
+    shutil.copy(ROOT / "Procfile", tmp_path / "Procfile")
+    endpoint = f"ipc://{tmp_path}/bus.ipc"
+    (tmp_path / ".env").write_text(f"BUS_ENDPOINT={endpoint}\nBUS_AGENT_KIND=null\n")
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "-c", "agent=2"], cwd=tmp_path, env=_env(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    procs: list[psutil.Process] = []
+    try:
+        with ControlClient(endpoint) as client:
+            client.wait_ready(20)
+            stats = wait_until(lambda: (s := client.request("stats"))["ready"] == 2 and s, 30, "2 agents under honcho")
+        assert stats["agent_ids"] == ["agent.1", "agent.2"]  # ids from $HONCHO_PROCESS_NAME
+        procs = _descendants(honcho.pid)
+        assert len(procs) >= 3
+        honcho.send_signal(signal.SIGTERM)
+        honcho.wait(15)
+        gone, alive = psutil.wait_procs(procs, timeout=10)
+        assert alive == [], f"still running after honcho stopped: {alive}"
+        output = honcho.stdout.read().decode(errors="replace")
+        assert "registered" in output
+    finally:
+        _reap(honcho, procs)
+
+
+def _busbench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bus.bench", *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_busbench_json_reports_every_key(tmp_path):
+    out_file = tmp_path / "result.json"
+    r = _busbench("--agents", "2", "--agent-kind", "null", "--duration", "1", "--warmup", "10", "--format", "json",
+                  "--output", str(out_file))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out_file.read_text())
+    assert result["cores"] == len(os.sched_getaffinity(0)) and result["single_agent_rate"] > 0
+    for key in ("python", "pyzmq", "libzmq", "msgpack", "pymdp", "numpy", "host"):
+        assert result[key]
+    (run,) = result["runs"]
+    assert run["agents"] == 2 and run["registered"] == 2 and run["errors"] == []
+    assert run["rate"] > 0 and run["lost_steps"] == 0 and run["ledger"]["balanced"]
+    assert run["efficiency"] == pytest.approx(run["rate"] / (min(2, result["cores"]) * result["single_agent_rate"]))
+    assert run["efficiency_peer"] == pytest.approx(run["rate"] / (2 * result["single_agent_rate"]))
+    assert set(run["latency_ms"]) == {"p50", "p95", "p99"}
+    assert run["latency_ms"]["p50"] <= run["latency_ms"]["p95"] <= run["latency_ms"]["p99"]
+    assert run["memory_mb"]["processes"] == 2 and run["memory_mb"]["rss_per_agent"] > 0
+    assert run["memory_mb"]["pss_per_agent"] > 0 and run["ready_s"] > 0
+
+
+def test_busbench_explorer_table(tmp_path):
+    r = _busbench("--agents", "2", "--duration", "1", "--warmup", "10")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:4] == ["agents", "steps/s", "E(N)", "E_peer"]
+    assert lines[1].split()[0] == "2" and float(lines[1].split()[1]) > 0
+    assert "kind explorer (numpy" in r.stdout
+
+
+def test_busbench_refuses_more_agents_than_the_world_holds():
+    r = _busbench("--agents", "30")
+    assert r.returncode == 2 and "do not fit" in r.stderr
+
+
+def test_busbench_ctrl_c_stops_everything(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "bus.bench", "--agents", "3", "--agent-kind", "null",
+                             "--duration", "60"], env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    procs: list[psutil.Process] = []
+    try:
+        # The coordinator, the launcher and its 3 agents.
+        procs = wait_until(lambda: len(d := _descendants(proc.pid)) >= 5 and d, 60, "busbench's processes")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        gone, alive = psutil.wait_procs(procs, timeout=10)
+        assert alive == []
+    finally:
+        _reap(proc, procs)
+
+
+def _bound_endpoint(tmp_path, env: dict, *args: str) -> str:
+    """Start a coordinator in ``tmp_path`` and return the endpoint it actually bound."""
+    path = tmp_path / f"endpoint-{len(list(tmp_path.iterdir()))}"
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--endpoint-file", str(path), *args], env=env,
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        _reap(proc, [])
+
+
+def test_configuration_precedence_cli_then_environment_then_dotenv(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"# comment\nexport BUS_ENDPOINT='ipc://{tmp_path}/dotenv.ipc'\nBUS_MODE=async\nBROKEN\n")
+    assert read_dotenv(env_file) == {"BUS_ENDPOINT": f"ipc://{tmp_path}/dotenv.ipc", "BUS_MODE": "async"}
+    assert dotenv_defaults({"bind": "BUS_ENDPOINT", "seed": "BUS_SEED"}, env_file) == {
+        "bind": f"ipc://{tmp_path}/dotenv.ipc"}
+    env = _env()
+    env.pop("BUS_ENDPOINT", None)
+    assert _bound_endpoint(tmp_path, env) == f"ipc://{tmp_path}/dotenv.ipc"
+    env["BUS_ENDPOINT"] = f"ipc://{tmp_path}/environ.ipc"
+    assert _bound_endpoint(tmp_path, env) == f"ipc://{tmp_path}/environ.ipc"
+    assert _bound_endpoint(tmp_path, env, "--bind", f"ipc://{tmp_path}/cli.ipc") == f"ipc://{tmp_path}/cli.ipc"
+
+
+def test_bad_options_are_usage_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "coordinator", "--mode", "bogus"], capture_output=True, text=True,
+                       env=_env(), cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "bogus" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "agents", "--id", "has space"], capture_output=True, text=True,
+                       env=_env(), cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "invalid agent id" in r.stderr

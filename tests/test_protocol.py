@@ -1,0 +1,148 @@
+"""The wire protocol: every message round-trips; everything else is a typed ProtocolError."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bus import protocol as P
+from bus.protocol import ErrorCode, ProtocolError
+
+ids = st.from_regex(r"[A-Za-z0-9._:@/+-]{1,128}", fullmatch=True)
+u32 = st.integers(0, 2**32 - 1)
+ticks = st.integers(0, 2**63 - 1)
+text = st.text(max_size=200)
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
+    max_leaves=12,
+)
+maps = st.dictionaries(text, values, max_size=6)
+
+messages = st.one_of(
+    st.builds(P.Hello, ids, ids, u32),
+    st.builds(P.Welcome, ids, ids, maps),
+    st.builds(P.Observation, ticks, st.lists(u32, min_size=1, max_size=32)),
+    st.builds(P.Action, ticks, u32, ticks),
+    st.just(P.Heartbeat()),
+    st.builds(P.Bye, st.text(max_size=1024)),
+    st.builds(P.Error, u32, st.text(max_size=1024)),
+    st.builds(P.Control, ticks, ids, maps),
+    st.builds(P.Reply, ticks, st.booleans(), maps),
+)
+
+
+@given(messages)
+def test_every_message_round_trips(msg):
+    frame = P.encode(msg)
+    assert P.decode(frame) == msg
+    assert msgpack.unpackb(frame)[:2] == [P.PROTOCOL_VERSION, int(msg.TYPE)]
+
+
+@given(hnp.arrays(dtype=st.sampled_from(["<f8", "<f4", "<i8", "<u1", "?", "<c16"]),
+                  shape=hnp.array_shapes(min_dims=0, max_dims=4, max_side=6)))
+def test_numpy_arrays_travel_as_dtype_shape_bytes(arr):
+    out = P.unpack(P.pack({"a": arr}))["a"]
+    assert out.dtype == arr.dtype and out.shape == arr.shape
+    assert np.array_equal(out, arr, equal_nan=arr.dtype.kind in "fc")
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_raise_only_protocol_errors(data):
+    try:
+        P.decode(data)
+    except ProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+
+
+@given(st.lists(values, max_size=6))
+def test_arbitrary_msgpack_arrays_raise_only_protocol_errors(fields):
+    try:
+        P.decode(msgpack.packb([P.PROTOCOL_VERSION, *fields]))
+    except ProtocolError:
+        pass
+
+
+def _code(frame: bytes, **kw) -> ErrorCode:
+    with pytest.raises(ProtocolError) as info:
+        P.decode(frame, **kw)
+    return info.value.code
+
+
+def test_truncated_message_is_malformed():
+    frame = P.encode(P.Observation(3, [1, 2]))
+    assert _code(frame[:-1]) is ErrorCode.MALFORMED
+
+
+def test_not_an_array_is_malformed():
+    assert _code(msgpack.packb({"type": 1})) is ErrorCode.MALFORMED
+    assert _code(msgpack.packb([1])) is ErrorCode.MALFORMED
+
+
+def test_wrong_version_is_refused_by_code():
+    assert _code(msgpack.packb([2, 5])) is ErrorCode.UNSUPPORTED_VERSION
+    assert _code(msgpack.packb(["1", 5])) is ErrorCode.MALFORMED
+
+
+def test_unknown_type_is_refused():
+    assert _code(msgpack.packb([P.PROTOCOL_VERSION, 99])) is ErrorCode.UNKNOWN_TYPE
+    assert _code(msgpack.packb([P.PROTOCOL_VERSION, "ACTION", 1, 2, 3])) is ErrorCode.UNKNOWN_TYPE
+
+
+@pytest.mark.parametrize("fields", [
+    [1, 2],                      # too few
+    [1, 2, 3, 4],                # too many
+    ["1", 2, 3],                 # tick not an int
+    [True, 2, 3],                # bool is not an int
+    [-1, 2, 3],                  # negative tick
+    [1, 2**40, 3],               # action out of range
+    [1, 2.5, 3],                 # float action
+])
+def test_bad_action_fields_are_refused(fields):
+    assert _code(msgpack.packb([P.PROTOCOL_VERSION, P.MsgType.ACTION, *fields])) is ErrorCode.BAD_FIELD
+
+
+def test_bad_hello_ids_are_refused():
+    for bad in ["", "has space", "x" * 129, "é", 7]:
+        frame = msgpack.packb([P.PROTOCOL_VERSION, P.MsgType.HELLO, bad, "null", 1])
+        assert _code(frame) is ErrorCode.BAD_FIELD
+
+
+def test_oversized_frame_is_refused_before_parsing():
+    frame = P.encode(P.Bye("x" * 1000))
+    assert _code(frame, max_bytes=100) is ErrorCode.TOO_LARGE
+
+
+def test_object_arrays_never_travel():
+    with pytest.raises(TypeError):
+        P.pack(np.array([object()], dtype=object))
+    payload = msgpack.packb(["|O", [1], b"\x00" * 8])
+    frame = msgpack.packb([P.PROTOCOL_VERSION, P.MsgType.WELCOME, "s", "a", {"x": msgpack.ExtType(P.EXT_NDARRAY, payload)}])
+    assert _code(frame) is ErrorCode.BAD_FIELD
+
+
+def test_array_with_wrong_byte_count_is_refused():
+    payload = msgpack.packb(["<f8", [3], b"\x00" * 16])
+    frame = msgpack.packb([P.PROTOCOL_VERSION, P.MsgType.WELCOME, "s", "a", {"x": msgpack.ExtType(P.EXT_NDARRAY, payload)}])
+    assert _code(frame) is ErrorCode.BAD_FIELD
+
+
+def test_unknown_extension_type_is_refused():
+    frame = msgpack.packb([P.PROTOCOL_VERSION, P.MsgType.WELCOME, "s", "a", {"x": msgpack.ExtType(42, b"")}])
+    assert _code(frame) is ErrorCode.BAD_FIELD
+
+
+def test_pickle_is_never_used():
+    class Thing:
+        pass
+
+    with pytest.raises(TypeError, match="no pickle"):
+        P.pack(Thing())
+
+
+def test_every_error_code_has_a_hint():
+    assert set(P.ERROR_HINTS) == set(ErrorCode)
