@@ -193,6 +193,11 @@ class CoordinatorCore:
                 self._finish_measure(False, {"error": f"timed out in phase {m.phase!r}", "phase": m.phase,
                                              "registered": len(self.agents)})
 
+    def on_unexpected(self, peer: bytes) -> None:
+        """Handling a message from ``peer`` raised: a bug.  Tell the peer; keep serving."""
+        self.ledger.errors[ErrorCode.UNEXPECTED.name] += 1
+        self.outbox.append((peer, P.encode(P.Error(ErrorCode.UNEXPECTED, P.ERROR_HINTS[ErrorCode.UNEXPECTED]))))
+
     def on_undeliverable(self, peer: bytes) -> None:
         """The driver could not hand a frame for ``peer`` to the socket."""
         self.ledger.undeliverable += 1

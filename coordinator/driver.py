@@ -80,7 +80,11 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                             frames = recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        core.on_frames(frames[0], frames[1:], clock())
+                        try:
+                            core.on_frames(frames[0], frames[1:], clock())
+                        except Exception:  # a bug must not take the bus down: count, log, answer
+                            log.exception("unexpected error handling a message from peer %s", frames[0].hex())
+                            core.on_unexpected(frames[0])
                         if core.outbox:
                             flush(sock, core)
                 core.on_timer(clock())
