@@ -49,10 +49,12 @@ def default_agent_id() -> str:
 @click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 4096), default=1, show_default=True,
               help="Fork this many agent processes from one prepared parent.")
 @click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=0.5, show_default=True)
+@click.option("--sched", envvar="BUS_AGENT_SCHED", type=click.Choice(["batch", "default"]), default="batch",
+              show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: run until signalled).")
 @click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True)
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, max_steps, seed, log_level):
+def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, max_steps, seed, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
     from agents.kinds import create
@@ -66,7 +68,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, max_
     except ProtocolError as exc:
         raise click.UsageError(f"invalid agent id: {exc.reason}") from None
     sys.exit(launch(lambda: create(kind, **options), endpoint, agent_id, replicas,
-                    heartbeat=heartbeat, max_steps=max_steps))
+                    batch=sched == "batch", heartbeat=heartbeat, max_steps=max_steps))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,7 @@ __all__ = ["Runtime"]
 log = logging.getLogger(__name__)
 
 _REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN})
+NOBLOCK = int(zmq.NOBLOCK)  # a plain int: IntFlag arithmetic costs on every message
 
 
 class Runtime:
@@ -70,12 +71,12 @@ class Runtime:
                         self._send(sock, self._hello)
                         last_recv = last_send = clock()
                         registered = False
-                    events = dict(poller.poll(self.heartbeat * 1000 / 2))
+                    events = poller.poll(self.heartbeat * 1000 / 2)
                     now = clock()
-                    if sock in events:
+                    if events:  # the socket or the stop pipe: draining the socket is harmless
                         while True:
                             try:
-                                frame = sock.recv(zmq.NOBLOCK)
+                                frame = sock.recv(NOBLOCK)
                             except zmq.Again:
                                 break
                             last_recv = now
@@ -143,7 +144,7 @@ class Runtime:
 
     def _send(self, sock: zmq.Socket, frame: bytes) -> None:
         try:
-            sock.send(frame, zmq.NOBLOCK)
+            sock.send(frame, NOBLOCK)
         except zmq.Again:
             # Not connected yet, or the queue is full: liveness will sort it out.
             log.debug("%s: could not queue a message to %s", self.agent_id, self.endpoint)
