@@ -5,7 +5,6 @@ Every call is bounded by a timeout and a failure names the endpoint it tried.
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Callable
 
@@ -29,7 +28,9 @@ class ControlClient:
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
         self._sock = sockets.dealer(endpoint)
-        self._ids = itertools.count(1)
+        self._issued = 0
+        #: replies that arrived while another request was being waited for
+        self._early: dict[int, P.Reply] = {}
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -42,7 +43,8 @@ class ControlClient:
 
     def send(self, command: str, args: dict | None = None) -> int:
         """Send one CONTROL request; returns its id for :meth:`wait`."""
-        request_id = next(self._ids)
+        self._issued += 1
+        request_id = self._issued
         self._sock.send(P.encode(P.Control(request_id, command, args or {})))
         return request_id
 
@@ -54,7 +56,7 @@ class ControlClient:
         uses it to notice a dead child process at once).
         """
         deadline = time.monotonic() + timeout
-        while True:
+        while request_id not in self._early:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BusUnavailable(f"no reply to {command!r} from the coordinator at {self.endpoint} within "
@@ -64,14 +66,15 @@ class ControlClient:
                     msg = P.decode(self._sock.recv(zmq.NOBLOCK))
                 except (P.ProtocolError, zmq.Again):
                     continue
-                if type(msg) is P.Reply and msg.request_id == request_id:
-                    if not msg.ok:
-                        raise ControlFailed(f"coordinator at {self.endpoint} refused {command!r}: "
-                                            f"{msg.result.get('error', msg.result)}")
-                    return msg.result
-                # a stale reply to an earlier request: drop it
+                if type(msg) is P.Reply and msg.request_id <= self._issued and len(self._early) < 64:
+                    self._early[msg.request_id] = msg  # ours: this request's, or one still awaited
             elif idle is not None:
                 idle()
+        msg = self._early.pop(request_id)
+        if not msg.ok:
+            raise ControlFailed(f"coordinator at {self.endpoint} refused {command!r}: "
+                                f"{msg.result.get('error', msg.result)}")
+        return msg.result
 
     def request(self, command: str, args: dict | None = None, timeout: float = 5.0,
                 idle: Callable[[], None] | None = None) -> dict:

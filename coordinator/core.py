@@ -396,6 +396,7 @@ class CoordinatorCore:
             "uptime_s": now - (self.started_at if self.started_at is not None else now),
             "agents": len(self.agents),
             "agent_ids": sorted(self.agents),
+            "agent_pids": sorted(e.pid for e in self.agents.values()),
             "ready": sum(1 for e in self.agents.values() if e.first_step_at is not None),
             "tick": self.tick,
             "ledger": self.ledger.snapshot(),
@@ -455,6 +456,9 @@ class CoordinatorCore:
         steps = end["received"] - start["received"]
         result = {
             "agents": len(self.agents),
+            # CLOCK_MONOTONIC, comparable with other processes' time.monotonic() on this host
+            "opened_at": start["at"],
+            "closed_at": now,
             "ready_s": m.ready_s,
             "elapsed_s": elapsed,
             "steps": steps,

@@ -1,121 +1,191 @@
-"""``busbench``: measure the bus with real coordinator and agent processes."""
+"""``busbench``: measure the bus with real coordinator and agent processes.
+
+Exit status: 0 all runs completed; 1 a run failed (a process died, steps went
+unaccounted, a wait timed out); 2 usage error; 3 the ``--fail-on-regression`` gate
+tripped (a requirement failed, or a metric regressed beyond the limit); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 
 import click
 
 from agents.__main__ import _SINGLE_THREADED
+from bus.bench import report as rpt
 from bus.bench.run import BenchConfig, cores, environment, measure_r1, run_one
+
+EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
 
 
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated agent counts, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated agent counts, got {text!r}", param_hint="--sweep") from None
     if not counts or min(counts) < 1:
-        raise click.BadParameter("agent counts must be positive")
+        raise click.BadParameter("agent counts must be positive", param_hint="--sweep")
     return counts
 
 
-def _table(result: dict) -> str:
-    head = (f"{'agents':>6} {'steps/s':>9} {'E(N)':>6} {'E_peer':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
-            f"{'coord us/step':>13} {'RSS MB':>7} {'PSS MB':>7} {'ready s':>7} {'lost':>5}")
-    lines = [head]
-    for r in result["runs"]:
-        if "rate" not in r:
-            lines.append(f"{r['agents']:>6}  failed: {'; '.join(r.get('errors', []))}")
-            continue
-        lat, mem = r["latency_ms"], r["memory_mb"]
-        lines.append(
-            f"{r['agents']:>6} {r['rate']:>9.0f} {r['efficiency']:>6.1%} {r['efficiency_peer']:>6.1%} "
-            f"{lat['p50']:>7.2f} {lat['p95']:>7.2f} {lat['p99']:>7.2f} {r['coordinator_cpu_us_per_step']:>13.1f} "
-            f"{mem['rss_per_agent']:>7.1f} {mem['pss_per_agent']:>7.1f} {r['ready_s']:>7.2f} {r['lost_steps']:>5}")
-    cfg = result["config"]
-    lines.append("")
-    lines.append(f"kind {cfg['kind']}" + (f" ({cfg['backend']}, policy_len {cfg['policy_len']})"
-                                          if cfg["kind"] == "explorer" else "")
-                 + f", mode {cfg['mode']}, transport {cfg['transport']}; cores C = {result['cores']}; "
-                 f"r1 = {result['single_agent_rate']:.0f} steps/s ({result['single_agent']['step_us']:.0f} us/step)")
-    lines.append("E(N) = R(N) / (min(N, C) x r1); E_peer = R(N) / (N x r1); latency = round trip minus agent compute")
-    for r in result["runs"]:
-        for e in r.get("errors", []):
-            lines.append(f"ERROR at {r['agents']} agents: {e}")
-    return "\n".join(lines)
+def _load_baseline(path: str) -> dict:
+    try:
+        with open(path) as f:
+            baseline = json.load(f)
+        baseline["single_agent_rate"], baseline["runs"]  # noqa: B018 - the keys a baseline needs
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.BadParameter(f"{path} is not busbench JSON output ({exc})", param_hint="--baseline") from None
+    return baseline
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "BUSBENCH"})
-@click.option("--agents", "agents", type=click.IntRange(1, 4096), default=None, help="Agent processes to run.")
+class _Progress:
+    """Live status on stderr when it is a terminal (rich); silent otherwise."""
+
+    def __init__(self) -> None:
+        self._status = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status("busbench: starting")
+
+    def __enter__(self) -> _Progress:
+        if self._status is not None:
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._status is not None:
+            self._status.__exit__(*exc)
+
+    def __call__(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(f"busbench: {text}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "BUSBENCH",
+                                 "show_default": True})
+@click.option("--agents", type=click.IntRange(1, 4096), default=None,
+              help="Agent processes to run [default: 20; with --connect, those registered].")
 @click.option("--sweep", default=None, help="Comma-separated agent counts, e.g. 1,2,5,10,20.")
-@click.option("--agent-kind", type=click.Choice(["explorer", "null"]), default="explorer", show_default=True)
-@click.option("--backend", type=click.Choice(["numpy", "jax"]), default="numpy", show_default=True)
-@click.option("--policy-len", type=click.IntRange(1, 8), default=1, show_default=True)
-@click.option("--mode", type=click.Choice(["lockstep", "async"]), default="lockstep", show_default=True)
-@click.option("--steps", type=click.IntRange(0), default=0, help="Agent-steps in the measured window (0: use --duration).")
-@click.option("--duration", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="Seconds of measured window (when --steps is 0).")
-@click.option("--warmup", type=click.IntRange(0), default=50, show_default=True,
-              help="Warm-up steps per agent, excluded from the window.")
-@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--width", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--height", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--agent-kind", type=click.Choice(["explorer", "null"]), default="explorer")
+@click.option("--backend", type=click.Choice(["numpy", "jax"]), default="numpy", help="Explorer inference backend.")
+@click.option("--policy-len", type=click.IntRange(1, 8), default=1)
+@click.option("--mode", type=click.Choice(["lockstep", "async"]), default="lockstep", help="Coordinator schedule.")
+@click.option("--steps", type=click.IntRange(0), default=0, help="Agent-steps in the measured window (0: --duration).")
+@click.option("--duration", type=click.FloatRange(0), default=5.0, help="Seconds of measured window.")
+@click.option("--warmup", type=click.IntRange(0), default=50, help="Warm-up steps per agent, excluded.")
+@click.option("--repeat", type=click.IntRange(1, 100), default=1, help="Repeat each count; report medians and spread.")
+@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc")
+@click.option("--seed", type=int, default=0)
+@click.option("--width", type=click.IntRange(1), default=5, help="World width (the model has width x height states).")
+@click.option("--height", type=click.IntRange(1), default=5)
+@click.option("--connect", default=None, metavar="ENDPOINT",
+              help="Measure a coordinator already running there instead of starting one.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table")
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the results here instead of stdout.")
-def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, warmup, transport, seed, width, height,
-        fmt, output):
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a Markdown validation report (requirements, baseline, PASS/FAIL).")
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="busbench JSON of an earlier run to compare with.")
+@click.option("--fail-on-regression", type=click.FloatRange(0), default=None, metavar="PCT",
+              help="Exit 3 if a requirement fails or a metric is more than PCT % worse than the baseline.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write throughput and efficiency against agent count as a PNG.")
+def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, warmup, repeat, transport, seed, width,
+        height, connect, fmt, output, report_path, baseline, fail_on_regression, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
-    efficiency, latency and memory.  Exits non-zero if anything failed."""
+    efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
     if agents is not None and sweep is not None:
         raise click.UsageError("give --agents or --sweep, not both")
-    counts = _counts(sweep) if sweep else [agents or 20]
     if steps == 0 and duration == 0:
         raise click.UsageError("give --steps or a positive --duration")
+    base = _load_baseline(baseline) if baseline else None
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
-                      duration=duration, warmup=warmup, transport=transport, seed=seed, width=width, height=height)
-    for n in counts:
-        if n > cfg.free_cells():
-            raise click.UsageError(f"{n} agents do not fit a {width}x{height} world ({cfg.free_cells()} free cells); "
-                                   "pass a larger --width/--height")
-    tty = sys.stderr.isatty()
-
-    def progress(text: str) -> None:
-        if tty:
-            click.echo(f"busbench: {text}", err=True)
-
-    result = {"tool": "busbench", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **environment(),
-              "cores": cores(), "config": {**cfg.__dict__}, "runs": []}
-    failed = interrupted = False
-    try:
-        progress(f"measuring r1 ({agent_kind} alone, no bus, {cfg.solo_duration:.0f} s)")
-        solo = measure_r1(cfg)
-        result["single_agent"] = solo
-        result["single_agent_rate"] = solo["rate"]
+                      duration=duration, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
+                      connect=connect)
+    counts = _counts(sweep) if sweep else [agents] if agents else None
+    if counts is None:
+        counts = [_registered(connect)] if connect else [20]
+    if not connect:
         for n in counts:
-            run = run_one(cfg, n, solo["rate"], progress)
-            result["runs"].append(run)
-            failed |= bool(run["errors"])
-    except KeyboardInterrupt:
-        interrupted = True
-        click.echo("busbench: interrupted; every process it started has been stopped", err=True)
-    except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
-        failed = True
-        result.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
-        click.echo(f"busbench: {type(exc).__name__}: {exc}", err=True)
-    if "single_agent_rate" in result:
-        text = json.dumps(result, indent=2) if fmt == "json" else _table(result)
-        if output:
-            with open(output, "w") as f:
-                f.write(text + "\n")
-        else:
-            click.echo(text)
-    sys.exit(130 if interrupted else 1 if failed else 0)
+            if n > cfg.free_cells():
+                raise click.UsageError(f"{n} agents do not fit a {width}x{height} world ({cfg.free_cells()} free "
+                                       "cells); pass a larger --width/--height")
+    result = {"tool": "busbench", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **environment(),
+              "cores": cores(), "config": {**cfg.__dict__, "repeat": repeat, "counts": counts}, "runs": []}
+    solos: list[dict] = []
+    per_n: dict[int, list[dict]] = {n: [] for n in counts}
+    failed = interrupted = False
+    with _Progress() as progress:
+        try:
+            # Repeats go round all counts, so that drift on a noisy host touches every N alike.
+            for k in range(repeat):
+                tag = f"[{k + 1}/{repeat}] " if repeat > 1 else ""
+                progress(f"{tag}measuring r1 ({agent_kind} alone, no bus, {cfg.solo_duration:.0f} s)")
+                solos.append(measure_r1(cfg))
+                for n in counts:
+                    run = run_one(cfg, n, solos[-1]["rate"], lambda text, tag=tag: progress(tag + text))
+                    per_n[n].append(run)
+                    failed |= bool(run["errors"])
+        except KeyboardInterrupt:
+            interrupted = True
+            click.echo("busbench: interrupted; every process it started has been stopped", err=True)
+        except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
+            failed = True
+            result["errors"] = [f"{type(exc).__name__}: {exc}"]
+            click.echo(f"busbench: {type(exc).__name__}: {exc}", err=True)
+    if not solos:
+        sys.exit(EXIT_INTERRUPTED if interrupted else EXIT_FAILED)
+    result["single_agent"] = {"rate": statistics.median(s["rate"] for s in solos),
+                              "step_us": statistics.median(s["step_us"] for s in solos), "repeats": solos}
+    result["single_agent_rate"] = result["single_agent"]["rate"]
+    result["runs"] = [rpt.aggregate(per_n[n]) for n in counts if per_n[n]]
+    _emit(result, fmt, output)
+    checks = rpt.requirements(result) if result["runs"] else []
+    changes = rpt.compare(result, base) if base else []
+    if report_path:
+        with open(report_path, "w") as f:
+            f.write(rpt.report_markdown(result, checks, changes, baseline, fail_on_regression))
+    if plot_path and result["runs"]:
+        from bus.bench.plot import plot
+
+        plot(result, plot_path)
+    if interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    if failed:
+        sys.exit(EXIT_FAILED)
+    tripped = rpt.gate(checks, changes, fail_on_regression)
+    if tripped:
+        click.echo("busbench: gate failed (--fail-on-regression):\n  " + "\n  ".join(tripped), err=True)
+        sys.exit(EXIT_GATE)
+
+
+def _emit(result: dict, fmt: str, output: str | None) -> None:
+    text = {"json": lambda: json.dumps(result, indent=2), "markdown": lambda: rpt.markdown_table(result),
+            "table": lambda: rpt.table(result)}[fmt]()
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+    else:
+        click.echo(text)
+
+
+def _registered(endpoint: str) -> int:
+    from bus.client import BusUnavailable, ControlClient
+
+    with ControlClient(endpoint) as client:
+        try:
+            n = client.request("stats", timeout=5)["agents"]
+        except BusUnavailable as exc:
+            raise click.UsageError(str(exc)) from None
+    if n < 1:
+        raise click.UsageError(f"no agents are registered with the coordinator at {endpoint}")
+    return n
 
 
 def main() -> None:

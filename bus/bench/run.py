@@ -1,6 +1,11 @@
-"""One busbench measurement: r1 once, then per agent count N a fresh coordinator and
-N agent processes, a warm-up and a measured window opened and closed by the
-coordinator (CONTROL ``measure``), memory sampled from the agent processes."""
+"""One busbench measurement.
+
+r1 runs once per repeat, in a process of its own.  Then for each agent count N: a fresh
+coordinator and N agent processes (or, with ``--connect``, a coordinator already
+running), a warm-up, and a measured window opened and closed by the coordinator (CONTROL
+``measure``).  While the window is open busbench samples the processes' memory, cheaply
+(RSS), to fit a growth slope; PSS and USS are read once, at the end.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +26,12 @@ import psutil
 from bus.bench.procs import Child
 from bus.client import ControlClient
 
-__all__ = ["BenchConfig", "measure_r1", "run_one", "environment", "MB"]
+__all__ = ["BenchConfig", "measure_r1", "run_one", "environment", "cores", "slope", "MB"]
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
+#: Seconds between memory samples during a window.
+SAMPLE_EVERY_S = 0.5
 
 
 @dataclasses.dataclass
@@ -45,6 +52,7 @@ class BenchConfig:
     deadline: float = 1.0
     timeout: float = 300.0
     solo_duration: float = 3.0
+    connect: str | None = None
 
     def world(self) -> dict:
         return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
@@ -75,19 +83,55 @@ def measure_r1(cfg: BenchConfig) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _wait_for_file(path: str, child: Child, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        child.check()
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope dy/dx; 0 for fewer than two distinct x."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
+class MemorySampler:
+    """RSS of the coordinator and of the agents, sampled while busbench waits."""
+
+    def __init__(self, coordinator: list[psutil.Process], agents: list[psutil.Process]):
+        self.coordinator, self.agents = coordinator, agents
+        self.samples: list[tuple[float, float, float]] = []  # (monotonic, coordinator MB, mean agent MB)
+        self._next = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + SAMPLE_EVERY_S
+        self.samples.append((now, _rss(self.coordinator), _rss(self.agents) / max(len(self.agents), 1)))
+
+    def growth(self, start: float, end: float, rate: float) -> dict:
+        """RSS slope over the window: the coordinator's per 1,000 steps of all agents,
+        an agent's (mean over agents) per 1,000 of its own steps."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        per_1k = 1000.0 / rate if rate > 0 else 0.0
+        coordinator = slope([(t, c) for t, c, _ in inside]) * per_1k if self.coordinator else None
+        return {
+            "samples": len(inside),
+            "coordinator_mb_per_1k_steps": coordinator,
+            "agent_mb_per_1k_steps": slope([(t, a) for t, _, a in inside]) * per_1k * len(self.agents),
+        }
+
+
+def _rss(procs: list[psutil.Process]) -> float:
+    total = 0
+    for p in procs:
         try:
-            with open(path) as f:
-                text = f.read().strip()
-            if text:
-                return text
-        except FileNotFoundError:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-        time.sleep(0.01)
-    raise TimeoutError(f"the coordinator did not report its endpoint within {timeout:.0f} s")
+    return total / MB
 
 
 def _memory(procs: list[psutil.Process]) -> dict:
@@ -110,44 +154,83 @@ def _memory(procs: list[psutil.Process]) -> dict:
     }
 
 
+def _wait_for_file(path: str, child: Child, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        child.check()
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text:
+                return text
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    raise TimeoutError(f"the coordinator did not report its endpoint within {timeout:.0f} s")
+
+
+def _local(pids: list[int]) -> list[psutil.Process]:
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            return []  # not all on this host: report no memory rather than a partial figure
+    return procs
+
+
 def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Measure R(N) with ``n`` agent processes; returns the run's record (see docs/busbench.md)."""
-    if n > cfg.free_cells():
+    """Measure R(N) with ``n`` agents; returns the run's record (docs/busbench.md)."""
+    if cfg.connect is None and n > cfg.free_cells():
         raise ValueError(f"{n} agents do not fit a {cfg.width}x{cfg.height} world with {cfg.obstacles} obstacles; "
                          f"pass a larger --width/--height")
     tmp = tempfile.mkdtemp(prefix="busbench-")
-    bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
     children: list[Child] = []
     errors: list[str] = []
     record: dict = {"agents": n}
+    args = {"agents": n, "warmup_steps": cfg.warmup * n, "steps": cfg.steps, "duration_s": cfg.duration,
+            "timeout_s": cfg.timeout}
     try:
-        coord = Child("coordinator", "coordinator",
-                      ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
-                       "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
-                       "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
-                       "--log-level", "WARNING"], log_path=f"{tmp}/coordinator.log")
-        children.append(coord)
-        endpoint = _wait_for_file(f"{tmp}/endpoint", coord, 30)
+        if cfg.connect:
+            endpoint, checks = cfg.connect, []
+        else:
+            bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
+            coord = Child("coordinator", "coordinator",
+                          ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
+                           "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
+                           "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
+                           "--log-level", "WARNING"], log_path=f"{tmp}/coordinator.log")
+            children.append(coord)
+            endpoint, checks = _wait_for_file(f"{tmp}/endpoint", coord, 30), [coord]
         with ControlClient(endpoint) as client:
             client.wait_ready(10)
-            request = client.send("measure", {
-                "agents": n, "warmup_steps": cfg.warmup * n, "steps": cfg.steps, "duration_s": cfg.duration,
-                "timeout_s": cfg.timeout})
-            agents = Child("agents", "agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
-                                                 "--log-level", "WARNING", *cfg.agent_args()],
-                           log_path=f"{tmp}/agents.log")
-            children.append(agents)
+            request = client.send("measure", args)
+            if not cfg.connect:
+                agents = Child("agents", "agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
+                                                     "--log-level", "WARNING", *cfg.agent_args()],
+                               log_path=f"{tmp}/agents.log")
+                children.append(agents)
+                checks.append(agents)
             progress(f"{n} agents: starting, warming up, measuring")
+            sampler: MemorySampler | None = None
 
             def idle() -> None:
-                coord.check()
-                agents.check()
+                nonlocal sampler
+                for child in checks:
+                    child.check()
+                if sampler is None:
+                    stats = client.request("stats", timeout=5)
+                    if stats["agents"] >= n:
+                        sampler = MemorySampler(_coordinator(children), _local(stats["agent_pids"]))
+                else:
+                    sampler()
 
             window = client.wait(request, cfg.timeout + 5, idle, "measure")
-            agent_procs = agents.processes()
-            if n > 1:
-                agent_procs = agent_procs[1:]  # the launcher forks the agents; it is not one
-            record["memory_mb"] = _memory(agent_procs)
+            pids = client.request("stats", timeout=5)["agent_pids"]
+        procs = _local(pids)
+        record["memory_mb"] = _memory(procs) if procs else None
+        record["memory_growth"] = (sampler.growth(window["opened_at"], window["closed_at"], window["rate"])
+                                   if sampler is not None and procs else None)
         # From the coordinator's receipt of `measure` (sent just before the launch) until
         # every agent has answered its first observation.
         record["ready_s"] = window["ready_s"]
@@ -161,18 +244,19 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
             child.stop()
     c = cores()
     rate = window["rate"]
-    lat = window["latency_us"]
     w = window["window"]
+    steps = max(window["steps"], 1)
     record.update({
         "rate": rate,
         "efficiency": rate / (min(n, c) * r1),
         "efficiency_peer": rate / (n * r1),
-        "latency_ms": {k: v / 1000 for k, v in lat.items()},
+        "overhead": 1 - rate / (min(n, c) * r1),
+        "latency_ms": {k: v / 1000 for k, v in window["latency_us"].items()},
         "steps": window["steps"],
         "elapsed_s": window["elapsed_s"],
         "ticks": window["ticks"],
-        "coordinator_cpu_us_per_step": window["coordinator_cpu_s"] / max(window["steps"], 1) * 1e6,
-        "coordinator_thread_cpu_us_per_step": window["coordinator_thread_cpu_s"] / max(window["steps"], 1) * 1e6,
+        "coordinator_cpu_us_per_step": window["coordinator_cpu_s"] / steps * 1e6,
+        "coordinator_thread_cpu_us_per_step": window["coordinator_thread_cpu_s"] / steps * 1e6,
         "compute_share": window["compute_s"] / (window["elapsed_s"] * min(n, c)),
         "lost_steps": w["missing"] + w["late"],
         "late_steps": w["late"],
@@ -189,6 +273,10 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
     if not errors:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+def _coordinator(children: list[Child]) -> list[psutil.Process]:
+    return [p for c in children if c.name == "coordinator" for p in c.processes()]
 
 
 def environment() -> dict:

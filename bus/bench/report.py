@@ -1,0 +1,226 @@
+"""Turning busbench runs into numbers people can trust: medians over repeats with their
+spread, requirements checked PASS/FAIL, changes against a baseline *measured earlier*
+(never a constant), and the exit code of a CI gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+__all__ = ["aggregate", "Check", "requirements", "compare", "gate", "table", "markdown_table", "report_markdown"]
+
+#: Scalar run fields summarised by their median over repeats.
+_MEDIAN_KEYS = ("rate", "efficiency", "efficiency_peer", "overhead", "elapsed_s", "coordinator_cpu_us_per_step",
+                "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s")
+_SUM_KEYS = ("steps", "ticks", "lost_steps", "late_steps", "missing_steps", "undeliverable")
+
+
+def _median_map(maps: list[dict | None]) -> dict | None:
+    maps = [m for m in maps if m]
+    if not maps:
+        return None
+    return {k: statistics.median(m[k] for m in maps if m.get(k) is not None)
+            for k in maps[0] if any(m.get(k) is not None for m in maps)}
+
+
+def aggregate(repeats: list[dict]) -> dict:
+    """One record for an agent count from its repeats: medians, sums of losses, the spread."""
+    ok = [r for r in repeats if "rate" in r]
+    out: dict = {"agents": repeats[0]["agents"], "repeat": len(repeats),
+                 "errors": [e for r in repeats for e in r.get("errors", [])]}
+    if not ok:
+        return out
+    for k in _MEDIAN_KEYS:
+        out[k] = statistics.median(r[k] for r in ok)
+    for k in _SUM_KEYS:
+        out[k] = sum(r[k] for r in ok)
+    out["latency_ms"] = _median_map([r["latency_ms"] for r in ok])
+    out["memory_mb"] = _median_map([r.get("memory_mb") for r in ok])
+    out["memory_growth"] = _median_map([r.get("memory_growth") for r in ok])
+    out["registered"] = min(r["registered"] for r in ok)
+    out["balanced"] = all(r["ledger"]["balanced"] for r in ok)
+    out["spread"] = {k: [min(r[k] for r in ok), max(r[k] for r in ok)] for k in ("rate", "efficiency")}
+    out["repeats"] = repeats
+    return out
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    measured: float | None
+    threshold: str
+    passed: bool
+    unit: str = ""
+
+
+#: Agent memory growth allowed per 1,000 steps (pymdp's legacy agent leaked ~0.17 MB).
+MAX_GROWTH_MB_PER_1K = 0.05
+
+
+def requirements(result: dict) -> list[Check]:
+    """The requirements the peer system's report set out, measured properly."""
+    checks = [Check("single-agent inference under 50 ms", result["single_agent"]["step_us"] / 1000, "< 50 ms",
+                    result["single_agent"]["step_us"] < 50_000, "ms")]
+    runs = [r for r in result["runs"] if "rate" in r]
+    # For null agents r1 is the rate of a no-op: their efficiency measures nothing.
+    for r in runs if result["config"]["kind"] != "null" else []:
+        n = r["agents"]
+        checks.append(Check(f"coordination efficiency above 50 % at {n} agents", r["efficiency"] * 100, "> 50 %",
+                            r["efficiency"] > 0.5, "%"))
+    for r in runs:
+        growth = r.get("memory_growth")
+        if growth and growth.get("agent_mb_per_1k_steps") is not None:
+            worst = max(v for k, v in growth.items() if k.endswith("per_1k_steps") and v is not None)
+            checks.append(Check(f"no memory growth at {r['agents']} agents", worst,
+                                f"<= {MAX_GROWTH_MB_PER_1K} MB / 1k steps", worst <= MAX_GROWTH_MB_PER_1K, "MB/1k"))
+    checks.append(Check("no lost steps", sum(r["lost_steps"] for r in runs), "0", all(r["lost_steps"] == 0 for r in runs)))
+    checks.append(Check("every step accounted for (ledger balanced)", None, "balanced",
+                        bool(runs) and all(r["balanced"] for r in runs)))
+    checks.append(Check("every run completed", len(runs), f"{len(result['runs'])} runs",
+                        len(runs) == len(result["runs"]) and not any(r["errors"] for r in result["runs"])))
+    return checks
+
+
+@dataclasses.dataclass
+class Change:
+    metric: str
+    agents: int | None
+    measured: float
+    baseline: float
+    higher_is_better: bool
+
+    @property
+    def change(self) -> float:
+        """Relative change, positive = better."""
+        if self.baseline == 0:
+            return 0.0
+        rel = (self.measured - self.baseline) / abs(self.baseline)
+        return rel if self.higher_is_better else -rel
+
+
+_TRACKED = (("rate", True), ("efficiency", True), ("latency_p50_ms", False), ("pss_per_agent_mb", False))
+
+
+def _tracked(run: dict, key: str) -> float | None:
+    if key == "latency_p50_ms":
+        return (run.get("latency_ms") or {}).get("p50")
+    if key == "pss_per_agent_mb":
+        return (run.get("memory_mb") or {}).get("pss_per_agent")
+    return run.get(key)
+
+
+def compare(result: dict, baseline: dict) -> list[Change]:
+    """Each tracked metric against the same metric in an earlier busbench JSON."""
+    changes = [Change("single_agent_rate", None, result["single_agent_rate"], baseline["single_agent_rate"], True)]
+    base_runs = {r["agents"]: r for r in baseline.get("runs", []) if "rate" in r}
+    tracked = [(k, h) for k, h in _TRACKED if not (k == "efficiency" and result["config"]["kind"] == "null")]
+    for run in result["runs"]:
+        base = base_runs.get(run["agents"])
+        if base is None or "rate" not in run:
+            continue
+        for key, higher in tracked:
+            m, b = _tracked(run, key), _tracked(base, key)
+            if m is not None and b is not None:
+                changes.append(Change(key, run["agents"], m, b, higher))
+    return changes
+
+
+def gate(checks: list[Check], changes: list[Change], max_regression_pct: float | None) -> list[str]:
+    """What trips the gate: failed requirements and regressions beyond the limit (empty: it passes)."""
+    if max_regression_pct is None:
+        return []
+    return ([f"requirement failed: {c.name}" for c in checks if not c.passed]
+            + [f"{c.metric}{f' at {c.agents} agents' if c.agents else ''} is {-c.change:.1%} worse than the baseline"
+               for c in changes if c.change < -max_regression_pct / 100])
+
+
+# --- rendering -------------------------------------------------------------------------
+
+_COLUMNS = ("agents", "steps/s", "E(N)", "E_peer", "p50 ms", "p95 ms", "p99 ms", "coord us/step", "RSS MB", "PSS MB",
+            "ready s", "lost")
+
+
+def _cells(r: dict) -> list[str]:
+    if "rate" not in r:
+        return [str(r["agents"]), "failed"] + [""] * (len(_COLUMNS) - 2)
+    lat, mem = r["latency_ms"], r.get("memory_mb") or {}
+    rate = f"{r['rate']:.0f}"
+    if r.get("repeat", 1) > 1:
+        lo, hi = r["spread"]["rate"]
+        rate += f" ({lo:.0f}-{hi:.0f})"
+    return [str(r["agents"]), rate, f"{r['efficiency']:.1%}", f"{r['efficiency_peer']:.1%}", f"{lat['p50']:.2f}",
+            f"{lat['p95']:.2f}", f"{lat['p99']:.2f}", f"{r['coordinator_cpu_us_per_step']:.1f}",
+            f"{mem.get('rss_per_agent', float('nan')):.1f}", f"{mem.get('pss_per_agent', float('nan')):.1f}",
+            f"{r['ready_s']:.2f}", str(r["lost_steps"])]
+
+
+def _footer(result: dict) -> list[str]:
+    cfg = result["config"]
+    kind = cfg["kind"] + (f" ({cfg['backend']}, policy_len {cfg['policy_len']})" if cfg["kind"] == "explorer" else "")
+    where = f"connected to {cfg['connect']}" if cfg.get("connect") else f"transport {cfg['transport']}"
+    line = (f"kind {kind}, mode {cfg['mode']}, {where}; cores C = {result['cores']}; "
+            f"r1 = {result['single_agent_rate']:.0f} steps/s ({result['single_agent']['step_us']:.0f} us/step)")
+    if cfg.get("repeat", 1) > 1:
+        line += f"; medians of {cfg['repeat']} repeats, steps/s (min-max)"
+    return [line, "E(N) = R(N) / (min(N, C) x r1); E_peer = R(N) / (N x r1); latency = round trip minus agent compute"]
+
+
+def table(result: dict) -> str:
+    rows = [_COLUMNS] + [_cells(r) for r in result["runs"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = [" ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines += ["", *_footer(result)]
+    lines += [f"ERROR at {r['agents']} agents: {e}" for r in result["runs"] for e in r.get("errors", [])]
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---:|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in result["runs"]]
+    return "\n".join(lines + ["", *(f"*{line}*" for line in _footer(result))])
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g} {unit}".strip() if abs(value) < 1000 else f"{value:,.0f} {unit}".strip()
+
+
+def report_markdown(result: dict, checks: list[Check], changes: list[Change], baseline_name: str | None,
+                    max_regression_pct: float | None) -> str:
+    cfg = result["config"]
+    failed = [c for c in checks if not c.passed]
+    limit = max_regression_pct if max_regression_pct is not None else 0.0
+    regressions = [c for c in changes if c.change < -limit / 100]
+    ok = not failed and not regressions
+    lines = [
+        "# busbench validation report",
+        f"*{result['started']}, {result['host']['cpu']} ({result['cores']} cores), {cfg['kind']} agents"
+        + (f" ({cfg['backend']})" if cfg["kind"] == "explorer" else "") + f", {cfg['mode']}*",
+        "",
+        f"## Overall status: {'PASS' if ok else 'FAIL'}",
+        "",
+        f"- Requirements: {len(checks) - len(failed)} passed, {len(failed)} failed",
+        (f"- Against baseline `{baseline_name}`: {len(changes)} metrics compared, {len(regressions)} worse than "
+         f"{limit:g} %" if baseline_name else "- No baseline given (`--baseline FILE.json` compares with an earlier run)"),
+        "",
+        "## Requirements",
+        "",
+        "| requirement | measured | threshold | status |",
+        "|---|---:|---|---|",
+    ]
+    lines += [f"| {c.name} | {_fmt(c.measured, c.unit)} | {c.threshold} | {'PASS' if c.passed else 'FAIL'} |"
+              for c in checks]
+    if baseline_name:
+        lines += ["", f"## Against the baseline (`{baseline_name}`)", "",
+                  "| metric | agents | measured | baseline | change | status |", "|---|---:|---:|---:|---:|---|"]
+        for c in changes:
+            sign = "better" if c.change >= 0 else "worse"
+            status = "REGRESSION" if c in regressions else "ok"
+            lines.append(f"| {c.metric} | {c.agents if c.agents is not None else '-'} | {_fmt(c.measured)} | "
+                         f"{_fmt(c.baseline)} | {abs(c.change):.1%} {sign} | {status} |")
+    lines += ["", "## Runs", "", markdown_table(result), "", "## Environment", "",
+              f"Python {result['python']}, pyzmq {result['pyzmq']} (libzmq {result['libzmq']}), msgpack "
+              f"{result['msgpack']}, inferactively-pymdp {result['pymdp']}, numpy {result['numpy']}; "
+              f"{result['host']['platform']}."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,186 @@
+"""busbench: option parsing, aggregation, requirements, baseline comparison and the gate
+(no processes), then short real sweeps end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from bus.bench import report as rpt
+from bus.bench.__main__ import cli
+from bus.bench.run import slope
+from tests.test_cli import _env
+
+
+def _run(agents: int, rate: float, efficiency: float, lost: int = 0, balanced: bool = True, growth: float = 0.0) -> dict:
+    return {
+        "agents": agents, "rate": rate, "efficiency": efficiency, "efficiency_peer": efficiency, "overhead": 1 - efficiency,
+        "elapsed_s": 5.0, "coordinator_cpu_us_per_step": 30.0, "coordinator_thread_cpu_us_per_step": 20.0,
+        "compute_share": 0.8, "ready_s": 0.4, "steps": int(rate * 5), "ticks": 100, "lost_steps": lost,
+        "late_steps": 0, "missing_steps": lost, "undeliverable": 0, "registered": agents,
+        "latency_ms": {"p50": 0.3, "p95": 1.0, "p99": 2.0},
+        "memory_mb": {"processes": agents, "rss_per_agent": 40.0, "pss_per_agent": 8.0, "uss_per_agent": 3.0,
+                      "pss_total": 8.0 * agents},
+        "memory_growth": {"samples": 10, "coordinator_mb_per_1k_steps": 0.0, "agent_mb_per_1k_steps": growth},
+        "ledger": {"balanced": balanced}, "errors": [],
+    }
+
+
+def _result(runs: list[list[dict]], r1: float = 1000.0, kind: str = "explorer") -> dict:
+    return {
+        "started": "now", "python": "3", "pyzmq": "z", "libzmq": "l", "msgpack": "m", "pymdp": "p", "numpy": "n",
+        "host": {"cores": 2, "cpu": "cpu", "platform": "linux"}, "cores": 2,
+        "config": {"kind": kind, "backend": "numpy", "policy_len": 1, "mode": "lockstep", "transport": "ipc",
+                   "repeat": len(runs[0])},
+        "single_agent": {"rate": r1, "step_us": 1e6 / r1}, "single_agent_rate": r1,
+        "runs": [rpt.aggregate(reps) for reps in runs],
+    }
+
+
+def test_aggregate_takes_medians_sums_losses_and_keeps_the_spread():
+    agg = rpt.aggregate([_run(10, 900, 0.45), _run(10, 1000, 0.5, lost=2), _run(10, 1500, 0.75)])
+    assert agg["rate"] == 1000 and agg["efficiency"] == 0.5
+    assert agg["spread"]["rate"] == [900, 1500] and agg["lost_steps"] == 2 and agg["repeat"] == 3
+    assert agg["latency_ms"]["p99"] == 2.0 and len(agg["repeats"]) == 3
+
+
+def test_requirements_pass_and_fail_on_the_measured_figures():
+    good = {c.name: c.passed for c in rpt.requirements(_result([[_run(10, 1200, 0.6)]]))}
+    assert all(good.values()) and "coordination efficiency above 50 % at 10 agents" in good
+    bad = {c.name: c.passed for c in rpt.requirements(_result([[_run(10, 800, 0.4, lost=3, balanced=False,
+                                                                          growth=0.2)]]))}
+    assert not bad["coordination efficiency above 50 % at 10 agents"]
+    assert not bad["no lost steps"] and not bad["every step accounted for (ledger balanced)"]
+    assert not bad["no memory growth at 10 agents"]
+    slow = _result([[_run(1, 10, 0.9)]], r1=10)  # 100 ms a step
+    assert not {c.name: c.passed for c in rpt.requirements(slow)}["single-agent inference under 50 ms"]
+
+
+def test_null_agents_get_no_efficiency_requirement():
+    names = [c.name for c in rpt.requirements(_result([[_run(2, 9000, 0.002)]], kind="null"))]
+    assert not any("efficiency" in n for n in names)
+
+
+def test_baseline_changes_know_which_way_is_better():
+    base = _result([[_run(10, 1000, 0.5)]])
+    cur = _result([[_run(10, 900, 0.45)]])
+    cur["runs"][0]["latency_ms"]["p50"] = 0.15  # latency halved: better
+    changes = {(c.metric, c.agents): c for c in rpt.compare(cur, base)}
+    assert changes[("rate", 10)].change == pytest.approx(-0.10)
+    assert changes[("latency_p50_ms", 10)].change == pytest.approx(0.5)
+    assert changes[("single_agent_rate", None)].change == 0
+
+
+def test_gate_trips_on_regression_beyond_the_limit_or_a_failed_requirement():
+    base = _result([[_run(10, 1000, 0.6)]])
+    worse = _result([[_run(10, 900, 0.54)]])
+    checks = rpt.requirements(worse)
+    changes = rpt.compare(worse, base)
+    assert rpt.gate(checks, changes, None) == []      # no gate asked for
+    assert rpt.gate(checks, changes, 15.0) == []      # 10 % worse, 15 % allowed
+    tripped = rpt.gate(checks, changes, 5.0)          # 10 % worse, 5 % allowed
+    assert "rate at 10 agents is 10.0% worse than the baseline" in tripped
+    failing = _result([[_run(10, 1000, 0.4)]])
+    assert rpt.gate(rpt.requirements(failing), [], 50.0) == [
+        "requirement failed: coordination efficiency above 50 % at 10 agents"]
+
+
+def test_report_markdown_states_each_figure_and_the_overall_status():
+    base = _result([[_run(10, 1000, 0.6)]])
+    cur = _result([[_run(10, 500, 0.3)]])
+    checks, changes = rpt.requirements(cur), rpt.compare(cur, base)
+    text = rpt.report_markdown(cur, checks, changes, "base.json", 10.0)
+    assert "## Overall status: FAIL" in text
+    assert "| coordination efficiency above 50 % at 10 agents | 30 % | > 50 % | FAIL |" in text
+    assert "| rate | 10 | 500 | 1,000 | 50.0% worse | REGRESSION |" in text
+    good = rpt.report_markdown(base, rpt.requirements(base), [], None, None)
+    assert "## Overall status: PASS" in good and "No baseline given" in good
+
+
+def test_slope_fits_a_line():
+    assert slope([(0, 1), (1, 3), (2, 5)]) == pytest.approx(2.0)
+    assert slope([(0, 1)]) == 0.0 and slope([(1, 1), (1, 2)]) == 0.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--agents", "2", "--sweep", "1,2"], "not both"),
+    (["--sweep", "1,x"], "comma-separated"),
+    (["--sweep", "0,2"], "positive"),
+    (["--agents", "30"], "do not fit"),
+    (["--steps", "0", "--duration", "0"], "--steps or a positive --duration"),
+    (["--mode", "turbo"], "turbo"),
+])
+def test_bad_options_are_refused_before_anything_starts(args, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_baseline_must_be_busbench_json(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    result = CliRunner().invoke(cli, ["--agents", "1", "--baseline", str(bad)])
+    assert result.exit_code == 2 and "not busbench JSON" in result.output
+
+
+def test_options_come_from_busbench_environment_variables():
+    result = CliRunner().invoke(cli, ["--agents", "1"], env={"BUSBENCH_MODE": "warp"})
+    assert result.exit_code == 2 and "warp" in result.output
+
+
+def _busbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bus.bench", *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_sweep_end_to_end_with_report_plot_and_gate(tmp_path):
+    out, report, plot = tmp_path / "run.json", tmp_path / "report.md", tmp_path / "plot.png"
+    r = _busbench("--sweep", "1,2", "--agent-kind", "null", "--duration", "0.5", "--warmup", "5", "--format", "json",
+                  "--output", str(out), "--report", str(report), "--plot", str(plot))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert [run["agents"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert run["lost_steps"] == 0 and run["balanced"] and run["memory_growth"]["samples"] >= 0
+    assert "## Overall status: PASS" in report.read_text()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The same run as its own baseline, made ten times better: the gate must trip (exit 3).
+    better = copy.deepcopy(result)
+    for run in better["runs"]:
+        run["rate"] *= 10
+    base = tmp_path / "better.json"
+    base.write_text(json.dumps(better))
+    r = _busbench("--agents", "2", "--agent-kind", "null", "--duration", "0.5", "--warmup", "5", "--baseline", str(base),
+                  "--fail-on-regression", "20", "--report", str(report))
+    assert r.returncode == 3, r.stderr
+    assert "REGRESSION" in report.read_text()
+    # Against a baseline ten times worse in every tracked figure, the same gate passes.
+    worse = copy.deepcopy(result)
+    worse["single_agent_rate"] /= 10
+    for run in worse["runs"]:
+        run["rate"] /= 10
+        run["latency_ms"]["p50"] *= 10
+        run["memory_mb"]["pss_per_agent"] *= 10
+    base.write_text(json.dumps(worse))
+    r = _busbench("--agents", "2", "--agent-kind", "null", "--duration", "0.5", "--warmup", "5", "--baseline", str(base),
+                  "--fail-on-regression", "20")
+    assert r.returncode == 0, r.stderr
+
+
+def test_connect_measures_a_running_bus(bus):
+    endpoint = bus.coordinator()
+    bus.agents(2, "--kind", "null")
+    bus.wait_agents(2)
+    r = _busbench("--connect", endpoint, "--agent-kind", "null", "--duration", "0.5", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    (run,) = json.loads(r.stdout)["runs"]
+    assert run["agents"] == 2 and run["rate"] > 0 and run["lost_steps"] == 0
+    assert run["memory_mb"]["processes"] == 2  # the agents are local: their memory is read
+    assert bus.stats()["agents"] == 2  # busbench left the running bus alone
+    assert os.path.exists(bus.tmp)
