@@ -20,6 +20,8 @@ _ENV = {
     "heartbeat": "BUS_HEARTBEAT",
     "seed": "BUS_SEED",
     "log_level": "BUS_LOG_LEVEL",
+    "curve_server_key": "BUS_CURVE_SERVER_KEY",
+    "curve_key": "BUS_CURVE_KEY",
 }
 
 #: Agents are single-threaded by design: one process per core-share, no BLAS threads.
@@ -29,6 +31,17 @@ _SINGLE_THREADED = {
     "MKL_NUM_THREADS": "1",
     "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
 }
+
+
+def client_keys(server_key: str | None, key: str | None):
+    """CURVE keys from the two options, or None when neither is given."""
+    if not (server_key or key):
+        return None
+    if not (server_key and key):
+        raise ValueError("CURVE needs both --curve-server-key and --curve-key")
+    from bus.security import ClientKeys
+
+    return ClientKeys.load(server_key, key)
 
 
 def default_agent_id() -> str:
@@ -51,10 +64,17 @@ def default_agent_id() -> str:
 @click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=0.5, show_default=True)
 @click.option("--sched", envvar="BUS_AGENT_SCHED", type=click.Choice(["batch", "default"]), default="batch",
               show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
+@click.option("--restart/--no-restart", envvar="BUS_AGENT_RESTART", default=False, show_default=True,
+              help="With --replicas: fork an agent that died again, under the same id.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: run until signalled).")
 @click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True)
+@click.option("--curve-server-key", envvar=_ENV["curve_server_key"], type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Use CURVE: the coordinator's public .key file.")
+@click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --curve-server-key: this agent's .key_secret file.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, max_steps, seed, log_level):
+def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, restart, max_steps, seed,
+        curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
     from agents.kinds import create
@@ -67,8 +87,12 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
         Hello.from_wire([agent_id if replicas == 1 else f"{agent_id}-{replicas}", kind, 0])
     except ProtocolError as exc:
         raise click.UsageError(f"invalid agent id: {exc.reason}") from None
+    try:
+        curve = client_keys(curve_server_key, curve_key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     sys.exit(launch(lambda: create(kind, **options), endpoint, agent_id, replicas,
-                    batch=sched == "batch", heartbeat=heartbeat, max_steps=max_steps))
+                    batch=sched == "batch", restart=restart, heartbeat=heartbeat, max_steps=max_steps, curve=curve))
 
 
 def main(argv: list[str] | None = None) -> None:

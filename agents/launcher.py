@@ -55,7 +55,7 @@ def set_batch_scheduling() -> bool:
 
 
 def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1,
-           batch: bool = True, **runtime_options) -> int:
+           batch: bool = True, restart: bool = False, **runtime_options) -> int:
     """Run ``replicas`` agents made by ``factory``; returns the exit status."""
     if batch and not set_batch_scheduling():
         log.debug("SCHED_BATCH is not available here; agents run under the default policy")
@@ -68,15 +68,16 @@ def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas:
     if getattr(template, "forkable", True):
         template.prepare()
     parent = os.getpid()
-    children: dict[int, str] = {}
-    for i in range(1, replicas + 1):
-        child_id = f"{agent_id}-{i}"
+
+    def spawn(child_id: str) -> int:
         pid = os.fork()
         if pid == 0:  # child: never returns
             os._exit(_child(factory, endpoint, child_id, parent, runtime_options))
-        children[pid] = child_id
+        return pid
+
+    children = {spawn(f"{agent_id}-{i}"): f"{agent_id}-{i}" for i in range(1, replicas + 1)}
     log.info("started %d %s agents (%s-1 .. %s-%d)", replicas, template.kind, agent_id, agent_id, replicas)
-    return _supervise(children)
+    return _supervise(children, spawn if restart else None)
 
 
 def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: dict) -> int:
@@ -96,7 +97,9 @@ def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: 
         return 1
 
 
-def _supervise(children: dict[int, str]) -> int:
+def _supervise(children: dict[int, str], respawn: Callable[[str], int] | None) -> int:
+    """Reap children; with ``respawn``, fork a dead agent again under the same id (it
+    rejoins with HELLO and the coordinator replaces its registration)."""
     failed: list[str] = []
     stop_at: float | None = None
     with StopSignal() as stop:
@@ -123,6 +126,10 @@ def _supervise(children: dict[int, str]) -> int:
                 code = os.waitstatus_to_exitcode(status)
                 stopped_by_us = stop.requested is not None and code in (-signal.SIGTERM, -signal.SIGKILL)
                 if code != 0 and not stopped_by_us:
+                    if respawn is not None and stop.requested is None:
+                        log.warning("agent %s (pid %d) exited with status %d: restarting it", agent_id, pid, code)
+                        children[respawn(agent_id)] = agent_id
+                        continue
                     failed.append(agent_id)
                     log.error("agent %s (pid %d) exited with status %d", agent_id, pid, code)
     if failed:

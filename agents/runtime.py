@@ -26,6 +26,7 @@ from agents.sdk import Agent
 from bus import protocol as P
 from bus import sockets
 from bus.protocol import ErrorCode
+from bus.security import ClientKeys
 from bus.signals import StopSignal
 
 __all__ = ["Runtime"]
@@ -38,7 +39,8 @@ NOBLOCK = int(zmq.NOBLOCK)  # a plain int: IntFlag arithmetic costs on every mes
 
 class Runtime:
     def __init__(self, agent: Agent, endpoint: str, agent_id: str, heartbeat: float = 0.5, liveness: int = 3,
-                 backoff_min: float = 0.05, backoff_max: float = 2.0, max_steps: int = 0):
+                 backoff_min: float = 0.05, backoff_max: float = 2.0, max_steps: int = 0,
+                 curve: ClientKeys | None = None):
         P.Hello.from_wire([agent_id, agent.kind, 0])  # a bad id fails here, not on the wire
         self.agent = agent
         self.endpoint = endpoint
@@ -48,6 +50,7 @@ class Runtime:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.max_steps = max_steps
+        self.curve = curve
         self.steps = 0
         self.session: str | None = None
         self._params: dict | None = None
@@ -64,7 +67,7 @@ class Runtime:
             try:
                 while stop.requested is None:
                     if sock is None:
-                        sock = sockets.dealer(self.endpoint)
+                        sock = sockets.dealer(self.endpoint, curve=self.curve)
                         poller = zmq.Poller()
                         poller.register(sock, zmq.POLLIN)
                         poller.register(stop.fd, zmq.POLLIN)
@@ -121,8 +124,10 @@ class Runtime:
                     if stop.requested is not None:
                         break
                     if now - last_recv >= expiry:
-                        log.info("%s: no word from %s for %.1f s; reconnecting in %.2f s",
-                                 self.agent_id, self.endpoint, now - last_recv, backoff)
+                        log.info("%s: no word from %s for %.1f s%s; reconnecting in %.2f s", self.agent_id,
+                                 self.endpoint, now - last_recv,
+                                 "" if registered or self.curve is None else
+                                 " (is this agent's CURVE key on the coordinator's allow-list?)", backoff)
                         sock.close(linger=0)
                         sock = None
                         # Interruptible sleep: a stop signal ends the wait at once.

@@ -12,6 +12,7 @@ import zmq
 
 from bus import protocol as P
 from bus import sockets
+from bus.security import ClientKeys
 
 __all__ = ["ControlClient", "BusUnavailable", "ControlFailed"]
 
@@ -25,9 +26,10 @@ class ControlFailed(RuntimeError):
 
 
 class ControlClient:
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, curve: ClientKeys | None = None):
         self.endpoint = endpoint
-        self._sock = sockets.dealer(endpoint)
+        self._sock = sockets.dealer(endpoint, curve=curve)
+        self._curve = curve is not None
         self._issued = 0
         #: replies that arrived while another request was being waited for
         self._early: dict[int, P.Reply] = {}
@@ -60,7 +62,8 @@ class ControlClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BusUnavailable(f"no reply to {command!r} from the coordinator at {self.endpoint} within "
-                                     f"{timeout:.1f} s: is bus-coordinator running and bound there?")
+                                     f"{timeout:.1f} s: is bus-coordinator running and bound there"
+                                     + (", and is this client's CURVE key on its allow-list?" if self._curve else "?"))
             if self._sock.poll(min(left, 0.1) * 1000, zmq.POLLIN):
                 try:
                     msg = P.decode(self._sock.recv(zmq.NOBLOCK))

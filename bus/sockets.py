@@ -12,6 +12,7 @@ import os
 import zmq
 
 from bus.protocol import MAX_MESSAGE_BYTES
+from bus.security import ClientKeys, ServerKeys
 
 __all__ = ["context", "router", "dealer", "endpoint_is_public"]
 
@@ -43,10 +44,14 @@ def _common(sock: zmq.Socket, hwm: int, max_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 1024)
 
 
-def router(endpoint: str, hwm: int = DEFAULT_HWM, max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
-    """The coordinator's ROUTER, bound to ``endpoint``."""
+def router(endpoint: str, hwm: int = DEFAULT_HWM, max_bytes: int = MAX_MESSAGE_BYTES,
+           curve: ServerKeys | None = None) -> zmq.Socket:
+    """The coordinator's ROUTER, bound to ``endpoint`` (encrypted and authenticated with
+    ``curve``; a ZAP handler must be bound first, see ``coordinator.driver``)."""
     sock = context().socket(zmq.ROUTER)
     _common(sock, hwm, max_bytes)
+    if curve is not None:
+        curve.apply(sock)
     # A message to a peer that is gone, or whose queue is full, raises instead of
     # vanishing: the coordinator counts every one.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -57,15 +62,14 @@ def router(endpoint: str, hwm: int = DEFAULT_HWM, max_bytes: int = MAX_MESSAGE_B
 
 
 def dealer(endpoint: str, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
-           max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+           max_bytes: int = MAX_MESSAGE_BYTES, curve: ClientKeys | None = None) -> zmq.Socket:
     """An agent's (or a client's) DEALER, connected to ``endpoint``."""
     sock = context().socket(zmq.DEALER)
     _common(sock, hwm, max_bytes)
+    if curve is not None:
+        curve.apply(sock)
     if identity:
         sock.setsockopt(zmq.ROUTING_ID, identity)
-    # Queue only to a completed connection: messages sent while the coordinator is
-    # away fail fast (EAGAIN) instead of piling up for a peer that may never return.
-    sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.connect(endpoint)
     return sock
 

@@ -7,6 +7,7 @@ import sys
 import click
 
 from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
+from bus.security import ServerKeys
 from coordinator.core import MODES, Settings
 from coordinator.world import WorldConfig
 
@@ -21,6 +22,8 @@ _ENV = {
     "goals": "BUS_WORLD_GOALS",
     "seed": "BUS_SEED",
     "log_level": "BUS_LOG_LEVEL",
+    "curve_secret": "BUS_CURVE_SECRET",
+    "curve_clients": "BUS_CURVE_CLIENTS",
 }
 
 
@@ -41,8 +44,13 @@ _ENV = {
               help="World layout and placement seed (same seed, same world).")
 @click.option("--endpoint-file", type=click.Path(dir_okay=False), default=None,
               help="Write the endpoint actually bound here (useful with a wildcard port, tcp://127.0.0.1:*).")
+@click.option("--curve-secret", envvar=_ENV["curve_secret"], type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Turn CURVE on: the coordinator's .key_secret file (bus-keys writes one).")
+@click.option("--curve-clients", envvar=_ENV["curve_clients"], type=click.Path(exists=True, file_okay=False),
+              default=None, help="With --curve-secret: directory of the client public keys allowed (*.key).")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, endpoint_file, log_level):
+def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, endpoint_file, curve_secret,
+        curve_clients, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
     configure_logging(log_level)
     from coordinator.driver import serve
@@ -50,10 +58,15 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
     try:
         settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat)
         world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed)
+        curve = None
+        if curve_secret or curve_clients:
+            if not (curve_secret and curve_clients):
+                raise ValueError("CURVE needs both --curve-secret and --curve-clients")
+            curve = ServerKeys.load(curve_secret, curve_clients)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        serve(bind, settings, world, endpoint_file=endpoint_file)
+        serve(bind, settings, world, endpoint_file=endpoint_file, curve=curve)
     except OSError as exc:  # zmq.ZMQError is an OSError: address in use, bad endpoint...
         raise click.ClickException(f"cannot serve on {bind}: {exc}") from None
 

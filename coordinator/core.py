@@ -26,7 +26,7 @@ from typing import Callable
 
 from bus import protocol as P
 from bus.protocol import ErrorCode
-from coordinator.metrics import MAX_SAMPLES, Ledger, percentiles
+from coordinator.metrics import Histogram, Ledger
 from coordinator.world import GridWorld, WorldFull
 
 __all__ = ["Settings", "AgentEntry", "CoordinatorCore"]
@@ -34,6 +34,8 @@ __all__ = ["Settings", "AgentEntry", "CoordinatorCore"]
 log = logging.getLogger(__name__)
 
 MODES = ("lockstep", "async")
+#: Warnings about misbehaving peers logged per second at most (the rest are counted).
+WARNINGS_PER_S = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,7 @@ class _Measure:
     ready_s: float = 0.0
     warmup_until: int = 0
     start: dict | None = None
-    latencies: list = dataclasses.field(default_factory=list)
+    latency: Histogram = dataclasses.field(default_factory=Histogram)
     compute_us: int = 0
 
 
@@ -126,6 +128,8 @@ class CoordinatorCore:
         self._next_sweep = 0.0
         self._measure: _Measure | None = None
         self.started_at: float | None = None
+        self._warn_window, self._warn_count, self._warn_suppressed = 0.0, 0, 0
+        self.connections: collections.Counter = collections.Counter()
         self.stopping = False
         self._welcome_params = {
             "mode": settings.mode,
@@ -185,6 +189,7 @@ class CoordinatorCore:
         if now >= self._next_sweep:
             self._next_sweep = now + self.settings.heartbeat / 4
             self._sweep(now)
+            self._roll_warnings(now)
         m = self._measure
         if m is not None:
             if m.phase == "window" and m.duration and now - m.start["at"] >= m.duration:
@@ -193,14 +198,27 @@ class CoordinatorCore:
                 self._finish_measure(False, {"error": f"timed out in phase {m.phase!r}", "phase": m.phase,
                                              "registered": len(self.agents)})
 
+    def on_connection_event(self, name: str) -> None:
+        """A transport-level event on the ROUTER (the driver's socket monitor)."""
+        self.connections[name] += 1
+
+    def on_handshake(self, who: str, allowed: bool, now: float) -> None:
+        """A CURVE handshake was decided (the driver answers ZAP with bus.security)."""
+        if allowed:
+            log.debug("CURVE: accepted %s", who)
+        else:
+            self.ledger.errors["unauthorized"] += 1
+            self._warn(now, "CURVE: refused %s: not on the allow-list", who)
+
     def on_unexpected(self, peer: bytes) -> None:
         """Handling a message from ``peer`` raised: a bug.  Tell the peer; keep serving."""
         self.ledger.errors[ErrorCode.UNEXPECTED.name] += 1
         self.outbox.append((peer, P.encode(P.Error(ErrorCode.UNEXPECTED, P.ERROR_HINTS[ErrorCode.UNEXPECTED]))))
 
-    def on_undeliverable(self, peer: bytes) -> None:
+    def on_undeliverable(self, peer: bytes, why: str, now: float) -> None:
         """The driver could not hand a frame for ``peer`` to the socket."""
         self.ledger.undeliverable += 1
+        self._warn(now, "message to %s counted undeliverable: %s", _peer_name(peer, self._by_peer.get(peer)), why)
 
     def next_timeout(self, now: float) -> float:
         """Seconds until :meth:`on_timer` has something to do (at most one sweep)."""
@@ -368,9 +386,25 @@ class CoordinatorCore:
     def _reject(self, peer: bytes, code: ErrorCode, reason: str, now: float) -> None:
         """Count, log and answer a refused message.  Never raises."""
         self.ledger.errors[code.name] += 1
-        log.warning("refused message from %s: %s: %s", _peer_name(peer, self._by_peer.get(peer)), code.name, reason)
+        self._warn(now, "refused message from %s: %s: %s", _peer_name(peer, self._by_peer.get(peer)), code.name, reason)
         hint = P.ERROR_HINTS.get(code, "")
         self.outbox.append((peer, P.encode(P.Error(code, f"{reason}; {hint}" if hint else reason))))
+
+    def _warn(self, now: float, fmt: str, *args) -> None:
+        """Log a warning about a peer, at most WARNINGS_PER_S a second: a flood of bad
+        input must not become a flood of log lines.  Every event is still counted."""
+        self._roll_warnings(now)
+        if self._warn_count < WARNINGS_PER_S:
+            self._warn_count += 1
+            log.warning(fmt, *args)
+        else:
+            self._warn_suppressed += 1
+
+    def _roll_warnings(self, now: float) -> None:
+        if now >= self._warn_window:
+            if self._warn_suppressed:
+                log.warning("... %d more such warnings in the last second (counted in stats)", self._warn_suppressed)
+            self._warn_window, self._warn_count, self._warn_suppressed = now + 1.0, 0, 0
 
     # --- control: stats and measurement windows -----------------------------------
 
@@ -396,11 +430,14 @@ class CoordinatorCore:
             "uptime_s": now - (self.started_at if self.started_at is not None else now),
             "agents": len(self.agents),
             "agent_ids": sorted(self.agents),
-            "agent_pids": sorted(e.pid for e in self.agents.values()),
+            "agent_pids": {e.agent_id: e.pid for e in self.agents.values()},
+            "ready_ids": sorted(e.agent_id for e in self.agents.values() if e.first_step_at is not None),
             "ready": sum(1 for e in self.agents.values() if e.first_step_at is not None),
             "tick": self.tick,
             "ledger": self.ledger.snapshot(),
             "goal_visits": self.world.goal_visits,
+            "connections": {**self.connections,
+                            "open": self.connections["accepted"] - self.connections["disconnected"]},
         }
 
     def _start_measure(self, peer: bytes, msg: P.Control, now: float) -> None:
@@ -426,8 +463,7 @@ class CoordinatorCore:
 
     def _account(self, m: _Measure, entry: AgentEntry, msg: P.Action, now: float) -> None:
         if m.phase == "window":
-            if len(m.latencies) < MAX_SAMPLES:
-                m.latencies.append((now - entry.sent_at) * 1e6 - msg.compute_us)
+            m.latency.record((now - entry.sent_at) * 1e6 - msg.compute_us)
             m.compute_us += msg.compute_us
             if m.steps and self.ledger.received - m.start["received"] >= m.steps:
                 self._close_window(now)
@@ -464,8 +500,8 @@ class CoordinatorCore:
             "steps": steps,
             "rate": steps / elapsed,
             "ticks": end["ticks"] - start["ticks"],
-            "latency_us": percentiles(m.latencies),
-            "latency_samples": len(m.latencies),
+            "latency_us": m.latency.percentiles(),
+            "latency_samples": m.latency.n,
             "compute_s": m.compute_us / 1e6,
             "coordinator_cpu_s": process - start["process_cpu"],
             "coordinator_thread_cpu_s": thread - start["thread_cpu"],

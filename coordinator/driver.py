@@ -13,8 +13,10 @@ import time
 import uuid
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus import sockets
+from bus.security import ZAP_ENDPOINT, ServerKeys, zap_verdict
 from bus.signals import StopSignal
 from coordinator.core import CoordinatorCore, Settings
 from coordinator.world import GridWorld, WorldConfig
@@ -25,9 +27,27 @@ log = logging.getLogger(__name__)
 
 #: Frames taken from the socket before timers run and the outbox is flushed.
 DRAIN_BUDGET = 256
+#: Frames of one (invalid) multi-frame message held at once; a million-frame message
+#: is read and dropped frame by frame, never collected.
+MAX_FRAMES_KEPT = 4
 #: Longest the loop ever sleeps, so every wait stays bounded.
 MAX_POLL_S = 0.25
 
+
+#: Connection events counted in stats["connections"]: a peer that connects and never
+#: speaks shows as an open connection with no registration; an oversized message shows
+#: as a disconnect (libzmq drops the connection); a refused CURVE client as a failed
+#: handshake.
+_EVENT_NAMES = {
+    zmq.EVENT_ACCEPTED: "accepted",
+    zmq.EVENT_DISCONNECTED: "disconnected",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed",
+}
+MONITORED = 0
+for _event in _EVENT_NAMES:
+    MONITORED |= _event
 
 # Plain ints: zmq's flags are IntFlag enums, and `|` on those costs 0.5 us a message.
 NOBLOCK = int(zmq.NOBLOCK)
@@ -45,26 +65,32 @@ def flush(sock: zmq.Socket, core: CoordinatorCore) -> None:
             send(peer, MORE_NOBLOCK)
             send(frame, NOBLOCK)
         except zmq.Again:
-            core.on_undeliverable(peer)
-            log.warning("send queue to peer %s is full: message counted undeliverable", peer.hex())
+            core.on_undeliverable(peer, "its send queue is full", time.monotonic())
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            core.on_undeliverable(peer)
-            log.debug("peer %s is gone: message counted undeliverable", peer.hex())
+            core.on_undeliverable(peer, "it is gone", time.monotonic())
 
 
 def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | None = None,
-          endpoint_file: str | None = None) -> CoordinatorCore:
+          endpoint_file: str | None = None, curve: ServerKeys | None = None) -> CoordinatorCore:
     """Run the coordinator on ``endpoint`` until SIGINT/SIGTERM; returns the core.
 
     ``endpoint`` may use a wildcard port (``tcp://127.0.0.1:*``); the endpoint actually
     bound is logged and, with ``endpoint_file``, written there once the socket is ready.
     """
-    if sockets.endpoint_is_public(endpoint):
-        log.warning("binding %s beyond loopback without encryption: anyone who can reach it can join", endpoint)
+    if sockets.endpoint_is_public(endpoint) and curve is None:
+        log.warning("binding %s beyond loopback without CURVE: anyone who can reach it can join and read the "
+                    "traffic (docs/security.md)", endpoint)
     core = CoordinatorCore(settings, GridWorld(world), session or uuid.uuid4().hex[:12])
-    sock = sockets.router(endpoint, max_bytes=settings.max_message_bytes)
+    zap = None
+    if curve is not None:
+        # The ZAP handler must exist before the ROUTER accepts its first connection.
+        zap = sockets.context().socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(ZAP_ENDPOINT)
+        log.info("CURVE on: %d client keys allowed from %s", len(curve.allowed), curve.allow_dir)
+    sock = sockets.router(endpoint, max_bytes=settings.max_message_bytes, curve=curve)
     clock = time.monotonic
     endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     if endpoint_file:
@@ -79,6 +105,10 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(stop.fd, zmq.POLLIN)
+            if zap is not None:
+                poller.register(zap, zmq.POLLIN)
+            monitor = sock.get_monitor_socket(MONITORED)
+            poller.register(monitor, zmq.POLLIN)
             recv = sock.recv
             getsockopt = sock.getsockopt
             while stop.requested is None:
@@ -90,8 +120,12 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                         except zmq.Again:
                             break
                         frames = [recv(NOBLOCK)]  # a ROUTER always has a frame after the routing id
-                        while getsockopt(RCVMORE):
-                            frames.append(recv(NOBLOCK))
+                        while getsockopt(RCVMORE):  # a protocol violation: keep a few, count the rest
+                            frame = recv(NOBLOCK)
+                            if len(frames) < MAX_FRAMES_KEPT:
+                                frames.append(frame)
+                            else:
+                                frames[-1] = b""
                         try:
                             core.on_frames(peer, frames, clock())
                         except Exception:  # a bug must not take the bus down: count, log, answer
@@ -99,13 +133,24 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                             core.on_unexpected(peer)
                         if core.outbox:
                             flush(sock, core)
+                while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    event = recv_monitor_message(monitor)
+                    core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])))
+                if zap is not None and zap.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    reply, allowed, who = zap_verdict(zap.recv_multipart(), curve.allowed)
+                    zap.send_multipart(reply)
+                    core.on_handshake(who, allowed, clock())
                 core.on_timer(clock())
                 flush(sock, core)
             log.info("signal %d: shutting down", stop.requested)
             core.shutdown(clock())
             flush(sock, core)
+            sock.disable_monitor()
+            monitor.close(linger=0)
     finally:
         sock.close(linger=0)
+        if zap is not None:
+            zap.close(linger=0)
     ledger = core.ledger.snapshot()
     log.info("coordinator stopped after %d ticks; ledger %s", core.tick, ledger)
     return core

@@ -90,7 +90,8 @@ def test_busbench_json_reports_every_key(tmp_path):
         assert result[key]
     (run,) = result["runs"]
     assert run["agents"] == 2 and run["registered"] == 2 and run["errors"] == []
-    assert run["rate"] > 0 and run["lost_steps"] == 0 and run["ledger"]["balanced"]
+    assert run["rate"] > 0 and run["lost_steps"] == 0 and run["balanced"]
+    assert run["repeats"][0]["ledger"]["balanced"] and run["repeat"] == 1
     assert run["efficiency"] == pytest.approx(run["rate"] / (min(2, result["cores"]) * result["single_agent_rate"]))
     assert run["efficiency_peer"] == pytest.approx(run["rate"] / (2 * result["single_agent_rate"]))
     assert set(run["latency_ms"]) == {"p50", "p95", "p99"}

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from bus import protocol as P
 from bus.protocol import ErrorCode
 from coordinator.core import CoordinatorCore, Settings
+from coordinator.metrics import Histogram
 from coordinator.world import GridWorld, WorldConfig
 
 
@@ -251,3 +252,18 @@ def test_ledger_always_balances(mode, script):
         assert ledger.balanced(), ledger.snapshot()
         assert ledger.outstanding == sum(1 for e in h.core.agents.values() if e.pending >= 0)
         assert min(ledger.missing, ledger.late, ledger.outstanding) >= 0
+
+
+@given(st.lists(st.floats(0, 1e7), min_size=1, max_size=500))
+def test_latency_histogram_is_within_two_percent_of_exact_percentiles(samples):
+    h = Histogram()
+    for x in samples:
+        h.record(x)
+    ordered = sorted(samples)
+    for q, got in h.percentiles().items():
+        exact = ordered[max(1, -(-int(q[1:]) * len(samples) // 100)) - 1]
+        if exact < 1.0:
+            assert got == 0.0
+        else:
+            assert exact / 1.02 <= got <= exact * 1.02
+    assert h.n == len(samples) and len(h.counts) == Histogram.BUCKETS

@@ -85,6 +85,13 @@ class _Progress:
 @click.option("--height", type=click.IntRange(1), default=5)
 @click.option("--connect", default=None, metavar="ENDPOINT",
               help="Measure a coordinator already running there instead of starting one.")
+@click.option("--chaos-kill-rate", type=click.FloatRange(0), default=0.0, metavar="R",
+              help="SIGKILL R random agents per second during the run; they are restarted and their recovery timed.")
+@click.option("--curve", is_flag=True, default=False, help="Encrypt and authenticate the bus it starts (CURVE).")
+@click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --connect to a CURVE bus: the coordinator's public .key file.")
+@click.option("--curve-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --curve-server-key: busbench's own .key_secret file (on the allow-list).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table")
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the results here instead of stdout.")
@@ -97,20 +104,25 @@ class _Progress:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, warmup, repeat, transport, seed, width,
-        height, connect, fmt, output, report_path, baseline, fail_on_regression, plot_path):
+        height, connect, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
+        plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
     if agents is not None and sweep is not None:
         raise click.UsageError("give --agents or --sweep, not both")
     if steps == 0 and duration == 0:
         raise click.UsageError("give --steps or a positive --duration")
+    if bool(curve_server_key) != bool(curve_key):
+        raise click.UsageError("CURVE needs both --curve-server-key and --curve-key")
+    if chaos_kill_rate and connect:
+        raise click.UsageError("--chaos-kill-rate kills agents busbench started; it cannot be used with --connect")
     base = _load_baseline(baseline) if baseline else None
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=duration, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
-                      connect=connect)
+                      connect=connect, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
-        counts = [_registered(connect)] if connect else [20]
+        counts = [_registered(connect, cfg)] if connect else [20]
     if not connect:
         for n in counts:
             if n > cfg.free_cells():
@@ -175,10 +187,12 @@ def _emit(result: dict, fmt: str, output: str | None) -> None:
         click.echo(text)
 
 
-def _registered(endpoint: str) -> int:
+def _registered(endpoint: str, cfg: BenchConfig) -> int:
     from bus.client import BusUnavailable, ControlClient
+    from bus.security import ClientKeys
 
-    with ControlClient(endpoint) as client:
+    keys = ClientKeys.load(cfg.curve_server_key, cfg.curve_key) if cfg.curve_server_key else None
+    with ControlClient(endpoint, curve=keys) as client:
         try:
             n = client.request("stats", timeout=5)["agents"]
         except BusUnavailable as exc:

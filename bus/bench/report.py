@@ -38,6 +38,14 @@ def aggregate(repeats: list[dict]) -> dict:
     out["memory_mb"] = _median_map([r.get("memory_mb") for r in ok])
     out["memory_growth"] = _median_map([r.get("memory_growth") for r in ok])
     out["registered"] = min(r["registered"] for r in ok)
+    chaos = [r["chaos"] for r in ok if r.get("chaos")]
+    if chaos:
+        recoveries = [c["recovery_s"]["max"] for c in chaos if c["recovery_s"]["max"] is not None]
+        out["chaos"] = {"kills": sum(c["kills"] for c in chaos), "recovered": sum(c["recovered"] for c in chaos),
+                        "unrecovered": sum(c["unrecovered"] for c in chaos),
+                        "recovery_s": {"p50": statistics.median(c["recovery_s"]["p50"] for c in chaos
+                                                                if c["recovery_s"]["p50"] is not None)
+                                       if recoveries else None, "max": max(recoveries) if recoveries else None}}
     out["balanced"] = all(r["ledger"]["balanced"] for r in ok)
     out["spread"] = {k: [min(r[k] for r in ok), max(r[k] for r in ok)] for k in ("rate", "efficiency")}
     out["repeats"] = repeats
@@ -73,7 +81,15 @@ def requirements(result: dict) -> list[Check]:
             worst = max(v for k, v in growth.items() if k.endswith("per_1k_steps") and v is not None)
             checks.append(Check(f"no memory growth at {r['agents']} agents", worst,
                                 f"<= {MAX_GROWTH_MB_PER_1K} MB / 1k steps", worst <= MAX_GROWTH_MB_PER_1K, "MB/1k"))
-    checks.append(Check("no lost steps", sum(r["lost_steps"] for r in runs), "0", all(r["lost_steps"] == 0 for r in runs)))
+    calm = [r for r in runs if "chaos" not in r]
+    if calm:
+        checks.append(Check("no lost steps", sum(r["lost_steps"] for r in calm), "0",
+                            all(r["lost_steps"] == 0 for r in calm)))
+    for r in runs:
+        if "chaos" in r:  # agents are killed on purpose: their steps are lost, but accounted for
+            c = r["chaos"]
+            checks.append(Check(f"every killed agent recovered at {r['agents']} agents", c["recovered"],
+                                f"{c['kills']} kills, at most 1 still recovering", c["unrecovered"] <= 1))
     checks.append(Check("every step accounted for (ledger balanced)", None, "balanced",
                         bool(runs) and all(r["balanced"] for r in runs)))
     checks.append(Check("every run completed", len(runs), f"{len(result['runs'])} runs",
@@ -170,8 +186,17 @@ def table(result: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     lines = [" ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines += ["", *_footer(result)]
+    lines += [_chaos_line(r) for r in result["runs"] if r.get("chaos")]
     lines += [f"ERROR at {r['agents']} agents: {e}" for r in result["runs"] for e in r.get("errors", [])]
     return "\n".join(lines)
+
+
+def _chaos_line(r: dict) -> str:
+    c = r["chaos"]
+    rec = c["recovery_s"]
+    timing = f", recovery p50 {rec['p50']:.2f} s, max {rec['max']:.2f} s" if rec["max"] is not None else ""
+    return (f"chaos at {r['agents']} agents: {c['kills']} kills, {c['recovered']} recovered{timing}; "
+            f"{r['lost_steps']} steps lost, all accounted for: ledger {'balanced' if r['balanced'] else 'NOT balanced'}")
 
 
 def markdown_table(result: dict) -> str:
@@ -219,7 +244,8 @@ def report_markdown(result: dict, checks: list[Check], changes: list[Change], ba
             status = "REGRESSION" if c in regressions else "ok"
             lines.append(f"| {c.metric} | {c.agents if c.agents is not None else '-'} | {_fmt(c.measured)} | "
                          f"{_fmt(c.baseline)} | {abs(c.change):.1%} {sign} | {status} |")
-    lines += ["", "## Runs", "", markdown_table(result), "", "## Environment", "",
+    lines += ["", "## Runs", "", markdown_table(result), *[f"\n{_chaos_line(r)}" for r in result["runs"]
+                                                          if r.get("chaos")], "", "## Environment", "",
               f"Python {result['python']}, pyzmq {result['pyzmq']} (libzmq {result['libzmq']}), msgpack "
               f"{result['msgpack']}, inferactively-pymdp {result['pymdp']}, numpy {result['numpy']}; "
               f"{result['host']['platform']}."]

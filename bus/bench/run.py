@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +28,7 @@ import psutil
 
 from bus.bench.procs import Child
 from bus.client import ControlClient
+from bus.security import ClientKeys, generate
 
 __all__ = ["BenchConfig", "measure_r1", "run_one", "environment", "cores", "slope", "MB"]
 
@@ -53,6 +57,13 @@ class BenchConfig:
     timeout: float = 300.0
     solo_duration: float = 3.0
     connect: str | None = None
+    #: run the started bus with CURVE (fresh keys per run)
+    curve: bool = False
+    #: with connect: the server's public key file and this client's secret key file
+    curve_server_key: str | None = None
+    curve_key: str | None = None
+    #: agents SIGKILLed per second during the run (the launcher restarts them)
+    chaos_kill_rate: float = 0.0
 
     def world(self) -> dict:
         return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
@@ -99,17 +110,18 @@ def slope(points: list[tuple[float, float]]) -> float:
 class MemorySampler:
     """RSS of the coordinator and of the agents, sampled while busbench waits."""
 
-    def __init__(self, coordinator: list[psutil.Process], agents: list[psutil.Process]):
-        self.coordinator, self.agents = coordinator, agents
+    def __init__(self, coordinator: list[psutil.Process], n: int):
+        self.coordinator, self.n = coordinator, n
         self.samples: list[tuple[float, float, float]] = []  # (monotonic, coordinator MB, mean agent MB)
         self._next = 0.0
 
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
+    def due(self, now: float) -> bool:
+        return now >= self._next
+
+    def sample(self, now: float, agents: list[psutil.Process]) -> None:
         self._next = now + SAMPLE_EVERY_S
-        self.samples.append((now, _rss(self.coordinator), _rss(self.agents) / max(len(self.agents), 1)))
+        if agents:
+            self.samples.append((now, _rss(self.coordinator), _rss(agents) / len(agents)))
 
     def growth(self, start: float, end: float, rate: float) -> dict:
         """RSS slope over the window: the coordinator's per 1,000 steps of all agents,
@@ -120,7 +132,7 @@ class MemorySampler:
         return {
             "samples": len(inside),
             "coordinator_mb_per_1k_steps": coordinator,
-            "agent_mb_per_1k_steps": slope([(t, a) for t, _, a in inside]) * per_1k * len(self.agents),
+            "agent_mb_per_1k_steps": slope([(t, a) for t, _, a in inside]) * per_1k * self.n,
         }
 
 
@@ -169,13 +181,18 @@ def _wait_for_file(path: str, child: Child, timeout: float) -> str:
     raise TimeoutError(f"the coordinator did not report its endpoint within {timeout:.0f} s")
 
 
-def _local(pids: list[int]) -> list[psutil.Process]:
+def _local(pids) -> list[psutil.Process]:
+    """The agent processes among ``pids`` that run on this host (an agent on another host
+    may share a pid with an unrelated local process: its command line tells them apart)."""
     procs = []
     for pid in pids:
         try:
-            procs.append(psutil.Process(pid))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-            return []  # not all on this host: report no memory rather than a partial figure
+            p = psutil.Process(pid)
+            cmdline = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+            continue
+        if "agents" in cmdline or "bus-agent" in cmdline:
+            procs.append(p)
     return procs
 
 
@@ -189,8 +206,9 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
     errors: list[str] = []
     record: dict = {"agents": n}
     args = {"agents": n, "warmup_steps": cfg.warmup * n, "steps": cfg.steps, "duration_s": cfg.duration,
-            "timeout_s": cfg.timeout}
+            "timeout_s": max(cfg.timeout, cfg.duration + 120)}
     try:
+        server_args, client_args, keys = _curve_args(cfg, tmp)
         if cfg.connect:
             endpoint, checks = cfg.connect, []
         else:
@@ -199,34 +217,43 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
                            "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
                            "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
-                           "--log-level", "WARNING"], log_path=f"{tmp}/coordinator.log")
+                           "--log-level", "WARNING", *server_args], log_path=f"{tmp}/coordinator.log")
             children.append(coord)
             endpoint, checks = _wait_for_file(f"{tmp}/endpoint", coord, 30), [coord]
-        with ControlClient(endpoint) as client:
+        with ControlClient(endpoint, curve=keys) as client:
             client.wait_ready(10)
             request = client.send("measure", args)
             if not cfg.connect:
+                restart = ["--restart"] if cfg.chaos_kill_rate > 0 else []
                 agents = Child("agents", "agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
-                                                     "--log-level", "WARNING", *cfg.agent_args()],
+                                                     "--log-level", "WARNING", *cfg.agent_args(), *client_args,
+                                                     *restart],
                                log_path=f"{tmp}/agents.log")
                 children.append(agents)
                 checks.append(agents)
             progress(f"{n} agents: starting, warming up, measuring")
             sampler: MemorySampler | None = None
+            chaos = Chaos(cfg.chaos_kill_rate) if cfg.chaos_kill_rate > 0 else None
 
             def idle() -> None:
                 nonlocal sampler
                 for child in checks:
                     child.check()
+                now = time.monotonic()
+                if sampler is not None and not sampler.due(now) and chaos is None:
+                    return
+                stats = client.request("stats", timeout=5)
                 if sampler is None:
-                    stats = client.request("stats", timeout=5)
-                    if stats["agents"] >= n:
-                        sampler = MemorySampler(_coordinator(children), _local(stats["agent_pids"]))
-                else:
-                    sampler()
+                    if len(stats["ready_ids"]) >= n:  # all up: start watching (and, with chaos, killing)
+                        sampler = MemorySampler(_coordinator(children), n)
+                    return
+                if sampler.due(now):
+                    sampler.sample(now, _local(stats["agent_pids"].values()))
+                if chaos is not None:
+                    chaos.step(now, stats)
 
-            window = client.wait(request, cfg.timeout + 5, idle, "measure")
-            pids = client.request("stats", timeout=5)["agent_pids"]
+            window = client.wait(request, max(cfg.timeout, cfg.duration + 120) + 5, idle, "measure")
+            pids = list(client.request("stats", timeout=5)["agent_pids"].values())
         procs = _local(pids)
         record["memory_mb"] = _memory(procs) if procs else None
         record["memory_growth"] = (sampler.growth(window["opened_at"], window["closed_at"], window["rate"])
@@ -265,7 +292,9 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
         "registered": window["agents"],
         "ledger": window["ledger"],
     })
-    if window["agents"] != n:
+    if chaos is not None:
+        record["chaos"] = chaos.summary()
+    elif window["agents"] != n:
         errors.append(f"{window['agents']} agents registered at the end of the window, expected {n}")
     if not window["ledger"]["balanced"]:
         errors.append(f"the coordinator's ledger does not balance: {window['ledger']}")
@@ -273,6 +302,65 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
     if not errors:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+class Chaos:
+    """Kill random ready agents (a Poisson process of ``rate`` kills per second) and time
+    each one's recovery: until the same id is registered again, from a new process,
+    and has answered an observation."""
+
+    def __init__(self, rate: float, seed: int = 0):
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.last: float | None = None
+        self.pending: dict[str, tuple[int, float]] = {}  # id -> (old pid, killed at)
+        self.recoveries: list[float] = []
+        self.kills = 0
+
+    def step(self, now: float, stats: dict) -> None:
+        pids, ready = stats["agent_pids"], set(stats["ready_ids"])
+        for agent_id, (old_pid, killed_at) in list(self.pending.items()):
+            if agent_id in ready and pids.get(agent_id) != old_pid:
+                self.recoveries.append(now - killed_at)
+                del self.pending[agent_id]
+        dt, self.last = (now - self.last if self.last is not None else 0.0), now
+        if self.rng.random() >= 1 - math.exp(-self.rate * dt):
+            return
+        candidates = sorted(a for a in ready if a not in self.pending and a in pids)
+        if not candidates:
+            return
+        victim = self.rng.choice(candidates)
+        try:
+            os.kill(pids[victim], signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.kills += 1
+        self.pending[victim] = (pids[victim], now)
+
+    def summary(self) -> dict:
+        r = sorted(self.recoveries)
+        return {
+            "kill_rate_per_s": self.rate,
+            "kills": self.kills,
+            "recovered": len(r),
+            "unrecovered": len(self.pending),
+            "recovery_s": {"p50": r[len(r) // 2] if r else None, "max": r[-1] if r else None},
+        }
+
+
+def _curve_args(cfg: BenchConfig, tmp: str) -> tuple[list[str], list[str], ClientKeys | None]:
+    """Coordinator options, agent options and busbench's own keys for CURVE, if asked for."""
+    if cfg.connect:
+        if not cfg.curve_server_key:
+            return [], [], None
+        return [], [], ClientKeys.load(cfg.curve_server_key, cfg.curve_key)
+    if not cfg.curve:
+        return [], [], None
+    server_key, server_secret = generate(f"{tmp}/server", "coordinator")
+    _, client_secret = generate(f"{tmp}/clients", "busbench")
+    return (["--curve-secret", str(server_secret), "--curve-clients", f"{tmp}/clients"],
+            ["--curve-server-key", str(server_key), "--curve-key", str(client_secret)],
+            ClientKeys.load(server_key, client_secret))
 
 
 def _coordinator(children: list[Child]) -> list[psutil.Process]:

@@ -1,0 +1,29 @@
+"""``bus-keys``: generate CURVE key pairs for the coordinator and its clients.
+
+    bus-keys keys/ coordinator          # keys/coordinator.key, keys/coordinator.key_secret
+    bus-keys keys/allowed agent-host-1  # the coordinator allows every *.key in keys/allowed
+"""
+
+from __future__ import annotations
+
+import click
+
+from bus.security import generate
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("names", nargs=-1, required=True)
+def cli(directory, names):
+    """Write NAME.key (public: share it) and NAME.key_secret (private) in DIRECTORY."""
+    for name in names:
+        public, secret = generate(directory, name)
+        click.echo(f"{public}  (public)\n{secret}  (secret, mode 600)")
+
+
+def main() -> None:
+    cli.main(prog_name="bus-keys")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Faults and hostile input against a live coordinator: it answers or drops and counts
+everything, names the peer in its log, keeps serving, and its memory stays put."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import msgpack
+import psutil
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bus import protocol as P
+from bus import sockets
+from tests.conftest import Bus, wait_until
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One coordinator with two null agents for the whole module (hypothesis runs many examples)."""
+    b = Bus(tmp_path_factory.mktemp("hostile"))
+    try:
+        b.coordinator()
+        b.agents(2, "--kind", "null")
+        b.wait_agents(2)
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def evil(live):
+    sock = sockets.dealer(live.endpoint)
+    yield sock
+    sock.close(linger=0)
+
+
+def _answer(sock: zmq.Socket, timeout_ms: int = 3000):
+    assert sock.poll(timeout_ms), "the coordinator did not answer"
+    return P.decode(sock.recv())
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=5), c, max_size=5), max_leaves=15)
+hostile = st.one_of(
+    st.binary(max_size=200),                                                     # random bytes
+    st.builds(lambda v: msgpack.packb(v)[: max(1, len(msgpack.packb(v)) - 1)], values),  # truncated msgpack
+    st.builds(lambda v: msgpack.packb([P.PROTOCOL_VERSION, *v]), st.lists(values, max_size=6)),  # wrong fields
+    st.builds(lambda t, v: msgpack.packb([P.PROTOCOL_VERSION, t, *v]), st.integers(0, 300), st.lists(values, max_size=4)),
+    st.builds(lambda ver: msgpack.packb([ver, 1, "a", "b", 1]), st.integers(-(2**63), 2**64 - 1).filter(lambda x: x != 1)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=hostile)
+def test_hypothesis_hostile_frames_are_answered_and_the_bus_keeps_serving(live, evil, frame):
+    evil.send(frame)
+    msg = _answer(evil)
+    # Everything malformed gets an ERROR naming a code; a few generated frames happen to
+    # be valid messages (a HELLO, a CONTROL, a BYE): those get their normal answer.
+    assert type(msg) in (P.Error, P.Welcome, P.Reply, P.Observation) or msg is None
+    if type(msg) is P.Error:
+        assert msg.code in set(P.ErrorCode) and msg.reason
+
+
+def test_the_bus_survived_the_hypothesis_run(live):
+    stats = live.stats()
+    assert stats["ledger"]["balanced"]
+    tick = stats["tick"]
+    wait_until(lambda: live.stats()["tick"] > tick + 20, 10, "the null agents to keep stepping")
+
+
+def test_a_flood_from_one_peer_is_counted_and_costs_no_memory(live, evil):
+    coord = psutil.Process(live.coordinator_child.pid)
+    before_errors = sum(live.stats()["ledger"]["errors"].values())
+    rss_before = coord.memory_info().rss
+    sent, deadline = 0, time.monotonic() + 10
+    while sent < 20_000 and time.monotonic() < deadline:
+        try:
+            evil.send(b"\xc1flood", zmq.NOBLOCK)
+            sent += 1
+        except zmq.Again:
+            evil.poll(10)  # our queue is full: let the coordinator catch up (bounded)
+            while evil.poll(0):
+                evil.recv()  # and drop its ERROR replies
+    assert sent >= 5_000
+    wait_until(lambda: sum(live.stats()["ledger"]["errors"].values()) - before_errors >= sent, 30,
+               "every flood message to be counted")
+    growth_mb = (coord.memory_info().rss - rss_before) / 2**20
+    assert growth_mb < 20, f"coordinator RSS grew {growth_mb:.1f} MB during the flood"
+    log = live.coordinator_child.log_path.read_text()
+    assert "more such warnings in the last second" in log  # the log is rate-limited, not flooded
+    assert "refused message from peer" in log              # and names the peer
+
+
+def test_a_message_of_many_frames_is_refused_whole(live, evil):
+    evil.send_multipart([b"x"] * 10_000)
+    msg = _answer(evil)
+    assert type(msg) is P.Error and msg.code == P.ErrorCode.BAD_FRAMING
+    evil.send(P.encode(P.Control(1, "ping", {})))
+    assert type(_answer(evil)) is P.Reply  # the same peer is still served
+
+
+def test_an_oversized_message_drops_that_connection_only(live, evil):
+    before = live.stats()["connections"].get("disconnected", 0)
+    evil.send(b"\x00" * (P.MAX_MESSAGE_BYTES + 4096))
+    wait_until(lambda: live.stats()["connections"].get("disconnected", 0) > before, 10, "the drop to be counted")
+    assert live.stats()["agents"] == 2
+
+
+def test_a_peer_that_never_speaks_is_visible_and_harmless(live):
+    before = live.stats()["connections"]["open"]
+    mute = sockets.dealer(live.endpoint)
+    try:
+        wait_until(lambda: live.stats()["connections"]["open"] == before + 1, 10, "the silent connection to show")
+        assert live.stats()["agents"] == 2
+    finally:
+        mute.close(linger=0)
+
+
+def _children(launcher) -> dict[str, int]:
+    return {" ".join(p.cmdline()): p.pid for p in psutil.Process(launcher.pid).children()}
+
+
+def test_a_killed_agent_is_restarted_and_rejoins_under_its_id(bus):
+    bus.coordinator()
+    launcher = bus.agents(3, "--kind", "null", "--restart")
+    stats = bus.wait_agents(3)
+    victim_id, victim_pid = sorted(stats["agent_pids"].items())[0]
+    os.kill(victim_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    stats = wait_until(lambda: (s := bus.stats())["agent_pids"].get(victim_id, victim_pid) != victim_pid
+                       and victim_id in s["ready_ids"] and s, 10, "the agent to rejoin under its id")
+    assert time.monotonic() - killed < 5
+    assert len(stats["agent_pids"]) == 3 and stats["ledger"]["balanced"]
+    assert launcher.proc.poll() is None
+
+
+def test_a_hung_agent_stalls_the_others_no_longer_than_the_deadline(bus):
+    bus.coordinator(None, "--deadline", "0.2")
+    bus.agents(3, "--kind", "null")
+    stats = bus.wait_agents(3)
+    victim = sorted(stats["agent_pids"].values())[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        t0, tick0 = time.monotonic(), bus.stats()["tick"]
+        # Until liveness expiry (1.5 s) ticks close at the deadline (0.2 s); after it, at full speed.
+        stats = bus.wait_agents(2, timeout=5, ready=False)
+        assert time.monotonic() - t0 < 3.0       # dropped after heartbeat x liveness (1.5 s)
+        assert stats["tick"] - tick0 >= 3        # ticks kept closing at the deadline meanwhile
+        assert stats["ledger"]["missing"] >= 1 and stats["ledger"]["balanced"]
+        tick = bus.stats()["tick"]
+        wait_until(lambda: bus.stats()["tick"] > tick + 100, 10, "the others to run at full speed")
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    bus.wait_agents(3, timeout=10)  # it wakes, learns it was dropped (NOT_REGISTERED) and rejoins
+    assert bus.stats()["ledger"]["balanced"]
+
+
+def test_chaos_run_balances_the_ledger(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_cli import _env
+
+    out = tmp_path / "chaos.json"
+    r = subprocess.run([sys.executable, "-m", "bus.bench", "--agents", "4", "--agent-kind", "null", "--duration", "4",
+                        "--chaos-kill-rate", "1", "--format", "json", "--output", str(out)],
+                       capture_output=True, text=True, env=_env(), timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["chaos"]["kills"] >= 1 and run["chaos"]["recovered"] >= 1
+    assert run["balanced"]
+    assert run["chaos"]["recovery_s"]["max"] < 5

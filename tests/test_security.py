@@ -1,0 +1,94 @@
+"""CURVE: the ZAP policy without sockets, then a live coordinator that serves an allowed
+agent and refuses everyone else."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+from zmq.utils import z85
+
+from bus import protocol as P
+from bus import sockets
+from bus.client import BusUnavailable, ControlClient
+from bus.security import ClientKeys, ServerKeys, generate, load_allow_list, zap_verdict
+from tests.conftest import wait_until
+
+
+def _request(key: bytes, mechanism: bytes = b"CURVE") -> list[bytes]:
+    return [b"1.0", b"7", b"agentbus", b"127.0.0.1", b"", mechanism, key]
+
+
+def test_zap_policy_allows_listed_keys_only(tmp_path):
+    public, _ = generate(tmp_path / "allowed", "friend")
+    allowed = load_allow_list(tmp_path / "allowed")
+    friend = z85.decode(next(iter(allowed)))
+    reply, ok, who = zap_verdict(_request(friend), allowed)
+    assert ok and reply[2] == b"200" and reply[1] == b"7" and reply[4] == z85.encode(friend)
+    reply, ok, who = zap_verdict(_request(b"\x01" * 32), allowed)
+    assert not ok and reply[2] == b"400" and "127.0.0.1 key" in who
+    reply, ok, _ = zap_verdict(_request(b"", mechanism=b"NULL")[:6], allowed)
+    assert not ok and reply[3] == b"CURVE required"
+    reply, ok, _ = zap_verdict([b"1.0"], allowed)
+    assert not ok and reply[2] == b"400"
+    reply, ok, _ = zap_verdict([b"9.9", *_request(friend)[1:]], allowed)
+    assert not ok
+
+
+def test_keys_are_written_private_and_checked_on_load(tmp_path):
+    public, secret = generate(tmp_path, "c")
+    assert secret.stat().st_mode & 0o077 == 0
+    with pytest.raises(ValueError, match="no secret key"):
+        ServerKeys.load(public, tmp_path)
+    with pytest.raises(ValueError, match="not a directory"):
+        ServerKeys.load(secret, tmp_path / "nowhere")
+
+
+@pytest.fixture
+def curve_bus(bus, tmp_path):
+    server_pub, server_secret = generate(tmp_path / "server", "coordinator")
+    _, agent_secret = generate(tmp_path / "allowed", "agents")
+    _, admin_secret = generate(tmp_path / "allowed", "admin")
+    _, stranger_secret = generate(tmp_path / "strangers", "stranger")
+    path = tmp_path / "endpoint"
+    bus.start("coordinator", "coordinator", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(path),
+              "--curve-secret", str(server_secret), "--curve-clients", str(tmp_path / "allowed"))
+    bus.endpoint = wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
+    bus._client = ControlClient(bus.endpoint, curve=ClientKeys.load(server_pub, admin_secret))
+    bus.client.wait_ready(10)
+    return bus, server_pub, agent_secret, stranger_secret
+
+
+def test_an_allowed_agent_is_served_over_curve(curve_bus):
+    bus, server_pub, agent_secret, _ = curve_bus
+    bus.agents(2, "--kind", "null", "--curve-server-key", str(server_pub), "--curve-key", str(agent_secret))
+    r = bus.client.request("measure", {"agents": 2, "warmup_steps": 10, "steps": 200}, timeout=60)
+    assert r["steps"] == 200 and r["window"]["missing"] == 0
+
+
+def test_a_client_not_on_the_list_gets_nothing_and_is_logged(curve_bus):
+    bus, server_pub, _, stranger_secret = curve_bus
+    with ControlClient(bus.endpoint, curve=ClientKeys.load(server_pub, stranger_secret)) as stranger:
+        with pytest.raises(BusUnavailable, match=r"tcp://127\.0\.0\.1:\d+.*CURVE key on its allow-list"):
+            stranger.request("stats", timeout=1.5)
+    stats = wait_until(lambda: (s := bus.stats())["ledger"]["errors"].get("unauthorized") and s, 10, "the refusal")
+    assert stats["ledger"]["errors"]["unauthorized"] >= 1
+    log = bus.children[0].log_path.read_text()
+    assert "CURVE: refused 127.0.0.1 key" in log
+
+
+def test_a_plain_client_cannot_talk_to_a_curve_coordinator(curve_bus):
+    bus, *_ = curve_bus
+    plain = sockets.dealer(bus.endpoint)
+    try:
+        plain.send(P.encode(P.Control(1, "ping", {})))
+        assert plain.poll(1500, zmq.POLLIN) == 0
+    finally:
+        plain.close(linger=0)
+    assert bus.stats()["agents"] == 0
+
+
+def test_an_agent_with_a_stranger_key_never_registers(curve_bus):
+    bus, server_pub, _, stranger_secret = curve_bus
+    agent = bus.agents(1, "--kind", "null", "--curve-server-key", str(server_pub), "--curve-key", str(stranger_secret))
+    wait_until(lambda: bus.stats()["ledger"]["errors"].get("unauthorized", 0) >= 2, 10, "repeated refusals")
+    assert bus.stats()["agents"] == 0 and agent.proc.poll() is None  # it keeps trying, with backoff
