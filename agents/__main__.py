@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
+from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults, limit_threads
 
 _ENV = {
     "endpoint": "BUS_ENDPOINT",
@@ -23,15 +23,6 @@ _ENV = {
     "curve_server_key": "BUS_CURVE_SERVER_KEY",
     "curve_key": "BUS_CURVE_KEY",
 }
-
-#: Agents are single-threaded by design: one process per core-share, no BLAS threads.
-_SINGLE_THREADED = {
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-}
-
 
 def client_keys(server_key: str | None, key: str | None):
     """CURVE keys from the two options, or None when neither is given."""
@@ -96,8 +87,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
 
 
 def main(argv: list[str] | None = None) -> None:
-    for var, value in _SINGLE_THREADED.items():
-        os.environ.setdefault(var, value)
+    limit_threads()
     cli.main(args=argv, prog_name="bus-agent", default_map=dotenv_defaults(_ENV))
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_ENDPOINT", "read_dotenv", "dotenv_defaults", "configure_logging"]
+__all__ = ["DEFAULT_ENDPOINT", "read_dotenv", "dotenv_defaults", "configure_logging", "limit_threads"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -52,3 +52,19 @@ def configure_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)-5s %(name)s[%(process)d] %(message)s",
         stream=sys.stderr,
     )
+
+
+#: Agents are single-threaded by design (one process per agent, no BLAS or XLA thread
+#: pools fighting over the cores); set before numpy or JAX is first imported.
+SINGLE_THREADED = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}
+
+
+def limit_threads() -> None:
+    """Keep numeric libraries single-threaded unless the environment says otherwise."""
+    for var, value in SINGLE_THREADED.items():
+        os.environ.setdefault(var, value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -10,10 +9,10 @@ import pytest
 
 from bus.bench.procs import Child
 from bus.client import ControlClient
+from bus.config import limit_threads
 
 # Tests start many Python processes on 2 cores: keep each single-threaded.
-for _var, _value in {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}.items():
-    os.environ.setdefault(_var, _value)
+limit_threads()
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02):

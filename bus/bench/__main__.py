@@ -8,14 +8,13 @@ tripped (a requirement failed, or a metric regressed beyond the limit); 130 inte
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
 
 import click
 
-from agents.__main__ import _SINGLE_THREADED
+from bus.config import limit_threads
 from bus.bench import report as rpt
 from bus.bench.run import BenchConfig, cores, environment, measure_r1, run_one
 
@@ -203,8 +202,7 @@ def _registered(endpoint: str, cfg: BenchConfig) -> int:
 
 
 def main() -> None:
-    for var, value in _SINGLE_THREADED.items():
-        os.environ.setdefault(var, value)
+    limit_threads()
     cli.main(prog_name="busbench")
 
 

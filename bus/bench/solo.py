@@ -8,13 +8,12 @@ imports and threads never touch busbench's, and printed as JSON::
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import click
 
-from agents.__main__ import _SINGLE_THREADED
+from bus.config import limit_threads
 
 SOLO_ID = "solo"
 
@@ -62,8 +61,7 @@ def cli(kind, backend, policy_len, world_json, warmup, duration):
 
 
 def main() -> None:
-    for var, value in _SINGLE_THREADED.items():
-        os.environ.setdefault(var, value)
+    limit_threads()
     cli.main(prog_name="busbench-solo")
 
 
