@@ -27,6 +27,7 @@ from typing import Callable
 
 from agents.runtime import Runtime
 from agents.sdk import Agent
+from bus.config import set_batch_scheduling
 from bus.signals import StopSignal
 
 __all__ = ["launch"]
@@ -36,22 +37,6 @@ log = logging.getLogger(__name__)
 #: Seconds children get to say BYE and exit after SIGTERM, before SIGKILL.
 STOP_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
-
-
-def set_batch_scheduling() -> bool:
-    """Mark this process (and what it forks) CPU-bound: Linux ``SCHED_BATCH``.
-
-    Batch tasks do not preempt each other on wakeup, so an agent's step runs to the end
-    instead of being cut by another agent's incoming observation; the coordinator stays
-    an ordinary task and still gets the CPU at once.  Measured with 10 explorer agents
-    on 2 cores: involuntary context switches per step 1.0 -> 0.3, lock-step throughput
-    +17 % (docs/performance.md).  Needs no privilege; a no-op where unsupported.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        return True
-    except (AttributeError, OSError):
-        return False
 
 
 def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1,

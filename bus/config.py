@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_ENDPOINT", "read_dotenv", "dotenv_defaults", "configure_logging", "limit_threads"]
+__all__ = ["DEFAULT_ENDPOINT", "read_dotenv", "dotenv_defaults", "configure_logging", "limit_threads",
+           "set_batch_scheduling"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -68,3 +69,19 @@ def limit_threads() -> None:
     """Keep numeric libraries single-threaded unless the environment says otherwise."""
     for var, value in SINGLE_THREADED.items():
         os.environ.setdefault(var, value)
+
+
+def set_batch_scheduling() -> bool:
+    """Mark this process (and what it forks) CPU-bound: Linux ``SCHED_BATCH``.
+
+    Batch tasks do not preempt others on wakeup, so an agent's step runs to its end
+    instead of being cut by another process's incoming message.  Measured with 10
+    explorer agents on 2 cores: involuntary context switches per step 1.0 -> 0.3,
+    lock-step throughput +17 % (docs/performance.md).  Needs no privilege; returns
+    False where the policy does not exist.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        return True
+    except (AttributeError, OSError):
+        return False

@@ -52,6 +52,10 @@ def aggregate(repeats: list[dict]) -> dict:
     return out
 
 
+def _agents(n: int) -> str:
+    return f"{n} agent" if n == 1 else f"{n} agents"
+
+
 @dataclasses.dataclass
 class Check:
     name: str
@@ -73,13 +77,13 @@ def requirements(result: dict) -> list[Check]:
     # For null agents r1 is the rate of a no-op: their efficiency measures nothing.
     for r in runs if result["config"]["kind"] != "null" else []:
         n = r["agents"]
-        checks.append(Check(f"coordination efficiency above 50 % at {n} agents", r["efficiency"] * 100, "> 50 %",
+        checks.append(Check(f"coordination efficiency above 50 % at {_agents(n)}", r["efficiency"] * 100, "> 50 %",
                             r["efficiency"] > 0.5, "%"))
     for r in runs:
         growth = r.get("memory_growth")
         if growth and growth.get("agent_mb_per_1k_steps") is not None:
             worst = max(v for k, v in growth.items() if k.endswith("per_1k_steps") and v is not None)
-            checks.append(Check(f"no memory growth at {r['agents']} agents", worst,
+            checks.append(Check(f"no memory growth at {_agents(r['agents'])}", worst,
                                 f"<= {MAX_GROWTH_MB_PER_1K} MB / 1k steps", worst <= MAX_GROWTH_MB_PER_1K, "MB/1k"))
     calm = [r for r in runs if "chaos" not in r]
     if calm:
@@ -88,7 +92,7 @@ def requirements(result: dict) -> list[Check]:
     for r in runs:
         if "chaos" in r:  # agents are killed on purpose: their steps are lost, but accounted for
             c = r["chaos"]
-            checks.append(Check(f"every killed agent recovered at {r['agents']} agents", c["recovered"],
+            checks.append(Check(f"every killed agent recovered at {_agents(r['agents'])}", c["recovered"],
                                 f"{c['kills']} kills, at most 1 still recovering", c["unrecovered"] <= 1))
     checks.append(Check("every step accounted for (ledger balanced)", None, "balanced",
                         bool(runs) and all(r["balanced"] for r in runs)))
