@@ -114,7 +114,8 @@ def test_busbench_refuses_more_agents_than_the_world_holds():
     assert r.returncode == 2 and "do not fit" in r.stderr
 
 
-def test_busbench_ctrl_c_stops_everything(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_busbench_interrupted_stops_everything(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "bus.bench", "--agents", "3", "--agent-kind", "null",
                              "--duration", "60"], env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -122,7 +123,7 @@ def test_busbench_ctrl_c_stops_everything(tmp_path):
     try:
         # The coordinator, the launcher and its 3 agents.
         procs = wait_until(lambda: len(d := _descendants(proc.pid)) >= 5 and d, 60, "busbench's processes")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         assert proc.wait(30) == 130
         gone, alive = psutil.wait_procs(procs, timeout=10)
         assert alive == []

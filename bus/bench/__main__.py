@@ -8,6 +8,7 @@ tripped (a requirement failed, or a metric regressed beyond the limit); 130 inte
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import sys
 import time
@@ -134,13 +135,16 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, w
     failed = interrupted = False
     with _Progress() as progress:
         try:
-            # Repeats go round all counts, so that drift on a noisy host touches every N alike.
+            # Repeats go round all counts, so that drift on a noisy host touches every N alike,
+            # and r1 is measured right before each bus run: E(N) is a ratio of two figures
+            # taken seconds apart, not minutes.
             for k in range(repeat):
                 tag = f"[{k + 1}/{repeat}] " if repeat > 1 else ""
-                progress(f"{tag}measuring r1 ({agent_kind} alone, no bus, {cfg.solo_duration:.0f} s)")
-                solos.append(measure_r1(cfg))
                 for n in counts:
+                    progress(f"{tag}measuring r1 ({agent_kind} alone, no bus, {cfg.solo_duration:.0f} s)")
+                    solos.append(measure_r1(cfg))
                     run = run_one(cfg, n, solos[-1]["rate"], lambda text, tag=tag: progress(tag + text))
+                    run["single_agent_rate"] = solos[-1]["rate"]
                     per_n[n].append(run)
                     failed |= bool(run["errors"])
         except KeyboardInterrupt:
@@ -201,8 +205,13 @@ def _registered(endpoint: str, cfg: BenchConfig) -> int:
     return n
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops busbench as Ctrl-C does: children reaped, results kept
+
+
 def main() -> None:
     limit_threads()
+    signal.signal(signal.SIGTERM, _interrupt)
     cli.main(prog_name="busbench")
 
 

@@ -11,7 +11,7 @@ __all__ = ["aggregate", "Check", "requirements", "compare", "gate", "table", "ma
 
 #: Scalar run fields summarised by their median over repeats.
 _MEDIAN_KEYS = ("rate", "efficiency", "efficiency_peer", "overhead", "elapsed_s", "coordinator_cpu_us_per_step",
-                "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s")
+                "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s", "single_agent_rate")
 _SUM_KEYS = ("steps", "ticks", "lost_steps", "late_steps", "missing_steps", "undeliverable")
 
 
@@ -31,7 +31,8 @@ def aggregate(repeats: list[dict]) -> dict:
     if not ok:
         return out
     for k in _MEDIAN_KEYS:
-        out[k] = statistics.median(r[k] for r in ok)
+        if all(k in r for r in ok):
+            out[k] = statistics.median(r[k] for r in ok)
     for k in _SUM_KEYS:
         out[k] = sum(r[k] for r in ok)
     out["latency_ms"] = _median_map([r["latency_ms"] for r in ok])

@@ -1,6 +1,6 @@
 """One busbench measurement.
 
-r1 runs once per repeat, in a process of its own.  Then for each agent count N: a fresh
+r1 runs in a process of its own, right before each bus run.  For each agent count N: a fresh
 coordinator and N agent processes (or, with ``--connect``, a coordinator already
 running), a warm-up, and a measured window opened and closed by the coordinator (CONTROL
 ``measure``).  While the window is open busbench samples the processes' memory, cheaply
@@ -55,7 +55,7 @@ class BenchConfig:
     goals: int = 2
     deadline: float = 1.0
     timeout: float = 300.0
-    solo_duration: float = 3.0
+    solo_duration: float = 2.0
     connect: str | None = None
     #: run the started bus with CURVE (fresh keys per run)
     curve: bool = False
