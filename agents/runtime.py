@@ -108,6 +108,9 @@ class Runtime:
                                              self.agent_id, msg.session, self.endpoint)
                                     self.session, self._params = msg.session, msg.params
                                     self.agent.on_start(msg)
+                                # Ready: the coordinator schedules us from our first message on.
+                                self._send(sock, self._heartbeat)
+                                last_send = now
                             elif type(msg) is P.Error:
                                 if msg.code in _REHELLO:
                                     log.info("%s: coordinator says %s; saying HELLO again",

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 MODES = ("lockstep", "async")
 #: Warnings about misbehaving peers logged per second at most (the rest are counted).
 WARNINGS_PER_S = 20
+#: Seconds a registered agent may take to build its model before its first message
+#: (the HEARTBEAT that says it is ready); a jitted JAX model compiles for seconds.
+SETUP_GRACE_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,8 @@ class AgentEntry:
     joined_at: float
     last_seen: float
     last_sent: float
+    #: False from WELCOME until the agent's first message (its model is built)
+    ready: bool = False
     #: tick of the observation awaiting an answer, or -1
     pending: int = -1
     sent_at: float = 0.0
@@ -128,7 +133,8 @@ class CoordinatorCore:
         self._next_sweep = 0.0
         self._measure: _Measure | None = None
         self.started_at: float | None = None
-        self._warn_window, self._warn_count, self._warn_suppressed = 0.0, 0, 0
+        self._warn_window = 0.0
+        self._warned: collections.Counter = collections.Counter()  # warnings this second, by kind
         self.connections: collections.Counter = collections.Counter()
         self.stopping = False
         self._welcome_params = {
@@ -157,6 +163,8 @@ class CoordinatorCore:
         entry = self._by_peer.get(peer)
         if entry is not None:
             entry.last_seen = now
+            if not entry.ready and type(msg) is P.Heartbeat:
+                self._on_ready(entry, now)
         mtype = type(msg)
         if mtype is P.Action:
             if entry is None:
@@ -265,6 +273,10 @@ class CoordinatorCore:
         self._by_peer[peer] = entry
         log.info("agent %s registered (kind %s, pid %d); %d agents", msg.agent_id, msg.kind, msg.pid, len(self.agents))
         self._send(entry, self._welcome(msg.agent_id), now)
+
+    def _on_ready(self, entry: AgentEntry, now: float) -> None:
+        """The agent's first message after WELCOME: its model is built; schedule it."""
+        entry.ready = True
         if self.settings.mode == "async":
             self._send_observation(entry, entry.tick, now)
         elif not self._tick_open:
@@ -294,7 +306,7 @@ class CoordinatorCore:
         s = self.settings
         hb = None
         for entry in list(self.agents.values()):
-            if now - entry.last_seen > s.expiry:
+            if now - entry.last_seen > (s.expiry if entry.ready else max(s.expiry, SETUP_GRACE_S)):
                 log.warning("agent %s silent for %.2f s: declared dead", entry.agent_id, now - entry.last_seen)
                 self.ledger.errors["expired"] += 1
                 self._drop(entry, now)
@@ -309,7 +321,7 @@ class CoordinatorCore:
     # --- the schedule -------------------------------------------------------------
 
     def _open_tick(self, now: float) -> None:
-        ready = list(self.agents.values())
+        ready = [e for e in self.agents.values() if e.ready]
         if not ready or self.stopping:
             self._tick_open = False
             return
@@ -391,20 +403,22 @@ class CoordinatorCore:
         self.outbox.append((peer, P.encode(P.Error(code, f"{reason}; {hint}" if hint else reason))))
 
     def _warn(self, now: float, fmt: str, *args) -> None:
-        """Log a warning about a peer, at most WARNINGS_PER_S a second: a flood of bad
-        input must not become a flood of log lines.  Every event is still counted."""
+        """Log a warning about a peer, at most WARNINGS_PER_S a second of each kind
+        (``fmt``): a flood of bad input must not become a flood of log lines, nor hide
+        a different problem.  Every event is still counted in the ledger."""
         self._roll_warnings(now)
-        if self._warn_count < WARNINGS_PER_S:
-            self._warn_count += 1
+        self._warned[fmt] += 1
+        if self._warned[fmt] <= WARNINGS_PER_S:
             log.warning(fmt, *args)
-        else:
-            self._warn_suppressed += 1
 
     def _roll_warnings(self, now: float) -> None:
         if now >= self._warn_window:
-            if self._warn_suppressed:
-                log.warning("... %d more such warnings in the last second (counted in stats)", self._warn_suppressed)
-            self._warn_window, self._warn_count, self._warn_suppressed = now + 1.0, 0, 0
+            for fmt, n in self._warned.items():
+                if n > WARNINGS_PER_S:
+                    log.warning("... %d more warnings like %r in the last second (counted in stats)",
+                                n - WARNINGS_PER_S, fmt.split(":")[0])
+            self._warn_window = now + 1.0
+            self._warned.clear()
 
     # --- control: stats and measurement windows -----------------------------------
 

@@ -40,7 +40,8 @@ class Harness:
         return self.take()
 
     def hello(self, peer: bytes, agent_id: str) -> list:
-        return self.send(peer, P.Hello(agent_id, "test", 1))
+        """HELLO, then the HEARTBEAT a real agent sends once its model is built."""
+        return self.send(peer, P.Hello(agent_id, "test", 1)) + self.send(peer, P.Heartbeat())
 
     @property
     def ledger(self):
@@ -49,6 +50,18 @@ class Harness:
 
 def observations(out, peer=None):
     return [m for p, m in out if type(m) is P.Observation and (peer is None or p == peer)]
+
+
+def test_an_agent_is_scheduled_only_once_it_says_it_is_ready():
+    h = Harness()
+    out = h.send(b"p1", P.Hello("a1", "test", 1))
+    assert [type(m) for _, m in out] == [P.Welcome]       # no observation while it builds its model
+    assert all(type(m) is P.Heartbeat for _, m in h.advance(5.0))
+    assert "a1" in h.core.agents                           # the setup grace outlasts liveness (1.5 s)
+    out = h.send(b"p1", P.Heartbeat())
+    assert [type(m) for _, m in out] == [P.Observation]
+    h.advance(40.0)
+    assert "a1" not in h.core.agents                       # ready now: ordinary liveness applies
 
 
 def test_hello_gets_welcome_then_first_observation():
@@ -133,7 +146,7 @@ def test_same_id_from_a_new_peer_replaces_the_registration():
 def test_repeated_hello_from_the_same_peer_is_idempotent():
     h = Harness()
     h.hello(b"p1", "a1")
-    out = h.hello(b"p1", "a1")
+    out = h.send(b"p1", P.Hello("a1", "test", 1))
     assert [type(m) for _, m in out] == [P.Welcome]
     assert h.ledger.sent == 1 and h.ledger.missing == 0
 

@@ -92,3 +92,10 @@ def test_an_agent_with_a_stranger_key_never_registers(curve_bus):
     agent = bus.agents(1, "--kind", "null", "--curve-server-key", str(server_pub), "--curve-key", str(stranger_secret))
     wait_until(lambda: bus.stats()["ledger"]["errors"].get("unauthorized", 0) >= 2, 10, "repeated refusals")
     assert bus.stats()["agents"] == 0 and agent.proc.poll() is None  # it keeps trying, with backoff
+
+
+def test_binding_beyond_loopback_without_curve_warns(bus, tmp_path):
+    path = tmp_path / "endpoint"
+    child = bus.start("coordinator", "coordinator", "--bind", "tcp://0.0.0.0:*", "--endpoint-file", str(path))
+    wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
+    wait_until(lambda: "beyond loopback without CURVE" in child.log_path.read_text(), 10, "the warning")

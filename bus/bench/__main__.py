@@ -76,7 +76,9 @@ class _Progress:
 @click.option("--policy-len", type=click.IntRange(1, 8), default=1)
 @click.option("--mode", type=click.Choice(["lockstep", "async"]), default="lockstep", help="Coordinator schedule.")
 @click.option("--steps", type=click.IntRange(0), default=0, help="Agent-steps in the measured window (0: --duration).")
-@click.option("--duration", type=click.FloatRange(0), default=5.0, help="Seconds of measured window.")
+@click.option("--duration", type=click.FloatRange(0), default=5.0, help="Seconds of measured window (without --steps).")
+@click.option("--timeout", type=click.FloatRange(1), default=300.0,
+              help="Seconds one count may take, start-up and warm-up included (at least --duration + 120).")
 @click.option("--warmup", type=click.IntRange(0), default=50, help="Warm-up steps per agent, excluded.")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, help="Repeat each count; report medians and spread.")
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc")
@@ -103,7 +105,7 @@ class _Progress:
               help="Exit 3 if a requirement fails or a metric is more than PCT % worse than the baseline.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
-def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, warmup, repeat, transport, seed, width,
+def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
         height, connect, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
@@ -118,7 +120,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, w
         raise click.UsageError("--chaos-kill-rate kills agents busbench started; it cannot be used with --connect")
     base = _load_baseline(baseline) if baseline else None
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
-                      duration=duration, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
+                      duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
