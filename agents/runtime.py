@@ -108,6 +108,7 @@ class Runtime:
                                              self.agent_id, msg.session, self.endpoint)
                                     self.session, self._params = msg.session, msg.params
                                     self.agent.on_start(msg)
+                                    now = last_recv = clock()  # building a model may take seconds
                                 # Ready: the coordinator schedules us from our first message on.
                                 self._send(sock, self._heartbeat)
                                 last_send = now
