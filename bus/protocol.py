@@ -16,7 +16,8 @@ msgpack array ``[dtype, shape, raw bytes]`` (dtype a numpy type string such as
 
 Decoding never trusts its input: :func:`decode` raises :class:`ProtocolError` (with an
 :class:`ErrorCode`) for anything that is not a well-formed message of this version, and
-nothing else.
+nothing else.  Records are plain slotted dataclasses (a frozen one costs three times as
+much to build, on every message); treat them as values.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "Reply",
     "Message",
     "encode",
+    "encode_observation",
     "decode",
     "pack",
     "unpack",
@@ -163,7 +165,7 @@ def _arity(fields: list, n: int, name: str) -> None:
         raise _bad(f"{name} takes {n} fields after [version, type], got {len(fields)}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Hello:
     """Agent -> coordinator: join (or rejoin) the bus.
 
@@ -187,7 +189,7 @@ class Hello:
         return cls(_ident(f[0], "agent_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Welcome:
     """Coordinator -> agent: registration accepted.
 
@@ -210,7 +212,7 @@ class Welcome:
         return cls(_ident(f[0], "session"), _ident(f[1], "agent_id"), _map(f[2], "params"))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Observation:
     """Coordinator -> agent: what the agent observes at ``tick``; answer with ACTION.
 
@@ -236,7 +238,7 @@ class Observation:
         return cls(_int(f[0], "tick", 0), obs)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Action:
     """Agent -> coordinator: the action chosen for ``tick``.
 
@@ -259,7 +261,7 @@ class Action:
         return cls(_int(f[0], "tick", 0), _int(f[1], "action", 0, _U32_MAX), _int(f[2], "compute_us", 0))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Heartbeat:
     """Either direction: I am alive.  Sent when a peer has sent nothing else for a while."""
 
@@ -274,7 +276,7 @@ class Heartbeat:
         return _HEARTBEAT
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Bye:
     """Either direction: I am leaving; forget me.
 
@@ -293,7 +295,7 @@ class Bye:
         return cls(_text(f[0], "reason"))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Error:
     """Either direction: the last message was refused.
 
@@ -314,7 +316,7 @@ class Error:
         return cls(_int(f[0], "code", 0, _U32_MAX), _text(f[1], "reason"))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Control:
     """Client -> coordinator: an operator or benchmark request (no registration needed).
 
@@ -337,7 +339,7 @@ class Control:
         return cls(_int(f[0], "request_id", 0), _ident(f[1], "command"), _map(f[2], "args"))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Reply:
     """Coordinator -> client: the answer to CONTROL ``request_id``.
 
@@ -366,6 +368,7 @@ _HEARTBEAT = Heartbeat()
 Message = Hello | Welcome | Observation | Action | Heartbeat | Bye | Error | Control | Reply
 _RECORDS = {int(cls.TYPE): cls for cls in (Hello, Welcome, Observation, Action, Heartbeat, Bye, Error, Control, Reply)}
 _TYPE_CODE = {cls: code for code, cls in _RECORDS.items()}
+_ACTION, _OBSERVATION = int(MsgType.ACTION), int(MsgType.OBSERVATION)
 
 
 # --- codec -------------------------------------------------------------------------
@@ -434,11 +437,32 @@ def encode(msg: Message) -> bytes:
     return _packer.pack((PROTOCOL_VERSION, _TYPE_CODE[type(msg)], *msg.wire()))
 
 
+def encode_observation(tick: int, obs: list) -> bytes:
+    """``encode(Observation(tick, obs))`` without building the record: the coordinator's
+    most frequent message."""
+    return _packer.pack((PROTOCOL_VERSION, _OBSERVATION, tick, obs))
+
+
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Parse and validate one frame; raises :class:`ProtocolError` and nothing else."""
     if len(data) > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(data)} bytes, limit {max_bytes}")
     obj = unpack(data)
+    # Fast paths for the two messages of every step, with the same checks as from_wire;
+    # anything unusual falls through to the general path and its precise error.
+    if type(obj) is list and type(obj[0] if obj else None) is int and obj[0] == PROTOCOL_VERSION:
+        n = len(obj)
+        if n == 5 and obj[1] == _ACTION:
+            tick, action, compute_us = obj[2], obj[3], obj[4]
+            if (type(tick) is int and type(action) is int and type(compute_us) is int
+                    and 0 <= tick <= _INT64_MAX and 0 <= action <= _U32_MAX and 0 <= compute_us <= _INT64_MAX):
+                return Action(tick, action, compute_us)
+        elif n == 4 and obj[1] == _OBSERVATION:
+            tick, obs = obj[2], obj[3]
+            if (type(tick) is int and 0 <= tick <= _INT64_MAX and type(obs) is list
+                    and 0 < len(obs) <= _MAX_MODALITIES
+                    and all(type(o) is int and 0 <= o <= _U32_MAX for o in obs)):
+                return Observation(tick, obs)
     if type(obj) is not list or len(obj) < 2:
         raise ProtocolError(ErrorCode.MALFORMED, "a message is a msgpack array [version, type, ...]")
     version, mtype = obj[0], obj[1]

@@ -357,7 +357,7 @@ class CoordinatorCore:
         entry.sent_at = now
         self.ledger.sent += 1
         self.ledger.outstanding += 1
-        self._send(entry, P.encode(P.Observation(tick, self.world.observe(entry.agent_id))), now)
+        self._send(entry, P.encode_observation(tick, self.world.observe(entry.agent_id)), now)
 
     def _on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
         if msg.tick != entry.pending:

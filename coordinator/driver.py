@@ -113,7 +113,8 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
             getsockopt = sock.getsockopt
             while stop.requested is None:
                 timeout = min(core.next_timeout(clock()), MAX_POLL_S)
-                if poller.poll(timeout * 1000):
+                ready = dict(poller.poll(timeout * 1000))
+                if sock in ready:
                     for _ in range(DRAIN_BUDGET):
                         try:
                             peer = recv(NOBLOCK)
@@ -133,10 +134,11 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                             core.on_unexpected(peer)
                         if core.outbox:
                             flush(sock, core)
-                while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    event = recv_monitor_message(monitor)
-                    core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])))
-                if zap is not None and zap.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if monitor in ready:
+                    while monitor.poll(0):
+                        event = recv_monitor_message(monitor)
+                        core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])))
+                if zap is not None and zap in ready:
                     reply, allowed, who = zap_verdict(zap.recv_multipart(), curve.allowed)
                     zap.send_multipart(reply)
                     core.on_handshake(who, allowed, clock())

@@ -146,3 +146,21 @@ def test_pickle_is_never_used():
 
 def test_every_error_code_has_a_hint():
     assert set(P.ERROR_HINTS) == set(ErrorCode)
+
+
+@given(st.sampled_from([P.Action, P.Observation]),
+       st.lists(st.one_of(values, st.lists(st.integers(-5, 2**33), max_size=40)), min_size=1, max_size=4))
+def test_fast_paths_agree_with_the_general_validation(record, fields):
+    frame = msgpack.packb([P.PROTOCOL_VERSION, int(record.TYPE), *fields])
+    try:
+        expected = record.from_wire(fields)
+    except ProtocolError as exc:
+        with pytest.raises(ProtocolError) as info:
+            P.decode(frame)
+        assert info.value.code == exc.code
+    else:
+        assert P.decode(frame) == expected
+
+
+def test_encode_observation_is_encode_of_an_observation():
+    assert P.encode_observation(9, [3, 1]) == P.encode(P.Observation(9, [3, 1]))
