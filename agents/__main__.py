@@ -22,6 +22,8 @@ _ENV = {
     "log_level": "BUS_LOG_LEVEL",
     "curve_server_key": "BUS_CURVE_SERVER_KEY",
     "curve_key": "BUS_CURVE_KEY",
+    "sched": "BUS_AGENT_SCHED",
+    "restart": "BUS_AGENT_RESTART",
 }
 
 def client_keys(server_key: str | None, key: str | None):
@@ -53,9 +55,9 @@ def default_agent_id() -> str:
 @click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 4096), default=1, show_default=True,
               help="Fork this many agent processes from one prepared parent.")
 @click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=0.5, show_default=True)
-@click.option("--sched", envvar="BUS_AGENT_SCHED", type=click.Choice(["batch", "default"]), default="batch",
+@click.option("--sched", envvar=_ENV["sched"], type=click.Choice(["batch", "default"]), default="batch",
               show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
-@click.option("--restart/--no-restart", envvar="BUS_AGENT_RESTART", default=False, show_default=True,
+@click.option("--restart/--no-restart", envvar=_ENV["restart"], default=False, show_default=True,
               help="With --replicas: fork an agent that died again, under the same id.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: run until signalled).")
 @click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True)
