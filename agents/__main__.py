@@ -73,6 +73,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
     from agents.kinds import create
     from agents.launcher import launch
     from bus.protocol import Hello, ProtocolError
+    from bus.sockets import check_endpoint
 
     options = {"backend": backend, "policy_len": policy_len, "seed": seed} if kind == "explorer" else {}
     agent_id = agent_id or default_agent_id()
@@ -80,6 +81,10 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
         Hello.from_wire([agent_id if replicas == 1 else f"{agent_id}-{replicas}", kind, 0])
     except ProtocolError as exc:
         raise click.UsageError(f"invalid agent id: {exc.reason}") from None
+    try:
+        check_endpoint(endpoint)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         curve = client_keys(curve_server_key, curve_key)
     except ValueError as exc:

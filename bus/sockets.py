@@ -14,7 +14,7 @@ import zmq
 from bus.protocol import MAX_MESSAGE_BYTES
 from bus.security import ClientKeys, ServerKeys
 
-__all__ = ["context", "router", "dealer", "endpoint_is_public"]
+__all__ = ["context", "router", "dealer", "endpoint_is_public", "check_endpoint"]
 
 #: Send/receive high-water marks, in messages.  A coordinator with N agents has at
 #: most one outstanding OBSERVATION and a heartbeat per agent, so 1000 is ample
@@ -80,3 +80,12 @@ def endpoint_is_public(endpoint: str) -> bool:
         return False
     host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
     return not (host.startswith("127.") or host in ("localhost", "::1"))
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint`` if it is one agentbus can use, else a ValueError that says what is."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "ipc") or not rest:
+        raise ValueError(f"{endpoint!r} is not an endpoint agentbus can use: give tcp://HOST:PORT "
+                         "(e.g. tcp://127.0.0.1:5555) or ipc:///PATH")
+    return endpoint

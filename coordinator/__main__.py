@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 import click
+import zmq
 
 from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
 from bus.security import ServerKeys
+from bus.sockets import check_endpoint
 from coordinator.core import MODES, Settings
 from coordinator.world import WorldConfig
 
@@ -58,6 +60,7 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
     try:
         settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat)
         world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed)
+        check_endpoint(bind)
         curve = None
         if curve_secret or curve_clients:
             if not (curve_secret and curve_clients):
@@ -67,8 +70,10 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
         raise click.UsageError(str(exc)) from None
     try:
         serve(bind, settings, world, endpoint_file=endpoint_file, curve=curve)
-    except OSError as exc:  # zmq.ZMQError is an OSError: address in use, bad endpoint...
-        raise click.ClickException(f"cannot serve on {bind}: {exc}") from None
+    except zmq.ZMQError as exc:
+        hint = (" Another coordinator (or program) holds it: stop that one, or choose another --bind."
+                if exc.errno == zmq.EADDRINUSE else "")
+        raise click.ClickException(f"cannot bind {bind}: {exc.strerror}.{hint}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

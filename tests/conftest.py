@@ -51,9 +51,7 @@ class Bus:
 
     def start(self, name: str, module: str, *args: str) -> Child:
         log = self.tmp / f"{name}-{len(self.children)}.log"
-        child = Child(name, module, [*args, "--log-level", "INFO"] if module != "bus.bench" else list(args),
-                      log_path=str(log))
-        child.log_path = log
+        child = Child(name, module, [*args, "--log-level", "INFO"], log_path=log)
         self.children.append(child)
         return child
 

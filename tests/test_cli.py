@@ -165,3 +165,19 @@ def test_bad_options_are_usage_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "agents", "--id", "has space"], capture_output=True, text=True,
                        env=_env(), cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "invalid agent id" in r.stderr
+
+
+def test_unusable_endpoints_are_refused_with_what_to_use(tmp_path):
+    for module, option in (("agents", "--endpoint"), ("coordinator", "--bind"), ("bus.bench", "--connect")):
+        r = subprocess.run([sys.executable, "-m", module, option, "nonsense://x"], capture_output=True, text=True,
+                           env=_env(), cwd=tmp_path, timeout=60)
+        assert r.returncode == 2 and "tcp://HOST:PORT" in r.stderr, (module, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_a_busy_address_is_a_clear_error(bus):
+    endpoint = bus.coordinator("tcp://127.0.0.1:*")
+    r = subprocess.run([sys.executable, "-m", "coordinator", "--bind", endpoint], capture_output=True, text=True,
+                       env=_env(), timeout=60)
+    assert r.returncode == 1 and "Address already in use" in r.stderr and "choose another --bind" in r.stderr
+    assert "Traceback" not in r.stderr

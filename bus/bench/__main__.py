@@ -16,6 +16,7 @@ import time
 import click
 
 from bus.config import limit_threads
+from bus.sockets import check_endpoint
 from bus.bench import report as rpt
 from bus.bench.run import BenchConfig, cores, environment, measure_r1, run_one
 
@@ -116,6 +117,11 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
         raise click.UsageError("give --steps or a positive --duration")
     if bool(curve_server_key) != bool(curve_key):
         raise click.UsageError("CURVE needs both --curve-server-key and --curve-key")
+    if connect:
+        try:
+            check_endpoint(connect)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--connect") from None
     if chaos_kill_rate and connect:
         raise click.UsageError("--chaos-kill-rate kills agents busbench started; it cannot be used with --connect")
     base = _load_baseline(baseline) if baseline else None

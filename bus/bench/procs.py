@@ -33,8 +33,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class Child:
     """One process started as ``python -m MODULE ARGS`` (the console scripts' code)."""
 
-    def __init__(self, name: str, module: str, args: list[str], log_path: str | None = None):
+    def __init__(self, name: str, module: str, args: list[str], log_path: str | os.PathLike | None = None):
         self.name = name
+        self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
@@ -50,7 +51,8 @@ class Child:
     def check(self) -> None:
         code = self.proc.poll()
         if code is not None:
-            raise ChildFailed(f"{self.name} (pid {self.pid}) exited early with status {code}")
+            where = f"; its log: {self.log_path}" if self.log_path else ""
+            raise ChildFailed(f"{self.name} (pid {self.pid}) exited early with status {code}{where}")
 
     def processes(self) -> list[psutil.Process]:
         """This process and its descendants (the forked agents of a launcher)."""
