@@ -66,6 +66,11 @@ def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas:
 
 
 def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: dict) -> int:
+    # A child forked by the supervisor inherits its flag-setting handlers and wakeup fd:
+    # until this agent's runtime installs its own, a signal must act as by default.
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
     try:
         try:
             libc = ctypes.CDLL(None, use_errno=True)

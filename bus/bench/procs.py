@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 
@@ -42,7 +41,6 @@ class Child:
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             preexec_fn=_die_with_parent, start_new_session=True,
         )
-        self.started_at = time.monotonic()
 
     @property
     def pid(self) -> int:
