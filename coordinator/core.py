@@ -371,14 +371,15 @@ class CoordinatorCore:
             return
         entry.pending = -1
         entry.steps += 1
-        if entry.first_step_at is None:
+        first = entry.first_step_at is None
+        if first:
             entry.first_step_at = now
         ledger = self.ledger
         ledger.outstanding -= 1
         ledger.received += 1
         m = self._measure
         if m is not None:
-            self._account(m, entry, msg, now)
+            self._account(m, entry, msg, now, first)
         if self.settings.mode == "async":
             self.world.move(entry.agent_id, msg.action)
             entry.tick += 1
@@ -438,6 +439,7 @@ class CoordinatorCore:
         self.outbox.append((peer, P.encode(P.Reply(request_id, ok, result))))
 
     def stats(self, now: float) -> dict:
+        stepping = self._stepping()
         return {
             "session": self.session,
             "mode": self.settings.mode,
@@ -445,14 +447,18 @@ class CoordinatorCore:
             "agents": len(self.agents),
             "agent_ids": sorted(self.agents),
             "agent_pids": {e.agent_id: e.pid for e in self.agents.values()},
-            "ready_ids": sorted(e.agent_id for e in self.agents.values() if e.first_step_at is not None),
-            "ready": sum(1 for e in self.agents.values() if e.first_step_at is not None),
+            "ready_ids": sorted(stepping),
+            "ready": len(stepping),
             "tick": self.tick,
             "ledger": self.ledger.snapshot(),
             "goal_visits": self.world.goal_visits,
             "connections": {**self.connections,
                             "open": self.connections["accepted"] - self.connections["disconnected"]},
         }
+
+    def _stepping(self) -> list[str]:
+        """Ids of the agents that have answered at least one observation ("ready" in stats)."""
+        return [e.agent_id for e in self.agents.values() if e.first_step_at is not None]
 
     def _start_measure(self, peer: bytes, msg: P.Control, now: float) -> None:
         a = msg.args
@@ -475,20 +481,19 @@ class CoordinatorCore:
         self._measure = _Measure(peer, msg.request_id, agents, warmup, steps, duration, now + timeout, now)
         self._advance_measure(now)
 
-    def _account(self, m: _Measure, entry: AgentEntry, msg: P.Action, now: float) -> None:
+    def _account(self, m: _Measure, entry: AgentEntry, msg: P.Action, now: float, first: bool) -> None:
         if m.phase == "window":
             m.latency.record((now - entry.sent_at) * 1e6 - msg.compute_us)
             m.compute_us += msg.compute_us
             if m.steps and self.ledger.received - m.start["received"] >= m.steps:
                 self._close_window(now)
-        else:
+        elif m.phase == "warmup" or first:  # the stepping-agent count only rises on a first step
             self._advance_measure(now)
 
     def _advance_measure(self, now: float) -> None:
         m = self._measure
         if m.phase == "waiting":
-            ready = sum(1 for e in self.agents.values() if e.first_step_at is not None)
-            if ready >= m.agents:
+            if len(self._stepping()) >= m.agents:
                 m.ready_s = now - m.requested_at
                 m.phase = "warmup"
                 m.warmup_until = self.ledger.received + m.warmup_steps
