@@ -24,6 +24,7 @@ _ENV = {
     "curve_key": "BUS_CURVE_KEY",
     "sched": "BUS_AGENT_SCHED",
     "restart": "BUS_AGENT_RESTART",
+    "spin_us": "BUS_AGENT_SPIN_US",
 }
 
 def client_keys(server_key: str | None, key: str | None):
@@ -59,6 +60,9 @@ def default_agent_id() -> str:
               show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
 @click.option("--restart/--no-restart", envvar=_ENV["restart"], default=False, show_default=True,
               help="With --replicas: fork an agent that died again, under the same id.")
+@click.option("--spin-us", envvar=_ENV["spin_us"], type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="After each action, busy-poll this many microseconds for the next observation before "
+                   "sleeping. Keeps a core hot when every agent has one; costs CPU otherwise (0: never).")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: run until signalled).")
 @click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True)
 @click.option("--curve-server-key", envvar=_ENV["curve_server_key"], type=click.Path(exists=True, dir_okay=False),
@@ -66,7 +70,7 @@ def default_agent_id() -> str:
 @click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: this agent's .key_secret file.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, restart, max_steps, seed,
+def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, restart, spin_us, max_steps, seed,
         curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
@@ -90,7 +94,8 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(launch(lambda: create(kind, **options), endpoint, agent_id, replicas,
-                    batch=sched == "batch", restart=restart, heartbeat=heartbeat, max_steps=max_steps, curve=curve))
+                    batch=sched == "batch", restart=restart, heartbeat=heartbeat, max_steps=max_steps, curve=curve,
+                    spin=spin_us / 1e6))
 
 
 def main(argv: list[str] | None = None) -> None:

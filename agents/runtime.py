@@ -40,7 +40,7 @@ NOBLOCK = int(zmq.NOBLOCK)  # a plain int: IntFlag arithmetic costs on every mes
 class Runtime:
     def __init__(self, agent: Agent, endpoint: str, agent_id: str, heartbeat: float = 0.5, liveness: int = 3,
                  backoff_min: float = 0.05, backoff_max: float = 2.0, max_steps: int = 0,
-                 curve: ClientKeys | None = None):
+                 curve: ClientKeys | None = None, spin: float = 0.0):
         P.Hello.from_wire([agent_id, agent.kind, 0])  # a bad id fails here, not on the wire
         self.agent = agent
         self.endpoint = endpoint
@@ -51,6 +51,7 @@ class Runtime:
         self.backoff_max = backoff_max
         self.max_steps = max_steps
         self.curve = curve
+        self.spin = spin
         self.steps = 0
         self.session: str | None = None
         self._params: dict | None = None
@@ -74,7 +75,14 @@ class Runtime:
                         self._send(sock, self._hello)
                         last_recv = last_send = clock()
                         registered = False
-                    events = poller.poll(self.heartbeat * 1000 / 2)
+                        spin_until = 0.0
+                    events = None
+                    if spin_until:  # busy-poll for the next observation, bounded, then sleep
+                        while not events and stop.requested is None and clock() < spin_until:
+                            events = poller.poll(0)
+                        spin_until = 0.0
+                    if not events:
+                        events = poller.poll(self.heartbeat * 1000 / 2)
                     now = clock()
                     if events:  # the socket or the stop pipe: draining the socket is harmless
                         while True:
@@ -96,6 +104,8 @@ class Runtime:
                                 compute_us = (time.perf_counter_ns() - t0) // 1000
                                 self._send(sock, P.encode(P.Action(msg.tick, int(action), compute_us)))
                                 last_send = now
+                                if self.spin:
+                                    spin_until = clock() + self.spin
                                 self.steps += 1
                                 if self.max_steps and self.steps >= self.max_steps:
                                     stop.requested = -1

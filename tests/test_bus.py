@@ -142,3 +142,39 @@ def test_one_context_per_process_even_after_fork():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert sockets.context() is ctx and isinstance(ctx, zmq.Context)
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def test_spinning_is_bounded_and_loses_nothing(bus):
+    """--spin-us keeps processes busy-polling after each message, but only for that long:
+    a spinning agent whose coordinator goes quiet, and a spinning coordinator with no
+    agents, go back to sleep."""
+    bus.coordinator(None, "--spin-us", "2000")
+    launcher = bus.agents(2, "--kind", "null", "--spin-us", "2000")
+    r = bus.client.request("measure", {"agents": 2, "warmup_steps": 20, "steps": 400}, timeout=60)
+    assert r["steps"] == 400 and r["window"]["missing"] == 0 and r["ledger"]["balanced"]
+
+    agents = [psutil.Process(pid) for pid in _agent_pids(launcher)]
+    assert len(agents) == 2
+    coordinator = psutil.Process(bus.coordinator_child.pid)
+    coordinator.suspend()  # SIGSTOP: no more observations
+    try:
+        before = [_cpu_s(a) for a in agents]
+        time.sleep(1.0)  # a measuring interval, not a synchronisation
+        used = [_cpu_s(a) - b for a, b in zip(agents, before)]
+    finally:
+        coordinator.resume()
+    assert max(used) < 0.3, f"agents kept spinning with no coordinator: {used} CPU s in 1 s"
+
+    tick = bus.stats()["tick"]
+    wait_until(lambda: bus.stats()["tick"] > tick + 20, 10, "the agents to step again")
+    launcher.proc.send_signal(signal.SIGTERM)
+    assert launcher.proc.wait(5) == 0
+    bus.wait_agents(0, timeout=5, ready=False)
+    before = _cpu_s(coordinator)
+    time.sleep(1.0)
+    assert _cpu_s(coordinator) - before < 0.3, "an idle coordinator kept spinning"

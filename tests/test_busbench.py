@@ -197,3 +197,16 @@ def test_connect_measures_a_running_bus(bus):
     assert run["memory_mb"]["processes"] == 2  # the agents are local: their memory is read
     assert bus.stats()["agents"] == 2  # busbench left the running bus alone
     assert os.path.exists(bus.tmp)
+
+
+def test_spin_auto_only_where_every_spinner_has_a_core():
+    from bus.bench.run import SPIN_US, spin_plan
+
+    assert spin_plan("auto", 1, 2) == (SPIN_US, 0)  # agent + coordinator fill 2 cores
+    assert spin_plan("auto", 2, 2) == (0, 0)
+    assert spin_plan("auto", 10, 16) == (SPIN_US, SPIN_US)
+    assert spin_plan("auto", 15, 16) == (SPIN_US, 0)
+    assert spin_plan("auto", 16, 16) == (0, 0)
+    assert spin_plan("off", 1, 16) == (0, 0)
+    assert spin_plan("agents", 20, 2) == (SPIN_US, 0)
+    assert spin_plan("all", 20, 2) == (SPIN_US, SPIN_US)

@@ -88,6 +88,9 @@ class _Progress:
 @click.option("--height", type=click.IntRange(1), default=5)
 @click.option("--connect", default=None, metavar="ENDPOINT",
               help="Measure a coordinator already running there instead of starting one.")
+@click.option("--spin", type=click.Choice(["auto", "off", "agents", "all"]), default="auto",
+              help="Busy-poll for the next message instead of sleeping at once: auto does it where every "
+                   "spinning process has a core of its own (docs/performance.md).")
 @click.option("--chaos-kill-rate", type=click.FloatRange(0), default=0.0, metavar="R",
               help="SIGKILL R random agents per second during the run; they are restarted and their recovery timed.")
 @click.option("--curve", is_flag=True, default=False, help="Encrypt and authenticate the bus it starts (CURVE).")
@@ -107,7 +110,7 @@ class _Progress:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
-        height, connect, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
+        height, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
@@ -127,7 +130,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     base = _load_baseline(baseline) if baseline else None
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
-                      connect=connect, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key)
+                      connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]

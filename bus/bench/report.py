@@ -39,6 +39,7 @@ def aggregate(repeats: list[dict]) -> dict:
     out["memory_mb"] = _median_map([r.get("memory_mb") for r in ok])
     out["memory_growth"] = _median_map([r.get("memory_growth") for r in ok])
     out["registered"] = min(r["registered"] for r in ok)
+    out["spin_us"] = ok[0].get("spin_us")  # the same plan for every repeat of a count
     chaos = [r["chaos"] for r in ok if r.get("chaos")]
     if chaos:
         recoveries = [c["recovery_s"]["max"] for c in chaos if c["recovery_s"]["max"] is not None]
@@ -191,6 +192,8 @@ def _footer(result: dict) -> list[str]:
     where = f"connected to {cfg['connect']}" if cfg.get("connect") else f"transport {cfg['transport']}"
     line = (f"kind {kind}, mode {cfg['mode']}, {where}; cores C = {result['cores']}; "
             f"r1 = {result['single_agent_rate']:.0f} steps/s ({result['single_agent']['step_us']:.0f} us/step)")
+    spinning = [str(r["agents"]) for r in result["runs"] if (r.get("spin_us") or {}).get("agents")]
+    line += f"; spin {cfg.get('spin', 'off')}" + (f" (agents spun at N = {', '.join(spinning)})" if spinning else "")
     if cfg.get("repeat", 1) > 1:
         line += f"; medians of {cfg['repeat']} repeats, steps/s (min-max)"
     return [line, "E(N) = R(N) / (min(N, C) x r1); E_peer = R(N) / (N x r1); latency = round trip minus agent compute"]

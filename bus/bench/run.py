@@ -64,6 +64,8 @@ class BenchConfig:
     curve_key: str | None = None
     #: agents SIGKILLed per second during the run (the launcher restarts them)
     chaos_kill_rate: float = 0.0
+    #: busy-polling: auto, off, agents or all (see spin_plan)
+    spin: str = "auto"
 
     def world(self) -> dict:
         return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
@@ -81,6 +83,28 @@ class BenchConfig:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0))
+
+
+#: Microseconds a spinning process busy-polls after each message before it sleeps.
+SPIN_US = 2000
+
+
+def spin_plan(spin: str, n: int, c: int) -> tuple[int, int]:
+    """(agent, coordinator) busy-poll budgets in microseconds, for n agents on c cores.
+
+    A process that sleeps between steps comes back to a cold core (measured: a lone pymdp
+    step 15-30 % slower after a pause); one that spins keeps it, but takes a core from
+    whoever else needs it.  ``auto`` spins only where every spinner has a core: agents
+    when N + 1 <= C (the coordinator keeps one), the coordinator too when N + 2 <= C
+    (libzmq's I/O threads keep one).
+    """
+    if spin == "off":
+        return 0, 0
+    if spin == "agents":
+        return SPIN_US, 0
+    if spin == "all":
+        return SPIN_US, SPIN_US
+    return (SPIN_US if n + 1 <= c else 0), (SPIN_US if n + 2 <= c else 0)
 
 
 def measure_r1(cfg: BenchConfig) -> dict:
@@ -209,15 +233,17 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
             "timeout_s": max(cfg.timeout, cfg.duration + 120)}
     try:
         server_args, client_args, keys = _curve_args(cfg, tmp)
+        agent_spin, coordinator_spin = spin_plan(cfg.spin, n, cores())
         if cfg.connect:
-            endpoint, checks = cfg.connect, []
+            endpoint, checks, agent_spin, coordinator_spin = cfg.connect, [], None, None
         else:
             bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
             coord = Child("coordinator", "coordinator",
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
                            "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
                            "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
-                           "--log-level", "WARNING", *server_args], log_path=f"{tmp}/coordinator.log")
+                           "--spin-us", str(coordinator_spin), "--log-level", "WARNING", *server_args],
+                          log_path=f"{tmp}/coordinator.log")
             children.append(coord)
             endpoint, checks = _wait_for_file(f"{tmp}/endpoint", coord, 30), [coord]
         with ControlClient(endpoint, curve=keys) as client:
@@ -226,7 +252,8 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
             if not cfg.connect:
                 restart = ["--restart"] if cfg.chaos_kill_rate > 0 else []
                 agents = Child("agents", "agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
-                                                     "--log-level", "WARNING", *cfg.agent_args(), *client_args,
+                                                     "--spin-us", str(agent_spin), "--log-level", "WARNING",
+                                                     *cfg.agent_args(), *client_args,
                                                      *restart],
                                log_path=f"{tmp}/agents.log")
                 children.append(agents)
@@ -261,6 +288,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
         # From the coordinator's receipt of `measure` (sent just before the launch) until
         # every agent has answered its first observation.
         record["ready_s"] = window["ready_s"]
+        record["spin_us"] = {"agents": agent_spin, "coordinator": coordinator_spin}
         for child in reversed(children):
             code = child.stop()
             if code != 0:
