@@ -109,7 +109,9 @@ class Runtime:
                                 self.steps += 1
                                 if self.max_steps and self.steps >= self.max_steps:
                                     stop.requested = -1
-                                    break
+                                # Back to poll, which reports anything else queued at once:
+                                # cheaper than a recv that raises Again (3.3 us).
+                                break
                             elif type(msg) is P.Welcome:
                                 registered = True
                                 backoff = self.backoff_min

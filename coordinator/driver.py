@@ -53,6 +53,8 @@ for _event in _EVENT_NAMES:
 NOBLOCK = int(zmq.NOBLOCK)
 MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
 
 
 def flush(sock: zmq.Socket, core: CoordinatorCore) -> None:
@@ -145,6 +147,8 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                             core.on_unexpected(peer)
                         if core.outbox:
                             flush(sock, core)
+                        if not getsockopt(EVENTS) & POLLIN:  # 1.5 us, against 3.3 for an Again
+                            break
                 if monitor in ready:
                     while monitor.poll(0):
                         event = recv_monitor_message(monitor)
