@@ -107,7 +107,7 @@ def test_explorer_steps_in_the_world_with_bounded_history(backend):
         assert len(agent._impl.agent.prev_actions) <= 1
 
 
-def test_slim_pymdp_import_defers_plotting_but_keeps_it_usable():
+def test_slim_pymdp_import_defers_plotting_and_numpy_extras_but_keeps_them_usable():
     code = (
         "import sys\n"
         "from agents.kinds._pymdp import legacy_agent_class\n"
@@ -118,6 +118,12 @@ def test_slim_pymdp_import_defers_plotting_but_keeps_it_usable():
         "import matplotlib\n"
         "assert type(matplotlib).__name__ == 'module' and hasattr(matplotlib, '__version__')\n"
         "assert u.sns.color_palette is not None\n"
+        "assert 'numpy.f2py' not in sys.modules and 'numpy.testing' not in sys.modules, 'numpy extras loaded'\n"
+        "import numpy, numpy.testing, numpy.f2py\n"
+        "assert type(numpy.testing).__name__ == 'module' and numpy.testing.assert_allclose\n"
+        "assert type(numpy.f2py).__name__ == 'module' and numpy.f2py.run_main\n"
+        "from scipy._lib.array_api_compat import numpy as compat\n"
+        "compat.testing.assert_allclose(1.0, 1.0)  # scipy's clone keeps a working placeholder\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

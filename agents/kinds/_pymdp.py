@@ -1,16 +1,19 @@
 """Importing pymdp for inference only.
 
 ``pymdp.legacy`` (the numpy API) imports matplotlib and seaborn at module level, for
-plotting helpers inference never calls (``pymdp.legacy.utils``, ``legacy.envs``).
-Measured on a 2-core machine: 1.6 s and 171 MB max RSS for ``import pymdp.legacy.agent``
-as installed, 0.31 s and 58 MB with the plotting libraries deferred (docs/performance.md).
+plotting helpers inference never calls (``pymdp.legacy.utils``, ``legacy.envs``), and
+through scipy's array-API shim (which clones numpy's whole namespace) ``numpy.f2py`` and
+``numpy.testing``.  Measured on a 2-core machine, median of 5 fresh interpreters: 1.41 s
+and 158 MB max RSS for ``import pymdp.legacy.agent`` as installed, 0.19 s and 45 MB with
+those deferred (docs/performance.md).
 
 :func:`legacy_agent_class` defers them: while pymdp is imported, ``matplotlib``,
-``matplotlib.pyplot`` and ``seaborn`` resolve to placeholder modules that import the
-real library on first attribute access.  The placeholders are removed from
-``sys.modules`` right after, so any later ``import matplotlib`` (by the user, or by
-busbench's plotting) gets the real thing; only pymdp's own plotting helpers hold a
-placeholder, and those still work, paying the import when first called.
+``matplotlib.pyplot``, ``seaborn``, ``numpy.f2py`` and ``numpy.testing`` resolve to
+placeholder modules that import the real one on first attribute access.  The
+placeholders are removed from ``sys.modules`` right after, so any later ``import
+matplotlib`` (by the user, or by busbench's plotting) gets the real thing; only the
+modules imported meanwhile (pymdp's plotting helpers, scipy's shim) hold a placeholder,
+and those still work, paying the import when first used.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import types
 
 __all__ = ["legacy_agent_class", "DEFERRED"]
 
-DEFERRED = ("matplotlib", "matplotlib.pyplot", "seaborn")
+DEFERRED = ("matplotlib", "matplotlib.pyplot", "seaborn", "numpy.f2py", "numpy.testing")
 
 
 class _Deferred(types.ModuleType):
@@ -37,10 +40,20 @@ def legacy_agent_class():
     """``pymdp.legacy.agent.Agent``, imported without its plotting dependencies."""
     if "pymdp.legacy.agent" in sys.modules:
         return sys.modules["pymdp.legacy.agent"].Agent
+    import numpy  # noqa: F401 - the parent of two deferred modules must exist to hold them
+
     placeholders = {name: _Deferred(name) for name in DEFERRED if name not in sys.modules}
-    if "matplotlib" in placeholders and "matplotlib.pyplot" in placeholders:
-        # `import matplotlib.pyplot as plt` reads the attribute from the parent.
-        placeholders["matplotlib"].__dict__["pyplot"] = placeholders["matplotlib.pyplot"]
+    # `import a.b as c` reads `b` from the parent: hang each placeholder there too, or
+    # numpy's lazy `__getattr__` would import the real module anyway.  A placeholder
+    # parent keeps it; a real parent has it taken off again afterwards.
+    borrowed = []
+    for name, module in placeholders.items():
+        parent, _, child = name.rpartition(".")
+        holder = placeholders.get(parent) or sys.modules.get(parent)
+        if holder is not None and child not in holder.__dict__:
+            holder.__dict__[child] = module
+            if parent not in placeholders:
+                borrowed.append((holder, child, module))
     sys.modules.update(placeholders)
     try:
         from pymdp.legacy.agent import Agent
@@ -48,4 +61,7 @@ def legacy_agent_class():
         for name, module in placeholders.items():
             if sys.modules.get(name) is module:
                 del sys.modules[name]
+        for holder, child, module in borrowed:
+            if holder.__dict__.get(child) is module:
+                del holder.__dict__[child]
     return Agent
