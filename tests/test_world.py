@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -127,5 +128,22 @@ def test_slim_pymdp_import_defers_plotting_and_numpy_extras_but_keeps_them_usabl
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_slim_jax_pymdp_import_defers_plotting_too():
+    code = (
+        "import sys\n"
+        "from agents.kinds._pymdp import jax_agent_class\n"
+        "Agent = jax_agent_class()\n"
+        "assert Agent.__module__ == 'pymdp.agent'\n"
+        "assert not [m for m in ('matplotlib', 'seaborn', 'numpy.f2py', 'numpy.testing') if m in sys.modules]\n"
+        "import pymdp.utils as u, matplotlib.pyplot\n"
+        "assert type(matplotlib.pyplot).__name__ == 'module'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

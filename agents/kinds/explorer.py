@@ -52,8 +52,9 @@ class Explorer(Agent):
 
             legacy_agent_class()
         else:
-            import equinox  # noqa: F401
-            import pymdp.agent  # noqa: F401
+            from agents.kinds._pymdp import jax_agent_class
+
+            jax_agent_class()
 
     def configure(self, world: dict, agent_id: str = "") -> None:
         """Build the model for ``world`` (WELCOME's ``params["world"]``)."""
@@ -110,7 +111,9 @@ class _JaxImpl:
         import jax.numpy as jnp
         import jax.random as jr
         import numpy as np
-        from pymdp.agent import Agent as JaxAgent
+        from agents.kinds._pymdp import jax_agent_class
+
+        JaxAgent = jax_agent_class()
 
         def batch(arrays):
             return [jnp.asarray(a)[None] for a in arrays]
