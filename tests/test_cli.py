@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bus.bench.run import spin_plan
 from bus.client import ControlClient
 from bus.config import dotenv_defaults, read_dotenv
 from tests.conftest import wait_until
@@ -98,6 +99,8 @@ def test_busbench_json_reports_every_key(tmp_path):
     assert run["latency_ms"]["p50"] <= run["latency_ms"]["p95"] <= run["latency_ms"]["p99"]
     assert run["memory_mb"]["processes"] == 2 and run["memory_mb"]["rss_per_agent"] > 0
     assert run["memory_mb"]["pss_per_agent"] > 0 and run["ready_s"] > 0
+    agents_us, coordinator_us = spin_plan("auto", 2, result["cores"])  # the default, recorded per run
+    assert run["spin_us"] == {"agents": agents_us, "coordinator": coordinator_us}
 
 
 def test_busbench_explorer_table(tmp_path):
