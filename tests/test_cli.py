@@ -95,6 +95,8 @@ def test_busbench_json_reports_every_key(tmp_path):
     assert run["repeats"][0]["ledger"]["balanced"] and run["repeat"] == 1
     assert run["efficiency"] == pytest.approx(run["rate"] / (min(2, result["cores"]) * result["single_agent_rate"]))
     assert run["efficiency_peer"] == pytest.approx(run["rate"] / (2 * result["single_agent_rate"]))
+    assert run["efficiency_median_r1"] == pytest.approx(
+        run["rate"] / (min(2, result["cores"]) * result["single_agent"]["rate"]))
     assert set(run["latency_ms"]) == {"p50", "p95", "p99"}
     assert run["latency_ms"]["p50"] <= run["latency_ms"]["p95"] <= run["latency_ms"]["p99"]
     assert run["memory_mb"]["processes"] == 2 and run["memory_mb"]["rss_per_agent"] > 0
