@@ -173,7 +173,8 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     result["runs"] = [rpt.aggregate(per_n[n]) for n in counts if per_n[n]]
     for run in result["runs"]:  # steadier where r1 differs from process to process (many-core VMs)
         if "rate" in run:
-            run["efficiency_median_r1"] = run["rate"] / (min(run["agents"], result["cores"]) * result["single_agent_rate"])
+            ideal = min(run["agents"], result["cores"]) * result["single_agent_rate"]
+            run["efficiency_median_r1"] = run["rate"] / ideal
     _emit(result, fmt, output)
     checks = rpt.requirements(result) if result["runs"] else []
     changes = rpt.compare(result, base) if base else []
