@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults, limit_threads
+from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults, limit_threads
 
 _ENV = {
     "endpoint": "BUS_ENDPOINT",
@@ -33,7 +33,7 @@ def client_keys(server_key: str | None, key: str | None):
         return None
     if not (server_key and key):
         raise ValueError("CURVE needs both --curve-server-key and --curve-key")
-    from bus.security import ClientKeys
+    from agentbus_zmq.bus.security import ClientKeys
 
     return ClientKeys.load(server_key, key)
 
@@ -74,10 +74,10 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
         curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
-    from agents.kinds import create
-    from agents.launcher import launch
-    from bus.protocol import Hello, ProtocolError
-    from bus.sockets import check_endpoint
+    from agentbus_zmq.agents.kinds import create
+    from agentbus_zmq.agents.launcher import launch
+    from agentbus_zmq.bus.protocol import Hello, ProtocolError
+    from agentbus_zmq.bus.sockets import check_endpoint
 
     options = {"backend": backend, "policy_len": policy_len, "seed": seed} if kind == "explorer" else {}
     agent_id = agent_id or default_agent_id()

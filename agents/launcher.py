@@ -25,10 +25,10 @@ import signal
 import time
 from typing import Callable
 
-from agents.runtime import Runtime
-from agents.sdk import Agent
-from bus.config import set_batch_scheduling
-from bus.signals import StopSignal
+from agentbus_zmq.agents.runtime import Runtime
+from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.bus.config import set_batch_scheduling
+from agentbus_zmq.bus.signals import StopSignal
 
 __all__ = ["launch"]
 

@@ -22,12 +22,12 @@ import time
 
 import zmq
 
-from agents.sdk import Agent
-from bus import protocol as P
-from bus import sockets
-from bus.protocol import ErrorCode
-from bus.security import ClientKeys
-from bus.signals import StopSignal
+from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.protocol import ErrorCode
+from agentbus_zmq.bus.security import ClientKeys
+from agentbus_zmq.bus.signals import StopSignal
 
 __all__ = ["Runtime"]
 

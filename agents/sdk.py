@@ -3,7 +3,7 @@
 An agent is a small object with lifecycle hooks; the runtime owns the socket, the
 handshake, heartbeats, reconnection and shutdown::
 
-    from agents.sdk import Agent, run
+    from agentbus_zmq.agents.sdk import Agent, run
 
     class Walker(Agent):
         kind = "walker"
@@ -17,7 +17,7 @@ Agents written in other languages speak the protocol in docs/protocol.md directl
 
 from __future__ import annotations
 
-from bus.protocol import Welcome
+from agentbus_zmq.bus.protocol import Welcome
 
 __all__ = ["Agent", "run"]
 
@@ -45,6 +45,6 @@ class Agent:
 
 def run(agent: Agent, endpoint: str, agent_id: str, **options) -> int:
     """Run ``agent`` on the bus until SIGINT/SIGTERM; returns an exit status."""
-    from agents.runtime import Runtime
+    from agentbus_zmq.agents.runtime import Runtime
 
     return Runtime(agent, endpoint, agent_id, **options).run()

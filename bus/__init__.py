@@ -2,7 +2,7 @@
 
 import logging
 
-from bus.protocol import PROTOCOL_VERSION
+from agentbus_zmq.bus.protocol import PROTOCOL_VERSION
 
 __version__ = "0.1.0"
 __all__ = ["PROTOCOL_VERSION", "__version__"]

@@ -10,9 +10,9 @@ from typing import Callable
 
 import zmq
 
-from bus import protocol as P
-from bus import sockets
-from bus.security import ClientKeys
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.security import ClientKeys
 
 __all__ = ["ControlClient", "BusUnavailable", "ControlFailed"]
 

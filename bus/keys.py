@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from bus.security import generate
+from agentbus_zmq.bus.security import generate
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

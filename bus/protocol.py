@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import sys
 from typing import Any, ClassVar
 
 import msgpack
@@ -154,10 +155,36 @@ def _ident(value: Any, name: str) -> str:
     return value
 
 
+#: Types a free-form map (WELCOME params, CONTROL args, REPLY result) may hold.
+_PLAIN = (type(None), bool, int, float, str, bytes)
+_MAX_DEPTH = 16
+
+
 def _map(value: Any, name: str) -> dict:
     if type(value) is not dict:
         raise _bad(f"{name} must be a map")
+    _plain(value, name, 0)
     return value
+
+
+def _plain(value: Any, name: str, depth: int) -> None:
+    """Refuse what msgpack decodes by itself but the protocol does not carry: its
+    timestamp extension (type -1) and nesting past :data:`_MAX_DEPTH`."""
+    if depth > _MAX_DEPTH:
+        raise _bad(f"{name} nests deeper than {_MAX_DEPTH} levels")
+    items = value.items() if type(value) is dict else value
+    for item in items:
+        for v in (item if type(value) is dict else (item,)):
+            t = type(v)
+            if t is dict or t is list:
+                _plain(v, name, depth + 1)
+            elif t not in _PLAIN and not _is_array(v):
+                raise _bad(f"{name} holds a {t.__name__}, which the protocol does not carry")
+
+
+def _is_array(value: Any) -> bool:
+    np = sys.modules.get("numpy")  # an array can only have been decoded if numpy is loaded
+    return np is not None and type(value) is np.ndarray
 
 
 def _arity(fields: list, n: int, name: str) -> None:
@@ -397,13 +424,17 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
     try:
         dtype_str, shape, raw = msgpack.unpackb(data, raw=False, use_list=True)
-        dtype = np.dtype(dtype_str)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise _bad(f"bad array payload: {exc}") from None
-    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject:
-        raise _bad(f"arrays of dtype {dtype_str!r:.20} are not allowed")
-    if type(shape) is not list or len(shape) > _MAX_ARRAY_DIMS or type(raw) is not bytes:
-        raise _bad("array payload must be [dtype, shape, bytes]")
+    if type(dtype_str) is not str or len(dtype_str) > 8 or type(shape) is not list \
+            or len(shape) > _MAX_ARRAY_DIMS or type(raw) is not bytes:
+        raise _bad("array payload must be [dtype string, shape, bytes]")
+    try:
+        dtype = np.dtype(dtype_str)
+    except Exception as exc:  # noqa: BLE001 - numpy parses hostile text; only ProtocolError leaves decode
+        raise _bad(f"bad array dtype {dtype_str!r}: {type(exc).__name__}") from None
+    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+        raise _bad(f"arrays of dtype {dtype_str!r} are not allowed")
     count = 1
     for dim in shape:
         count *= _int(dim, "array dimension", 0, MAX_MESSAGE_BYTES * 16)
@@ -450,7 +481,8 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     obj = unpack(data)
     # Fast paths for the two messages of every step, with the same checks as from_wire;
     # anything unusual falls through to the general path and its precise error.
-    if type(obj) is list and type(obj[0] if obj else None) is int and obj[0] == PROTOCOL_VERSION:
+    if (type(obj) is list and len(obj) > 1 and type(obj[0]) is int and obj[0] == PROTOCOL_VERSION
+            and type(obj[1]) is int):
         n = len(obj)
         if n == 5 and obj[1] == _ACTION:
             tick, action, compute_us = obj[2], obj[3], obj[4]
@@ -463,6 +495,11 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
                     and 0 < len(obs) <= _MAX_MODALITIES
                     and all(type(o) is int and 0 <= o <= _U32_MAX for o in obs)):
                 return Observation(tick, obs)
+    return _decode_general(obj)
+
+
+def _decode_general(obj: Any) -> Message:
+    """Validate a decoded msgpack value as a message, field by field (no fast path)."""
     if type(obj) is not list or len(obj) < 2:
         raise ProtocolError(ErrorCode.MALFORMED, "a message is a msgpack array [version, type, ...]")
     version, mtype = obj[0], obj[1]

@@ -11,8 +11,8 @@ import os
 
 import zmq
 
-from bus.protocol import MAX_MESSAGE_BYTES
-from bus.security import ClientKeys, ServerKeys
+from agentbus_zmq.bus.protocol import MAX_MESSAGE_BYTES
+from agentbus_zmq.bus.security import ClientKeys, ServerKeys
 
 __all__ = ["context", "router", "dealer", "endpoint_is_public", "check_endpoint"]
 

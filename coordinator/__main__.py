@@ -7,11 +7,11 @@ import sys
 import click
 import zmq
 
-from bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
-from bus.security import ServerKeys
-from bus.sockets import check_endpoint
-from coordinator.core import MODES, Settings
-from coordinator.world import WorldConfig
+from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
+from agentbus_zmq.bus.security import ServerKeys
+from agentbus_zmq.bus.sockets import check_endpoint
+from agentbus_zmq.coordinator.core import MODES, Settings
+from agentbus_zmq.coordinator.world import WorldConfig
 
 _ENV = {
     "bind": "BUS_ENDPOINT",
@@ -59,7 +59,7 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
         curve_clients, spin_us, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
     configure_logging(log_level)
-    from coordinator.driver import serve
+    from agentbus_zmq.coordinator.driver import serve
 
     try:
         settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat)

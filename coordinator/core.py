@@ -24,10 +24,10 @@ import logging
 import time
 from typing import Callable
 
-from bus import protocol as P
-from bus.protocol import ErrorCode
-from coordinator.metrics import Histogram, Ledger
-from coordinator.world import GridWorld, WorldFull
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.protocol import ErrorCode
+from agentbus_zmq.coordinator.metrics import Histogram, Ledger
+from agentbus_zmq.coordinator.world import GridWorld, WorldFull
 
 __all__ = ["Settings", "AgentEntry", "CoordinatorCore"]
 

@@ -15,11 +15,11 @@ import uuid
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from bus import sockets
-from bus.security import ZAP_ENDPOINT, ServerKeys, zap_verdict
-from bus.signals import StopSignal
-from coordinator.core import CoordinatorCore, Settings
-from coordinator.world import GridWorld, WorldConfig
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.security import ZAP_ENDPOINT, ServerKeys, zap_verdict
+from agentbus_zmq.bus.signals import StopSignal
+from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
+from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
 __all__ = ["serve"]
 

@@ -17,7 +17,7 @@ run() {  # name, then busbench options
     local name=$1; shift
     busbench --sweep "$counts" --repeat "$repeat" "$@" --format json --output "$out/$name.json" \
         --plot "$out/$name.png" --report "$out/$name.md"
-    python3 -c "import json, sys; from bus.bench.report import table; print(table(json.load(open(sys.argv[1]))))" \
+    python3 -c "import json, sys; from agentbus_zmq.busbench.report import table; print(table(json.load(open(sys.argv[1]))))" \
         "$out/$name.json" | tee "$out/$name.txt"
 }
 for sweep in ${SWEEPS:-explorer-lockstep explorer-async null-lockstep}; do

@@ -7,9 +7,9 @@ from typing import Callable
 
 import pytest
 
-from bus.bench.procs import Child
-from bus.client import ControlClient
-from bus.config import limit_threads
+from agentbus_zmq.busbench.procs import Child
+from agentbus_zmq.bus.client import ControlClient
+from agentbus_zmq.bus.config import limit_threads
 
 # Tests start many Python processes on 2 cores: keep each single-threaded.
 limit_threads()
@@ -39,14 +39,14 @@ class Bus:
     def coordinator(self, bind: str | None = None, *args: str) -> str:
         bind = bind or f"ipc://{self.tmp}/bus.ipc"
         path = self.tmp / f"endpoint-{len(self.children)}"
-        child = self.start("coordinator", "coordinator", "--bind", bind, "--endpoint-file", str(path), *args)
+        child = self.start("coordinator", "agentbus_zmq.coordinator", "--bind", bind, "--endpoint-file", str(path), *args)
         self.endpoint = wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
         self.client.wait_ready(10)
         self.coordinator_child = child
         return self.endpoint
 
     def agents(self, n: int = 1, *args: str, endpoint: str | None = None, agent_id: str = "t") -> Child:
-        return self.start("agents", "agents", "--endpoint", endpoint or self.endpoint, "--replicas", str(n),
+        return self.start("agents", "agentbus_zmq.agents", "--endpoint", endpoint or self.endpoint, "--replicas", str(n),
                           "--id", agent_id, *args)
 
     def start(self, name: str, module: str, *args: str) -> Child:

@@ -10,9 +10,9 @@ import psutil
 import pytest
 import zmq
 
-from bus import protocol as P
-from bus import sockets
-from bus.protocol import ErrorCode
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.protocol import ErrorCode
 from tests.conftest import wait_until
 
 

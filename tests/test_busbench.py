@@ -12,9 +12,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from bus.bench import report as rpt
-from bus.bench.__main__ import cli
-from bus.bench.run import slope
+from agentbus_zmq.busbench import report as rpt
+from agentbus_zmq.busbench.__main__ import cli
+from agentbus_zmq.busbench.run import slope
 from tests.test_cli import _env
 
 
@@ -139,7 +139,7 @@ def test_options_come_from_busbench_environment_variables():
 
 
 def _busbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bus.bench", *args], capture_output=True, text=True, env=_env(),
+    return subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", *args], capture_output=True, text=True, env=_env(),
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -200,7 +200,7 @@ def test_connect_measures_a_running_bus(bus):
 
 
 def test_spin_auto_only_where_every_spinner_has_a_core():
-    from bus.bench.run import SPIN_US, spin_plan
+    from agentbus_zmq.busbench.run import SPIN_US, spin_plan
 
     assert spin_plan("auto", 1, 2) == (SPIN_US, 0)  # agent + coordinator fill 2 cores
     assert spin_plan("auto", 2, 2) == (0, 0)

@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bus.bench.run import spin_plan
-from bus.client import ControlClient
-from bus.config import dotenv_defaults, read_dotenv
+from agentbus_zmq.busbench.run import spin_plan
+from agentbus_zmq.bus.client import ControlClient
+from agentbus_zmq.bus.config import dotenv_defaults, read_dotenv
 from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def test_procfile_runs_a_live_bus_under_honcho(tmp_path):
 
 
 def _busbench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bus.bench", *args], capture_output=True, text=True, env=_env(),
+    return subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", *args], capture_output=True, text=True, env=_env(),
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -121,7 +121,7 @@ def test_busbench_refuses_more_agents_than_the_world_holds():
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_busbench_interrupted_stops_everything(tmp_path, sig):
-    proc = subprocess.Popen([sys.executable, "-m", "bus.bench", "--agents", "3", "--agent-kind", "null",
+    proc = subprocess.Popen([sys.executable, "-m", "agentbus_zmq.busbench", "--agents", "3", "--agent-kind", "null",
                              "--duration", "60"], env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     procs: list[psutil.Process] = []
@@ -139,7 +139,7 @@ def test_busbench_interrupted_stops_everything(tmp_path, sig):
 def _bound_endpoint(tmp_path, env: dict, *args: str) -> str:
     """Start a coordinator in ``tmp_path`` and return the endpoint it actually bound."""
     path = tmp_path / f"endpoint-{len(list(tmp_path.iterdir()))}"
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--endpoint-file", str(path), *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "agentbus_zmq.coordinator", "--endpoint-file", str(path), *args], env=env,
                             cwd=tmp_path, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         return wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
@@ -164,16 +164,16 @@ def test_configuration_precedence_cli_then_environment_then_dotenv(tmp_path):
 
 
 def test_bad_options_are_usage_errors(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "coordinator", "--mode", "bogus"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.coordinator", "--mode", "bogus"], capture_output=True, text=True,
                        env=_env(), cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "bogus" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "agents", "--id", "has space"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.agents", "--id", "has space"], capture_output=True, text=True,
                        env=_env(), cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "invalid agent id" in r.stderr
 
 
 def test_unusable_endpoints_are_refused_with_what_to_use(tmp_path):
-    for module, option in (("agents", "--endpoint"), ("coordinator", "--bind"), ("bus.bench", "--connect")):
+    for module, option in (("agents", "--endpoint"), ("coordinator", "--bind"), ("busbench", "--connect")):
         r = subprocess.run([sys.executable, "-m", module, option, "nonsense://x"], capture_output=True, text=True,
                            env=_env(), cwd=tmp_path, timeout=60)
         assert r.returncode == 2 and "tcp://HOST:PORT" in r.stderr, (module, r.stderr)
@@ -182,7 +182,7 @@ def test_unusable_endpoints_are_refused_with_what_to_use(tmp_path):
 
 def test_a_busy_address_is_a_clear_error(bus):
     endpoint = bus.coordinator("tcp://127.0.0.1:*")
-    r = subprocess.run([sys.executable, "-m", "coordinator", "--bind", endpoint], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.coordinator", "--bind", endpoint], capture_output=True, text=True,
                        env=_env(), timeout=60)
     assert r.returncode == 1 and "Address already in use" in r.stderr and "choose another --bind" in r.stderr
     assert "Traceback" not in r.stderr

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bus import protocol as P
-from bus.protocol import ErrorCode
-from coordinator.core import CoordinatorCore, Settings
-from coordinator.metrics import Histogram
-from coordinator.world import GridWorld, WorldConfig
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.protocol import ErrorCode
+from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
+from agentbus_zmq.coordinator.metrics import Histogram
+from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
 
 class Harness:

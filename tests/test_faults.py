@@ -14,8 +14,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus import protocol as P
-from bus import sockets
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
 from tests.conftest import Bus, wait_until
 
 
@@ -174,7 +174,7 @@ def test_chaos_run_balances_the_ledger(tmp_path):
     from tests.test_cli import _env
 
     out = tmp_path / "chaos.json"
-    r = subprocess.run([sys.executable, "-m", "bus.bench", "--agents", "4", "--agent-kind", "null", "--duration", "4",
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", "--agents", "4", "--agent-kind", "null", "--duration", "4",
                         "--chaos-kill-rate", "1", "--format", "json", "--output", str(out)],
                        capture_output=True, text=True, env=_env(), timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
@@ -209,7 +209,7 @@ def test_a_peer_that_never_reads_fills_its_queue_and_each_drop_is_counted(live):
 def test_an_agent_survives_a_hostile_coordinator(tmp_path):
     """The agent's side of hostile input: garbage from 'the coordinator' is logged and
     dropped; the agent keeps answering real observations."""
-    from bus.bench.procs import Child
+    from agentbus_zmq.busbench.procs import Child
 
     endpoint = f"ipc://{tmp_path}/fake.ipc"
     router = sockets.router(endpoint)

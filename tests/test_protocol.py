@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bus import protocol as P
-from bus.protocol import ErrorCode, ProtocolError
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.protocol import ErrorCode, ProtocolError
 
 ids = st.from_regex(r"[A-Za-z0-9._:@/+-]{1,128}", fullmatch=True)
 u32 = st.integers(0, 2**32 - 1)
@@ -149,17 +149,51 @@ def test_every_error_code_has_a_hint():
 
 
 @given(st.sampled_from([P.Action, P.Observation]),
+       st.sampled_from([int, float, bool]),
+       st.one_of(st.just(P.PROTOCOL_VERSION), st.just(float(P.PROTOCOL_VERSION)), st.just(True)),
        st.lists(st.one_of(values, st.lists(st.integers(-5, 2**33), max_size=40)), min_size=1, max_size=4))
-def test_fast_paths_agree_with_the_general_validation(record, fields):
-    frame = msgpack.packb([P.PROTOCOL_VERSION, int(record.TYPE), *fields])
+def test_fast_paths_accept_exactly_what_the_general_path_accepts(record, code_type, version, fields):
+    obj = [version, code_type(int(record.TYPE)), *fields]
+    frame = msgpack.packb(obj)
     try:
-        expected = record.from_wire(fields)
+        expected = P._decode_general(msgpack.unpackb(frame))
     except ProtocolError as exc:
         with pytest.raises(ProtocolError) as info:
             P.decode(frame)
         assert info.value.code == exc.code
     else:
         assert P.decode(frame) == expected
+
+
+def test_a_float_type_code_is_refused_on_the_fast_path_too():
+    assert _code(msgpack.packb([1, 4.0, 0, 4, 0])) == ErrorCode.UNKNOWN_TYPE
+    assert _code(msgpack.packb([1, 3.0, 0, [1, 2]])) == ErrorCode.UNKNOWN_TYPE
+
+
+@pytest.mark.parametrize("dtype", [
+    {"names": ["a"], "formats": ["<f8"], "offsets": [2**63]},
+    {"names": ["a"], "formats": ["<f8"], "itemsize": 2**64 - 1},
+    "V999999999999999999", "[('a', '<f8')]", "<f8,<i4", 7,
+])
+def test_hostile_array_dtypes_raise_protocol_errors_only(dtype):
+    payload = msgpack.packb([dtype, [1], b"\0" * 8])
+    frame = msgpack.packb([1, int(P.MsgType.CONTROL), 1, "x", {"a": msgpack.ExtType(P.EXT_NDARRAY, payload)}])
+    assert _code(frame) == ErrorCode.BAD_FIELD
+
+
+def test_msgpack_timestamps_are_refused_like_other_extensions():
+    stamp = msgpack.Timestamp(1, 0)
+    frame = msgpack.packb([1, int(P.MsgType.CONTROL), 1, "stats", {"when": [stamp]}], datetime=False)
+    assert _code(frame) == ErrorCode.BAD_FIELD
+    frame = msgpack.packb([1, int(P.MsgType.CONTROL), 1, "stats", {"x": msgpack.ExtType(5, b"")}])
+    assert _code(frame) == ErrorCode.BAD_FIELD
+
+
+def test_maps_nested_past_the_limit_are_refused():
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    assert _code(msgpack.packb([1, int(P.MsgType.CONTROL), 1, "stats", {"d": deep}])) == ErrorCode.BAD_FIELD
 
 
 def test_encode_observation_is_encode_of_an_observation():

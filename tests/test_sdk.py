@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agents.sdk import Agent, run
+from agentbus_zmq.agents.sdk import Agent, run
 
 
 class Walker(Agent):

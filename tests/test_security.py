@@ -7,10 +7,10 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from bus import protocol as P
-from bus import sockets
-from bus.client import BusUnavailable, ControlClient
-from bus.security import ClientKeys, ServerKeys, generate, load_allow_list, zap_verdict
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.client import BusUnavailable, ControlClient
+from agentbus_zmq.bus.security import ClientKeys, ServerKeys, generate, load_allow_list, zap_verdict
 from tests.conftest import wait_until
 
 
@@ -50,7 +50,7 @@ def curve_bus(bus, tmp_path):
     _, admin_secret = generate(tmp_path / "allowed", "admin")
     _, stranger_secret = generate(tmp_path / "strangers", "stranger")
     path = tmp_path / "endpoint"
-    bus.start("coordinator", "coordinator", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(path),
+    bus.start("coordinator", "agentbus_zmq.coordinator", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(path),
               "--curve-secret", str(server_secret), "--curve-clients", str(tmp_path / "allowed"))
     bus.endpoint = wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
     bus._client = ControlClient(bus.endpoint, curve=ClientKeys.load(server_pub, admin_secret))
@@ -96,6 +96,6 @@ def test_an_agent_with_a_stranger_key_never_registers(curve_bus):
 
 def test_binding_beyond_loopback_without_curve_warns(bus, tmp_path):
     path = tmp_path / "endpoint"
-    child = bus.start("coordinator", "coordinator", "--bind", "tcp://0.0.0.0:*", "--endpoint-file", str(path))
+    child = bus.start("coordinator", "agentbus_zmq.coordinator", "--bind", "tcp://0.0.0.0:*", "--endpoint-file", str(path))
     wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
     wait_until(lambda: "beyond loopback without CURVE" in child.log_path.read_text(), 10, "the warning")

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from agents.model import build_model
-from coordinator.world import AGENT, EMPTY, GOAL, OBSTACLE, WALL, GridWorld, WorldConfig, WorldFull
+from agentbus_zmq.agents.model import build_model
+from agentbus_zmq.coordinator.world import AGENT, EMPTY, GOAL, OBSTACLE, WALL, GridWorld, WorldConfig, WorldFull
 
 UP, DOWN, LEFT, RIGHT, STAY = range(5)
 
@@ -90,7 +90,7 @@ def test_model_matches_the_world():
 
 @pytest.mark.parametrize("backend", ["numpy", "jax"])
 def test_explorer_steps_in_the_world_with_bounded_history(backend):
-    from agents.kinds.explorer import Explorer
+    from agentbus_zmq.agents.kinds.explorer import Explorer
 
     w = GridWorld(WorldConfig(seed=2))
     agent = Explorer(backend=backend)
@@ -111,7 +111,7 @@ def test_explorer_steps_in_the_world_with_bounded_history(backend):
 def test_slim_pymdp_import_defers_plotting_and_numpy_extras_but_keeps_them_usable():
     code = (
         "import sys\n"
-        "from agents.kinds._pymdp import legacy_agent_class\n"
+        "from agentbus_zmq.agents.kinds._pymdp import legacy_agent_class\n"
         "legacy_agent_class()\n"
         "assert not any(m.split('.')[0] in ('matplotlib', 'seaborn', 'pandas') for m in sys.modules), 'loaded'\n"
         "import pymdp.legacy.utils as u\n"
@@ -141,7 +141,7 @@ def _prints_ok(code: str, **env: str) -> None:
 def test_slim_jax_pymdp_import_defers_plotting_too():
     code = (
         "import sys\n"
-        "from agents.kinds._pymdp import jax_agent_class\n"
+        "from agentbus_zmq.agents.kinds._pymdp import jax_agent_class\n"
         "Agent = jax_agent_class()\n"
         "assert Agent.__module__ == 'pymdp.agent'\n"
         "assert not [m for m in ('matplotlib', 'seaborn', 'numpy.f2py', 'numpy.testing') if m in sys.modules]\n"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-from agents.sdk import Agent
+from agentbus_zmq.agents.sdk import Agent
 
 __all__ = ["KINDS", "create"]
 
 #: kind name -> "module:class"; imported only when used, so ``null`` never loads pymdp.
 KINDS = {
-    "explorer": "agents.kinds.explorer:Explorer",
-    "null": "agents.kinds.null:NullAgent",
+    "explorer": "agentbus_zmq.agents.kinds.explorer:Explorer",
+    "null": "agentbus_zmq.agents.kinds.null:NullAgent",
 }
 
 

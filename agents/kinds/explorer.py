@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import zlib
 
-from agents.model import build_model
-from agents.sdk import Agent
-from bus.protocol import Welcome
+from agentbus_zmq.agents.model import build_model
+from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.bus.protocol import Welcome
 
 __all__ = ["Explorer", "BACKENDS"]
 
@@ -48,11 +48,11 @@ class Explorer(Agent):
 
     def prepare(self) -> None:
         if self.backend == "numpy":
-            from agents.kinds._pymdp import legacy_agent_class
+            from agentbus_zmq.agents.kinds._pymdp import legacy_agent_class
 
             legacy_agent_class()
         else:
-            from agents.kinds._pymdp import jax_agent_class
+            from agentbus_zmq.agents.kinds._pymdp import jax_agent_class
 
             jax_agent_class()
 
@@ -73,7 +73,7 @@ class _NumpyImpl:
     def __init__(self, model, policy_len: int, seed: int):
         import numpy as np
 
-        from agents.kinds._pymdp import legacy_agent_class
+        from agentbus_zmq.agents.kinds._pymdp import legacy_agent_class
 
         LegacyAgent = legacy_agent_class()
         # legacy pymdp samples from numpy's global generator; an agent owns its process.
@@ -111,7 +111,7 @@ class _JaxImpl:
         import jax.numpy as jnp
         import jax.random as jr
         import numpy as np
-        from agents.kinds._pymdp import jax_agent_class
+        from agentbus_zmq.agents.kinds._pymdp import jax_agent_class
 
         JaxAgent = jax_agent_class()
 

@@ -1,7 +1,7 @@
 """``null``: answers every observation at once with ``stay``.  It isolates the bus's
 own cost: with null agents, busbench measures nothing but messaging."""
 
-from agents.sdk import Agent
+from agentbus_zmq.agents.sdk import Agent
 
 STAY = 4
 

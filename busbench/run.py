@@ -26,9 +26,9 @@ from typing import Callable
 
 import psutil
 
-from bus.bench.procs import Child
-from bus.client import ControlClient
-from bus.security import ClientKeys, generate
+from agentbus_zmq.busbench.procs import Child
+from agentbus_zmq.bus.client import ControlClient
+from agentbus_zmq.bus.security import ClientKeys, generate
 
 __all__ = ["BenchConfig", "measure_r1", "run_one", "environment", "cores", "slope", "MB"]
 
@@ -108,8 +108,8 @@ def spin_plan(spin: str, n: int, c: int) -> tuple[int, int]:
 
 
 def measure_r1(cfg: BenchConfig) -> dict:
-    """r1 in a process of its own (``python -m bus.bench.solo``)."""
-    cmd = [sys.executable, "-m", "bus.bench.solo", "--kind", cfg.kind, "--backend", cfg.backend,
+    """r1 in a process of its own (``python -m busbench.solo``)."""
+    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.solo", "--kind", cfg.kind, "--backend", cfg.backend,
            "--policy-len", str(cfg.policy_len), "--world", json.dumps(cfg.world()),
            "--warmup", str(max(cfg.warmup, 100)), "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + cfg.solo_duration, stdin=subprocess.DEVNULL)
@@ -238,7 +238,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
             endpoint, checks, agent_spin, coordinator_spin = cfg.connect, [], None, None
         else:
             bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
-            coord = Child("coordinator", "coordinator",
+            coord = Child("coordinator", "agentbus_zmq.coordinator",
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
                            "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
                            "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
@@ -251,7 +251,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
             request = client.send("measure", args)
             if not cfg.connect:
                 restart = ["--restart"] if cfg.chaos_kill_rate > 0 else []
-                agents = Child("agents", "agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
+                agents = Child("agents", "agentbus_zmq.agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
                                                      "--spin-us", str(agent_spin), "--log-level", "WARNING",
                                                      *cfg.agent_args(), *client_args,
                                                      *restart],

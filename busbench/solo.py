@@ -2,7 +2,7 @@
 one process against the same world, with no bus.  Run as its own process so that its
 imports and threads never touch busbench's, and printed as JSON::
 
-    python -m bus.bench.solo --kind explorer --backend numpy --duration 2
+    python -m busbench.solo --kind explorer --backend numpy --duration 2
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import time
 
 import click
 
-from bus.config import limit_threads
+from agentbus_zmq.bus.config import limit_threads
 
 SOLO_ID = "solo"
 
 
 def solo_rate(kind: str, options: dict, world: dict, warmup_steps: int, duration: float) -> dict:
-    from agents.kinds import create
-    from coordinator.world import GridWorld, WorldConfig
+    from agentbus_zmq.agents.kinds import create
+    from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
     env = GridWorld(WorldConfig(**world))
     agent = create(kind, **options)

@@ -15,10 +15,10 @@ import time
 
 import click
 
-from bus.config import limit_threads
-from bus.sockets import check_endpoint
-from bus.bench import report as rpt
-from bus.bench.run import BenchConfig, cores, environment, measure_r1, run_one
+from agentbus_zmq.bus.config import limit_threads
+from agentbus_zmq.bus.sockets import check_endpoint
+from agentbus_zmq.busbench import report as rpt
+from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_r1, run_one
 
 EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
 
@@ -182,7 +182,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
         with open(report_path, "w") as f:
             f.write(rpt.report_markdown(result, checks, changes, baseline, fail_on_regression))
     if plot_path and result["runs"]:
-        from bus.bench.plot import plot
+        from agentbus_zmq.busbench.plot import plot
 
         plot(result, plot_path)
     if interrupted:
@@ -206,8 +206,8 @@ def _emit(result: dict, fmt: str, output: str | None) -> None:
 
 
 def _registered(endpoint: str, cfg: BenchConfig) -> int:
-    from bus.client import BusUnavailable, ControlClient
-    from bus.security import ClientKeys
+    from agentbus_zmq.bus.client import BusUnavailable, ControlClient
+    from agentbus_zmq.bus.security import ClientKeys
 
     keys = ClientKeys.load(cfg.curve_server_key, cfg.curve_key) if cfg.curve_server_key else None
     with ControlClient(endpoint, curve=keys) as client:
