@@ -22,7 +22,11 @@ class BusUnavailable(TimeoutError):
 
 
 class ControlFailed(RuntimeError):
-    """The coordinator answered, refusing the request."""
+    """The coordinator answered, refusing the request; ``code`` is the ErrorCode it gave."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class ControlClient:
@@ -31,6 +35,8 @@ class ControlClient:
         self._sock = sockets.dealer(endpoint, curve=curve)
         self._curve = curve is not None
         self._issued = 0
+        #: requests sent and not yet answered or given up on; only their replies are kept
+        self._awaited: set[int] = set()
         #: replies that arrived while another request was being waited for
         self._early: dict[int, P.Reply] = {}
 
@@ -48,6 +54,7 @@ class ControlClient:
         self._issued += 1
         request_id = self._issued
         self._sock.send(P.encode(P.Control(request_id, command, args or {})))
+        self._awaited.add(request_id)
         return request_id
 
     def wait(self, request_id: int, timeout: float, idle: Callable[[], None] | None = None,
@@ -61,6 +68,8 @@ class ControlClient:
         while request_id not in self._early:
             left = deadline - time.monotonic()
             if left <= 0:
+                # Given up: a reply that comes later is dropped, not kept for ever.
+                self._awaited.discard(request_id)
                 raise BusUnavailable(f"no reply to {command!r} from the coordinator at {self.endpoint} within "
                                      f"{timeout:.1f} s: is bus-coordinator running and bound there"
                                      + (", and is this client's CURVE key on its allow-list?" if self._curve else "?"))
@@ -69,14 +78,15 @@ class ControlClient:
                     msg = P.decode(self._sock.recv(zmq.NOBLOCK))
                 except (P.ProtocolError, zmq.Again):
                     continue
-                if type(msg) is P.Reply and msg.request_id <= self._issued and len(self._early) < 64:
-                    self._early[msg.request_id] = msg  # ours: this request's, or one still awaited
+                if type(msg) is P.Reply and msg.request_id in self._awaited:
+                    self._early[msg.request_id] = msg  # this request's, or one still awaited
             elif idle is not None:
                 idle()
         msg = self._early.pop(request_id)
+        self._awaited.discard(request_id)
         if not msg.ok:
             raise ControlFailed(f"coordinator at {self.endpoint} refused {command!r}: "
-                                f"{msg.result.get('error', msg.result)}")
+                                f"{msg.result.get('error', msg.result)}", msg.result.get("code"))
         return msg.result
 
     def request(self, command: str, args: dict | None = None, timeout: float = 5.0,

@@ -10,34 +10,52 @@ Procfile, so an operator sets ``BUS_ENDPOINT`` once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_ENDPOINT", "read_dotenv", "dotenv_defaults", "configure_logging", "limit_threads",
-           "set_batch_scheduling"]
+__all__ = ["DEFAULT_ENDPOINT", "MODES", "DEFAULTS", "Defaults", "read_dotenv", "dotenv_defaults",
+           "configure_logging", "limit_threads", "set_batch_scheduling"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+#: The coordinator's schedules (docs/protocol.md).
+MODES = ("lockstep", "async")
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """Every default that more than one process must agree on, in one place: the
+    coordinator's Settings, the agent runtime, busbench and every command's ``--help``
+    read them from here."""
+
+    mode: str = "lockstep"
+    #: seconds a tick (lock-step) or an observation (async) waits for its answer
+    deadline: float = 1.0
+    #: heartbeat interval in seconds, both ways
+    heartbeat: float = 0.5
+    #: a peer silent for heartbeat x liveness seconds is presumed gone
+    liveness: int = 3
+    #: an agent's reconnection back-off, doubling from min to max (seconds)
+    backoff_min: float = 0.05
+    backoff_max: float = 2.0
+
+
+DEFAULTS = Defaults()
 
 
 def read_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
-    """Parse a ``KEY=value`` file (comments, blank lines, ``export`` and quotes allowed)."""
-    values: dict[str, str] = {}
+    """``KEY=value`` pairs of a ``.env`` file, read by python-dotenv (comments, quotes,
+    inline ``# comments``, ``export``); a missing or unreadable file is empty."""
+    from dotenv import dotenv_values
+
+    if not Path(path).is_file():
+        return {}
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return values
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
+        return {k: v for k, v in dotenv_values(path, interpolate=False).items() if v is not None}
+    except (OSError, UnicodeDecodeError):
+        return {}
 
 
 def dotenv_defaults(options: dict[str, str], path: str | os.PathLike = ".env") -> dict[str, str]:

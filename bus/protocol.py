@@ -100,6 +100,8 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 10
     UNKNOWN_COMMAND = 11
     UNEXPECTED = 12
+    BUSY = 13
+    TIMED_OUT = 14
 
 
 #: What the receiver of each error should do about it.  Part of the protocol.
@@ -116,6 +118,8 @@ ERROR_HINTS: dict[ErrorCode, str] = {
     ErrorCode.SHUTTING_DOWN: "reconnect with HELLO once the coordinator is back",
     ErrorCode.UNKNOWN_COMMAND: "use a CONTROL command listed in docs/protocol.md",
     ErrorCode.UNEXPECTED: "report this as a bug, with the coordinator's log",
+    ErrorCode.BUSY: "a measurement is already running: retry once it has replied",
+    ErrorCode.TIMED_OUT: "the request's timeout_s passed first: check that the agents it waits for are running",
 }
 
 

@@ -26,9 +26,13 @@ from typing import Callable
 
 import psutil
 
+from agentbus_zmq.bus.config import DEFAULTS
 from agentbus_zmq.busbench.procs import Child
+from agentbus_zmq.coordinator.world import WorldConfig
 from agentbus_zmq.bus.client import ControlClient
 from agentbus_zmq.bus.security import ClientKeys, generate
+
+_WORLD = WorldConfig()
 
 __all__ = ["BenchConfig", "measure_r1", "run_one", "environment", "cores", "slope", "MB"]
 
@@ -43,17 +47,17 @@ class BenchConfig:
     kind: str = "explorer"
     backend: str = "numpy"
     policy_len: int = 1
-    mode: str = "lockstep"
+    mode: str = DEFAULTS.mode
     steps: int = 0
     duration: float = 5.0
     warmup: int = 50
     transport: str = "ipc"
     seed: int = 0
-    width: int = 5
-    height: int = 5
-    obstacles: int = 2
-    goals: int = 2
-    deadline: float = 1.0
+    width: int = _WORLD.width
+    height: int = _WORLD.height
+    obstacles: int = _WORLD.obstacles
+    goals: int = _WORLD.goals
+    deadline: float = DEFAULTS.deadline
     timeout: float = 300.0
     solo_duration: float = 2.0
     connect: str | None = None

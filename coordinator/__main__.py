@@ -7,7 +7,7 @@ import sys
 import click
 import zmq
 
-from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults
+from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.coordinator.core import MODES, Settings
@@ -29,21 +29,23 @@ _ENV = {
     "spin_us": "BUS_COORDINATOR_SPIN_US",
 }
 
+_WORLD = WorldConfig()
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bind", envvar=_ENV["bind"], default=DEFAULT_ENDPOINT, show_default=True,
               help="Endpoint to bind the ROUTER on (tcp://host:port or ipc:///path).")
-@click.option("--mode", envvar=_ENV["mode"], type=click.Choice(MODES), default="lockstep", show_default=True,
+@click.option("--mode", envvar=_ENV["mode"], type=click.Choice(MODES), default=DEFAULTS.mode, show_default=True,
               help="lockstep: ticks close when every agent answered; async: each agent steps on its own.")
-@click.option("--deadline", envvar=_ENV["deadline"], type=float, default=1.0, show_default=True,
+@click.option("--deadline", envvar=_ENV["deadline"], type=float, default=DEFAULTS.deadline, show_default=True,
               help="Seconds a tick (or, async, an observation) waits for answers.")
-@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=0.5, show_default=True,
-              help="Heartbeat interval in seconds; a peer silent for 3 intervals is dead.")
-@click.option("--width", envvar=_ENV["width"], type=int, default=5, show_default=True)
-@click.option("--height", envvar=_ENV["height"], type=int, default=5, show_default=True)
-@click.option("--obstacles", envvar=_ENV["obstacles"], type=int, default=2, show_default=True)
-@click.option("--goals", envvar=_ENV["goals"], type=int, default=2, show_default=True)
-@click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True,
+@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True,
+              help=f"Heartbeat interval in seconds; a peer silent for {DEFAULTS.liveness} intervals is dead.")
+@click.option("--width", envvar=_ENV["width"], type=int, default=_WORLD.width, show_default=True)
+@click.option("--height", envvar=_ENV["height"], type=int, default=_WORLD.height, show_default=True)
+@click.option("--obstacles", envvar=_ENV["obstacles"], type=int, default=_WORLD.obstacles, show_default=True)
+@click.option("--goals", envvar=_ENV["goals"], type=int, default=_WORLD.goals, show_default=True)
+@click.option("--seed", envvar=_ENV["seed"], type=int, default=_WORLD.seed, show_default=True,
               help="World layout and placement seed (same seed, same world).")
 @click.option("--endpoint-file", type=click.Path(dir_okay=False), default=None,
               help="Write the endpoint actually bound here (useful with a wildcard port, tcp://127.0.0.1:*).")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.protocol import ErrorCode
-from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
+from agentbus_zmq.coordinator.core import AgentState, CoordinatorCore, IllegalTransition, Settings, TickPhase
 from agentbus_zmq.coordinator.metrics import Histogram
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
@@ -31,7 +31,7 @@ class Harness:
         return self.take()
 
     def take(self) -> list:
-        out, self.core.outbox = self.core.outbox, []
+        out = self.core.take_outbox()
         return [(peer, P.decode(frame)) for peer, frame in out]
 
     def advance(self, seconds: float) -> list:
@@ -203,7 +203,7 @@ def test_measure_window_is_opened_and_closed_by_steps():
     for _ in range(20):
         for peer, agent in ((b"p1", "a1"), (b"p2", "a2")):
             e = h.core.agents[agent]
-            if e.pending >= 0:
+            if e.state is AgentState.STEPPING:
                 h.now += 0.001
                 replies += [m for _, m in h.send(peer, P.Action(e.pending, 4, 100)) if type(m) is P.Reply]
     assert len(replies) == 1 and replies[0].ok and replies[0].request_id == 9
@@ -218,12 +218,94 @@ def test_measure_times_out_with_a_reason():
     out = h.advance(2.5)
     reply = [m for _, m in out if type(m) is P.Reply][0]
     assert not reply.ok and "waiting" in reply.result["error"]
+    assert reply.result["code"] == ErrorCode.TIMED_OUT and reply.result["hint"]
 
 
-def test_unknown_control_command_is_refused():
+def test_unknown_control_command_is_refused_with_a_code():
     h = Harness()
     out = h.send(b"c", P.Control(1, "reboot", {}))
     assert out[0][1].ok is False and "unknown command" in out[0][1].result["error"]
+    assert out[0][1].result["code"] == ErrorCode.UNKNOWN_COMMAND == h.ledger.errors["UNKNOWN_COMMAND"] + 10
+
+
+@pytest.mark.parametrize("args", [
+    {"agents": float("inf"), "steps": 1}, {"agents": 1, "duration_s": float("nan")},
+    {"agents": 1, "steps": 1, "timeout_s": 1e9}, {"agents": "2", "steps": 1}, {"agents": 1, "steps": 1.5},
+    {"agents": True, "steps": 1}, {"agents": 0, "steps": 1}, {"agents": 1}, {"agents": 1, "steps": 1, "bogus": 1},
+])
+def test_measure_arguments_are_validated(args):
+    h = Harness()
+    (reply,) = [m for _, m in h.send(b"c", P.Control(3, "measure", args))]
+    assert reply.ok is False and reply.result["code"] == ErrorCode.BAD_FIELD
+    assert h.core._measure is None
+
+
+def test_a_second_measurement_is_refused_as_busy():
+    h = Harness()
+    assert h.send(b"c", P.Control(1, "measure", {"agents": 1, "steps": 5})) == []
+    (reply,) = [m for _, m in h.send(b"d", P.Control(2, "measure", {"agents": 1, "steps": 5}))]
+    assert reply.result["code"] == ErrorCode.BUSY
+
+
+def test_states_move_only_as_the_table_allows():
+    h = Harness()
+    h.send(b"p1", P.Hello("a1", "test", 1))
+    entry = h.core.agents["a1"]
+    assert entry.state is AgentState.JOINING
+    with pytest.raises(IllegalTransition):
+        entry.move("answer")
+    h.send(b"p1", P.Heartbeat())
+    assert entry.state is AgentState.STEPPING and h.core.phase is TickPhase.OPEN
+    h.send(b"p1", P.Action(0, 4, 0))
+    assert entry.state is AgentState.STEPPING and entry.pending == 1  # the next tick's observation
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async"])
+def test_an_action_past_its_deadline_is_late_even_if_the_timer_has_not_run(mode):
+    h = Harness(mode=mode, deadline=0.05)
+    h.hello(b"p1", "a1")
+    h.now += 0.11                          # the driver was busy: no on_timer in between
+    out = h.send(b"p1", P.Action(0, 4, 0))
+    assert h.ledger.received == 0 and (h.ledger.late, h.ledger.missing) == (1, 0)
+    assert [m.tick for m in observations(out)] == [1] and h.core.agents["a1"].pending == 1  # the next one
+    assert h.ledger.balanced()
+
+
+def test_async_deadlines_set_the_timeout_not_the_heartbeat_sweep():
+    h = Harness(mode="async", deadline=0.05, heartbeat=0.5)
+    h.hello(b"p1", "a1")
+    h.advance(0.0)
+    assert h.core.next_timeout(h.now) == pytest.approx(0.05)
+    out = h.advance(0.05)
+    assert [m.tick for m in observations(out)] == [1] and h.ledger.missing == 1
+
+
+def test_a_window_counts_only_what_happened_inside_it():
+    h = Harness(mode="async", deadline=0.05)
+    h.hello(b"p1", "a1")
+    h.hello(b"p2", "a2")
+    h.advance(0.06)                        # both observations (tick 0) expire before the window
+    h.send(b"bench", P.Control(5, "measure", {"agents": 1, "steps": 3}))
+    h.send(b"p1", P.Action(1, 4, 0))       # a1's first step opens the window (no warm-up)
+    h.send(b"p2", P.Action(0, 4, 0))       # late answer to a pre-window observation
+    replies = []
+    for tick in (2, 3, 4):
+        replies += [m for _, m in h.send(b"p1", P.Action(tick, 4, 0)) if type(m) is P.Reply]
+    (reply,) = replies
+    w = reply.result["window"]
+    assert (w["missing"], w["late"], w["received"]) == (0, 0, 3)
+    assert h.ledger.late == 1
+
+
+def test_restarts_are_counted_per_agent_in_stats():
+    h = Harness()
+    h.hello(b"p1", "a1")
+    h.hello(b"p2", "a1")
+    h.send(b"p2", P.Bye("gone"))
+    h.hello(b"p3", "a1")
+    h.hello(b"p4", "a2")
+    stats = [m for _, m in h.send(b"c", P.Control(1, "stats", {}))][0].result
+    assert stats["restarts"] == {"a1": 2}
 
 
 def test_shutdown_says_bye_to_everyone():
@@ -237,7 +319,7 @@ def test_shutdown_says_bye_to_everyone():
     assert h.hello(b"p3", "a3")[0][1].code == ErrorCode.SHUTTING_DOWN
 
 
-events = st.lists(st.tuples(st.sampled_from(["hello", "act", "stale", "bye", "wait", "hb"]),
+events = st.lists(st.tuples(st.sampled_from(["hello", "act", "late", "stale", "bye", "wait", "drift", "hb", "measure"]),
                             st.integers(0, 3), st.floats(0.0, 1.0)), max_size=60)
 
 
@@ -251,8 +333,18 @@ def test_ledger_always_balances(mode, script):
         entry = h.core.agents.get(agent)
         if kind == "hello":
             h.hello(peer, agent)
-        elif kind == "act" and entry is not None and entry.pending >= 0:
+        elif kind == "act" and entry is not None and entry.state is AgentState.STEPPING:
+            received, sent_at = h.ledger.received, entry.sent_at
             h.send(peer, P.Action(entry.pending, i % 5, 5))
+            if h.ledger.received > received:   # counted in time only if it was in time
+                assert h.now - sent_at < 0.5
+        elif kind == "late" and entry is not None and entry.overdue:
+            h.send(peer, P.Action(entry.overdue[0][0], 0, 0))
+        elif kind == "drift":                  # time passes; the driver has not run the timer
+            h.now += dt
+        elif kind == "measure":
+            replies = [m for _, m in h.send(b"bench", P.Control(i, "measure", {"agents": 1, "steps": 1 + i}))]
+            assert all(m.result.get("code") == ErrorCode.BUSY for m in replies if not m.ok)
         elif kind == "stale":
             h.send(peer, P.Action(10_000 + i, 0, 0))
         elif kind == "bye":
@@ -263,8 +355,11 @@ def test_ledger_always_balances(mode, script):
             h.advance(dt)
         ledger = h.ledger
         assert ledger.balanced(), ledger.snapshot()
-        assert ledger.outstanding == sum(1 for e in h.core.agents.values() if e.pending >= 0)
+        assert ledger.outstanding == sum(1 for e in h.core.agents.values() if e.state is AgentState.STEPPING)
         assert min(ledger.missing, ledger.late, ledger.outstanding) >= 0
+        m = h.core._measure
+        if m is not None:
+            assert min(m.sent, m.received, m.late, m.missing, m.undeliverable) >= 0
 
 
 @given(st.lists(st.floats(0, 1e7), min_size=1, max_size=500))

@@ -1,0 +1,55 @@
+"""The control client against a scripted ROUTER in this process: replies it has given up
+on are dropped, never kept, so a long wait still sees its own answer."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.client import BusUnavailable, ControlClient, ControlFailed
+
+
+@pytest.fixture
+def router(tmp_path):
+    sock = sockets.router(f"ipc://{tmp_path}/r.ipc")
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+
+
+def _requests(router: zmq.Socket, n: int) -> list[tuple[bytes, P.Control]]:
+    out = []
+    while len(out) < n:
+        assert router.poll(5000), f"only {len(out)} of {n} requests arrived"
+        peer, frame = router.recv_multipart()
+        out.append((peer, P.decode(frame)))
+    return out
+
+
+def test_replies_to_abandoned_requests_never_crowd_out_a_live_one(router, tmp_path):
+    with ControlClient(f"ipc://{tmp_path}/r.ipc") as client:
+        for _ in range(100):                       # a coordinator that is not answering yet
+            with pytest.raises(BusUnavailable):
+                client.request("ping", timeout=0.001)
+        old = _requests(router, 100)
+        for peer, req in old:                     # ... then answers every one of them late
+            router.send_multipart([peer, P.encode(P.Reply(req.request_id, True, {"late": True}))])
+        live = client.send("ping")
+        ((peer, req),) = _requests(router, 1)
+        router.send_multipart([peer, P.encode(P.Reply(req.request_id, True, {"session": "s"}))])
+        assert client.wait(live, timeout=10) == {"session": "s"}
+        assert client._early == {} and client._awaited == set()
+
+
+def test_a_refusal_carries_its_code(router, tmp_path):
+    with ControlClient(f"ipc://{tmp_path}/r.ipc") as client:
+        rid = client.send("measure", {"agents": 1})
+        ((peer, req),) = _requests(router, 1)
+        refusal = {"error": "no", "code": int(P.ErrorCode.BAD_FIELD)}
+        router.send_multipart([peer, P.encode(P.Reply(req.request_id, False, refusal))])
+        with pytest.raises(ControlFailed) as info:
+            client.wait(rid, timeout=10, command="measure")
+        assert info.value.code == P.ErrorCode.BAD_FIELD and str(tmp_path) in str(info.value)
