@@ -8,7 +8,10 @@ import sys
 
 import click
 
-from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, configure_logging, dotenv_defaults, limit_threads
+from agentbus_zmq.agents.kinds import KINDS
+from agentbus_zmq.agents.kinds.explorer import BACKENDS
+from agentbus_zmq.agents.supervisor import RestartPolicy
+from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, limit_threads
 
 _ENV = {
     "endpoint": "BUS_ENDPOINT",
@@ -25,7 +28,11 @@ _ENV = {
     "sched": "BUS_AGENT_SCHED",
     "restart": "BUS_AGENT_RESTART",
     "spin_us": "BUS_AGENT_SPIN_US",
+    "max_restarts": "BUS_AGENT_MAX_RESTARTS",
+    "restart_period": "BUS_AGENT_RESTART_PERIOD",
+    "restart_backoff": "BUS_AGENT_RESTART_BACKOFF",
 }
+_POLICY = RestartPolicy()
 
 def client_keys(server_key: str | None, key: str | None):
     """CURVE keys from the two options, or None when neither is given."""
@@ -48,18 +55,26 @@ def default_agent_id() -> str:
               help="Coordinator endpoint to connect to.")
 @click.option("--id", "agent_id", envvar=_ENV["agent_id"], default=None,
               help="Agent id [default: $HONCHO_PROCESS_NAME, else host-pid]; with --replicas, ID-1 .. ID-N.")
-@click.option("--kind", envvar=_ENV["kind"], type=click.Choice(["explorer", "null"]), default="explorer",
+@click.option("--kind", envvar=_ENV["kind"], type=click.Choice(list(KINDS)), default="explorer",
               show_default=True)
-@click.option("--backend", envvar=_ENV["backend"], type=click.Choice(["numpy", "jax"]), default="numpy",
+@click.option("--backend", envvar=_ENV["backend"], type=click.Choice(BACKENDS), default=BACKENDS[0],
               show_default=True, help="Explorer inference backend.")
 @click.option("--policy-len", envvar=_ENV["policy_len"], type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 4096), default=1, show_default=True,
               help="Fork this many agent processes from one prepared parent.")
-@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=0.5, show_default=True)
+@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True)
 @click.option("--sched", envvar=_ENV["sched"], type=click.Choice(["batch", "default"]), default="batch",
               show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
 @click.option("--restart/--no-restart", envvar=_ENV["restart"], default=False, show_default=True,
-              help="With --replicas: fork an agent that died again, under the same id.")
+              help="Fork an agent that died again, under the same id, backing off from --restart-backoff "
+                   "seconds (doubling, at most 30 s).")
+@click.option("--max-restarts", envvar=_ENV["max_restarts"], type=click.IntRange(0), default=_POLICY.intensity,
+              show_default=True, help="With --restart: give up (stop all, exit 1) when one agent dies more than "
+                                      "this often within --restart-period.")
+@click.option("--restart-period", envvar=_ENV["restart_period"], type=click.FloatRange(0, min_open=True),
+              default=_POLICY.period, show_default=True, help="Seconds over which --max-restarts counts.")
+@click.option("--restart-backoff", envvar=_ENV["restart_backoff"], type=click.FloatRange(0, min_open=True),
+              default=_POLICY.backoff_min, show_default=True, help="Seconds before the first restart.")
 @click.option("--spin-us", envvar=_ENV["spin_us"], type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="After each action, busy-poll this many microseconds for the next observation before "
                    "sleeping. Keeps a core hot when every agent has one; costs CPU otherwise (0: never).")
@@ -70,16 +85,16 @@ def default_agent_id() -> str:
 @click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: this agent's .key_secret file.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, restart, spin_us, max_steps, seed,
-        curve_server_key, curve_key, log_level):
+def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, restart, max_restarts,
+        restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
-    from agentbus_zmq.agents.kinds import create
+    from agentbus_zmq.agents.kinds import KindUnavailable, create, kind_options
     from agentbus_zmq.agents.launcher import launch
     from agentbus_zmq.bus.protocol import Hello, ProtocolError
     from agentbus_zmq.bus.sockets import check_endpoint
 
-    options = {"backend": backend, "policy_len": policy_len, "seed": seed} if kind == "explorer" else {}
+    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed)
     agent_id = agent_id or default_agent_id()
     try:  # the longest id the replicas will use, checked before anything forks
         Hello.from_wire([agent_id if replicas == 1 else f"{agent_id}-{replicas}", kind, 0])
@@ -93,9 +108,15 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
         curve = client_keys(curve_server_key, curve_key)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    sys.exit(launch(lambda: create(kind, **options), endpoint, agent_id, replicas,
-                    batch=sched == "batch", restart=restart, heartbeat=heartbeat, max_steps=max_steps, curve=curve,
-                    spin=spin_us / 1e6))
+    policy = RestartPolicy(backoff_min=restart_backoff, backoff_max=max(restart_backoff, _POLICY.backoff_max),
+                           intensity=max_restarts, period=restart_period)
+    try:
+        status = launch(lambda: create(kind, **options), endpoint, agent_id, replicas, batch=sched == "batch",
+                        restart=restart, policy=policy, heartbeat=heartbeat, max_steps=max_steps, curve=curve,
+                        spin=spin_us / 1e6)
+    except KindUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,8 @@ thread of its own before it forks; every child creates its context itself (see
 backend is imported by each child after the fork instead.
 
 The parent supervises: it forwards SIGINT/SIGTERM to its children, reaps them, and
-exits non-zero if any child failed.  Children die with the parent (PR_SET_PDEATHSIG),
+exits non-zero if any child failed.  With ``--restart`` it forks a dead agent again,
+backing off and giving up as ``agents.supervisor`` decides.  Children die with the parent (PR_SET_PDEATHSIG),
 so a SIGKILLed launcher leaves nothing behind.
 """
 
@@ -27,6 +28,7 @@ from typing import Callable
 
 from agentbus_zmq.agents.runtime import Runtime
 from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.agents.supervisor import Restart, RestartPolicy, Supervisor
 from agentbus_zmq.bus.config import set_batch_scheduling
 from agentbus_zmq.bus.signals import StopSignal
 
@@ -40,11 +42,15 @@ _PR_SET_PDEATHSIG = 1
 
 
 def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1,
-           batch: bool = True, restart: bool = False, **runtime_options) -> int:
-    """Run ``replicas`` agents made by ``factory``; returns the exit status."""
+           batch: bool = True, restart: bool = False, policy: RestartPolicy = RestartPolicy(),
+           **runtime_options) -> int:
+    """Run ``replicas`` agents made by ``factory``; returns the exit status.
+
+    With ``restart``, agents that die are forked again under ``policy`` (even a single
+    one: it then runs in a child of this process)."""
     if batch and not set_batch_scheduling():
         log.debug("SCHED_BATCH is not available here; agents run under the default policy")
-    if replicas == 1:
+    if replicas == 1 and not restart:
         agent = factory()
         agent.prepare()
         return Runtime(agent, endpoint, agent_id, **runtime_options).run()
@@ -60,9 +66,10 @@ def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas:
             os._exit(_child(factory, endpoint, child_id, parent, runtime_options))
         return pid
 
-    children = {spawn(f"{agent_id}-{i}"): f"{agent_id}-{i}" for i in range(1, replicas + 1)}
-    log.info("started %d %s agents (%s-1 .. %s-%d)", replicas, template.kind, agent_id, agent_id, replicas)
-    return _supervise(children, spawn if restart else None)
+    ids = [agent_id] if replicas == 1 else [f"{agent_id}-{i}" for i in range(1, replicas + 1)]
+    children = {spawn(child_id): child_id for child_id in ids}
+    log.info("started %d %s agents (%s .. %s)", replicas, template.kind, ids[0], ids[-1])
+    return _supervise(children, spawn, Supervisor(policy) if restart else None)
 
 
 def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: dict) -> int:
@@ -87,22 +94,34 @@ def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: 
         return 1
 
 
-def _supervise(children: dict[int, str], respawn: Callable[[str], int] | None) -> int:
-    """Reap children; with ``respawn``, fork a dead agent again under the same id (it
-    rejoins with HELLO and the coordinator replaces its registration)."""
+def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor: Supervisor | None) -> int:
+    """Reap children; with a ``supervisor``, fork a dead agent again under the same id
+    when it says so (the agent rejoins with HELLO and the coordinator replaces its
+    registration), and stop everything when it gives up."""
     failed: list[str] = []
+    gave_up: str | None = None
+    due: dict[str, float] = {}  # agent id -> when to fork it again
     stop_at: float | None = None
+    clock = time.monotonic
     with StopSignal() as stop:
-        while children:
-            if stop.requested is not None and stop_at is None:
-                log.info("signal %d: stopping %d agents", stop.requested, len(children))
+        while children or (due and stop.requested is None and gave_up is None):
+            if (stop.requested is not None or gave_up) and stop_at is None:
+                if stop.requested is not None:
+                    log.info("signal %d: stopping %d agents", stop.requested, len(children))
                 _signal_all(children, signal.SIGTERM)
-                stop_at = time.monotonic() + STOP_GRACE_S
-            if stop_at is not None and time.monotonic() >= stop_at:
+                stop_at = clock() + STOP_GRACE_S
+                due.clear()
+            if stop_at is not None and clock() >= stop_at:
                 log.warning("%d agents did not stop within %.0f s: killing them", len(children), STOP_GRACE_S)
                 _signal_all(children, signal.SIGKILL)
                 stop_at = float("inf")
-            select.select([stop.fd], [], [], 0.1)
+            now = clock()
+            for agent_id, at in list(due.items()):
+                if now >= at:
+                    del due[agent_id]
+                    children[spawn(agent_id)] = agent_id
+            wait = min([0.1, *(at - now for at in due.values())])
+            select.select([stop.fd], [], [], max(wait, 0.0))
             stop.drain()
             while children:
                 try:
@@ -113,16 +132,26 @@ def _supervise(children: dict[int, str], respawn: Callable[[str], int] | None) -
                 if pid == 0:
                     break
                 agent_id = children.pop(pid, None)
+                if agent_id is None:
+                    continue
                 code = os.waitstatus_to_exitcode(status)
-                stopped_by_us = stop.requested is not None and code in (-signal.SIGTERM, -signal.SIGKILL)
-                if code != 0 and not stopped_by_us:
-                    if respawn is not None and stop.requested is None:
-                        log.warning("agent %s (pid %d) exited with status %d: restarting it", agent_id, pid, code)
-                        children[respawn(agent_id)] = agent_id
+                stopping = stop.requested is not None or gave_up is not None
+                if code == 0 or (stopping and code in (-signal.SIGTERM, -signal.SIGKILL)):
+                    continue
+                if supervisor is not None and not stopping:
+                    decision = supervisor.on_exit(agent_id, clock())
+                    if isinstance(decision, Restart):
+                        log.warning("agent %s (pid %d) exited with status %d: restart %d in %.1f s", agent_id,
+                                    pid, code, decision.attempt, decision.at - clock())
+                        due[agent_id] = decision.at
                         continue
-                    failed.append(agent_id)
-                    log.error("agent %s (pid %d) exited with status %d", agent_id, pid, code)
-    if failed:
+                    gave_up = decision.reason
+                    log.error("%s; stopping the other agents", decision.reason)
+                failed.append(agent_id)
+                log.error("agent %s (pid %d) exited with status %d", agent_id, pid, code)
+    if supervisor is not None and supervisor.restarts:
+        log.info("restarts: %s", ", ".join(f"{a} {n}" for a, n in sorted(supervisor.restarts.items())))
+    if failed or gave_up:
         log.error("%d agents failed: %s", len(failed), ", ".join(sorted(failed)))
         return 1
     return 0

@@ -27,6 +27,8 @@ class Agent:
 
     #: Reported to the coordinator in HELLO; must match ``[A-Za-z0-9._:@/+-]{1,128}``.
     kind = "custom"
+    #: Names of the keyword options ``__init__`` takes (``bus-agent`` passes only these).
+    OPTIONS: tuple[str, ...] = ()
 
     def prepare(self) -> None:
         """Load heavy libraries.  Runs once, before any fork and before any socket exists."""

@@ -15,12 +15,15 @@ import time
 
 import click
 
-from agentbus_zmq.bus.config import limit_threads
+from agentbus_zmq.agents.kinds import KINDS
+from agentbus_zmq.agents.kinds.explorer import BACKENDS
+from agentbus_zmq.bus.config import MODES, limit_threads
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.busbench import report as rpt
 from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_r1, run_one
 
 EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
+_CFG = BenchConfig()
 
 
 def _counts(text: str) -> list[int]:
@@ -72,23 +75,23 @@ class _Progress:
 @click.option("--agents", type=click.IntRange(1, 4096), default=None,
               help="Agent processes to run [default: 20; with --connect, those registered].")
 @click.option("--sweep", default=None, help="Comma-separated agent counts, e.g. 1,2,5,10,20.")
-@click.option("--agent-kind", type=click.Choice(["explorer", "null"]), default="explorer")
-@click.option("--backend", type=click.Choice(["numpy", "jax"]), default="numpy", help="Explorer inference backend.")
-@click.option("--policy-len", type=click.IntRange(1, 8), default=1)
-@click.option("--mode", type=click.Choice(["lockstep", "async"]), default="lockstep", help="Coordinator schedule.")
-@click.option("--steps", type=click.IntRange(0), default=0, help="Agent-steps in the measured window (0: --duration).")
-@click.option("--duration", type=click.FloatRange(0), default=5.0, help="Seconds of measured window (without --steps).")
-@click.option("--timeout", type=click.FloatRange(1), default=300.0,
+@click.option("--agent-kind", type=click.Choice(list(KINDS)), default=_CFG.kind)
+@click.option("--backend", type=click.Choice(BACKENDS), default=_CFG.backend, help="Explorer inference backend.")
+@click.option("--policy-len", type=click.IntRange(1, 8), default=_CFG.policy_len)
+@click.option("--mode", type=click.Choice(MODES), default=_CFG.mode, help="Coordinator schedule.")
+@click.option("--steps", type=click.IntRange(0), default=_CFG.steps, help="Agent-steps in the measured window (0: --duration).")
+@click.option("--duration", type=click.FloatRange(0), default=_CFG.duration, help="Seconds of measured window (without --steps).")
+@click.option("--timeout", type=click.FloatRange(1), default=_CFG.timeout,
               help="Seconds one count may take, start-up and warm-up included (at least --duration + 120).")
-@click.option("--warmup", type=click.IntRange(0), default=50, help="Warm-up steps per agent, excluded.")
+@click.option("--warmup", type=click.IntRange(0), default=_CFG.warmup, help="Warm-up steps per agent, excluded.")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, help="Repeat each count; report medians and spread.")
-@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc")
-@click.option("--seed", type=int, default=0)
-@click.option("--width", type=click.IntRange(1), default=5, help="World width (the model has width x height states).")
-@click.option("--height", type=click.IntRange(1), default=5)
+@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=_CFG.transport)
+@click.option("--seed", type=int, default=_CFG.seed)
+@click.option("--width", type=click.IntRange(1), default=_CFG.width, help="World width (the model has width x height states).")
+@click.option("--height", type=click.IntRange(1), default=_CFG.height)
 @click.option("--connect", default=None, metavar="ENDPOINT",
               help="Measure a coordinator already running there instead of starting one.")
-@click.option("--spin", type=click.Choice(["auto", "off", "agents", "all"]), default="auto",
+@click.option("--spin", type=click.Choice(["auto", "off", "agents", "all"]), default=_CFG.spin,
               help="Busy-poll for the next message instead of sleeping at once: auto does it where every "
                    "spinning process has a core of its own (docs/performance.md).")
 @click.option("--chaos-kill-rate", type=click.FloatRange(0), default=0.0, metavar="R",

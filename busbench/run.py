@@ -78,10 +78,15 @@ class BenchConfig:
     def free_cells(self) -> int:
         return self.width * self.height - self.obstacles
 
+    def kind_options(self) -> dict:
+        """The options the agents get: the same for bus-agent and for r1 (solo)."""
+        return {"backend": self.backend, "policy_len": self.policy_len, "seed": self.seed}
+
     def agent_args(self) -> list[str]:
-        args = ["--kind", self.kind, "--seed", str(self.seed)]
-        if self.kind == "explorer":
-            args += ["--backend", self.backend, "--policy-len", str(self.policy_len)]
+        """bus-agent's options for this kind (bus-agent passes the kind only those it takes)."""
+        args = ["--kind", self.kind]
+        for name, value in self.kind_options().items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
         return args
 
 
@@ -113,8 +118,7 @@ def spin_plan(spin: str, n: int, c: int) -> tuple[int, int]:
 
 def measure_r1(cfg: BenchConfig) -> dict:
     """r1 in a process of its own (``python -m busbench.solo``)."""
-    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.solo", "--kind", cfg.kind, "--backend", cfg.backend,
-           "--policy-len", str(cfg.policy_len), "--world", json.dumps(cfg.world()),
+    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.solo", *cfg.agent_args(), "--world", json.dumps(cfg.world()),
            "--warmup", str(max(cfg.warmup, 100)), "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + cfg.solo_duration, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
@@ -254,7 +258,9 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
             client.wait_ready(10)
             request = client.send("measure", args)
             if not cfg.connect:
-                restart = ["--restart"] if cfg.chaos_kill_rate > 0 else []
+                # chaos kills on purpose: restart at once, and never give up on it
+                restart = (["--restart", "--restart-backoff", "0.05", "--max-restarts", str(10**9)]
+                           if cfg.chaos_kill_rate > 0 else [])
                 agents = Child("agents", "agentbus_zmq.agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
                                                      "--spin-us", str(agent_spin), "--log-level", "WARNING",
                                                      *cfg.agent_args(), *client_args,

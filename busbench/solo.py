@@ -50,11 +50,14 @@ def solo_rate(kind: str, options: dict, world: dict, warmup_steps: int, duration
 @click.option("--kind", default="explorer")
 @click.option("--backend", default="numpy")
 @click.option("--policy-len", type=int, default=1)
+@click.option("--seed", type=int, default=0)
 @click.option("--world", "world_json", default="{}", help="WorldConfig fields as JSON.")
 @click.option("--warmup", type=int, default=200)
 @click.option("--duration", type=float, default=2.0)
-def cli(kind, backend, policy_len, world_json, warmup, duration):
-    options = {"backend": backend, "policy_len": policy_len} if kind == "explorer" else {}
+def cli(kind, backend, policy_len, seed, world_json, warmup, duration):
+    from agentbus_zmq.agents.kinds import kind_options
+
+    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed)
     result = solo_rate(kind, options, json.loads(world_json), warmup, duration)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from typing import Callable
 
+import psutil
 import pytest
 
 from agentbus_zmq.busbench.procs import Child
@@ -13,6 +18,35 @@ from agentbus_zmq.bus.config import limit_threads
 
 # Tests start many Python processes on 2 cores: keep each single-threaded.
 limit_threads()
+
+
+def cli_env() -> dict:
+    """The environment for a test's commands: the console scripts beside this interpreter
+    first on PATH (pip installs them there), and nothing from the checkout on the import
+    path, so the installed package is what runs."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def reap(proc: subprocess.Popen, extra: list[psutil.Process]) -> None:
+    """Kill what a test started with its own session, and any descendants it listed."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    for p in extra:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from agentbus_zmq.busbench import report as rpt
 from agentbus_zmq.busbench.__main__ import cli
 from agentbus_zmq.busbench.run import slope
-from tests.test_cli import _env
+from tests.conftest import cli_env as _env
 
 
 def _run(agents: int, rate: float, efficiency: float, lost: int = 0, balanced: bool = True, growth: float = 0.0,
@@ -151,7 +151,7 @@ def test_sweep_end_to_end_with_report_plot_and_gate(tmp_path):
     result = json.loads(out.read_text())
     assert [run["agents"] for run in result["runs"]] == [1, 2]
     for run in result["runs"]:
-        assert run["lost_steps"] == 0 and run["balanced"] and run["memory_growth"]["samples"] >= 0
+        assert run["lost_steps"] == 0 and run["balanced"] and run["memory_mb"]["processes"] == run["agents"]
     assert "## Overall status: PASS" in report.read_text()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -17,35 +17,9 @@ import pytest
 from agentbus_zmq.busbench.run import spin_plan
 from agentbus_zmq.bus.client import ControlClient
 from agentbus_zmq.bus.config import dotenv_defaults, read_dotenv
-from tests.conftest import wait_until
+from tests.conftest import cli_env as _env, descendants as _descendants, reap as _reap, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    # The console scripts live beside this interpreter (pip install puts them there).
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _reap(proc: subprocess.Popen, extra: list[psutil.Process]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    for p in extra:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def test_procfile_runs_a_live_bus_under_honcho(tmp_path):
@@ -173,7 +147,8 @@ def test_bad_options_are_usage_errors(tmp_path):
 
 
 def test_unusable_endpoints_are_refused_with_what_to_use(tmp_path):
-    for module, option in (("agents", "--endpoint"), ("coordinator", "--bind"), ("busbench", "--connect")):
+    for module, option in (("agentbus_zmq.agents", "--endpoint"), ("agentbus_zmq.coordinator", "--bind"),
+                           ("agentbus_zmq.busbench", "--connect")):
         r = subprocess.run([sys.executable, "-m", module, option, "nonsense://x"], capture_output=True, text=True,
                            env=_env(), cwd=tmp_path, timeout=60)
         assert r.returncode == 2 and "tcp://HOST:PORT" in r.stderr, (module, r.stderr)

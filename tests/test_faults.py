@@ -133,31 +133,43 @@ def _children(launcher) -> dict[str, int]:
 
 def test_a_killed_agent_is_restarted_and_rejoins_under_its_id(bus):
     bus.coordinator()
-    launcher = bus.agents(3, "--kind", "null", "--restart")
+    launcher = bus.agents(3, "--kind", "null", "--restart", "--restart-backoff", "0.1")
     stats = bus.wait_agents(3)
     victim_id, victim_pid = sorted(stats["agent_pids"].items())[0]
     os.kill(victim_pid, signal.SIGKILL)
-    killed = time.monotonic()
     stats = wait_until(lambda: (s := bus.stats())["agent_pids"].get(victim_id, victim_pid) != victim_pid
-                       and victim_id in s["ready_ids"] and s, 10, "the agent to rejoin under its id")
-    assert time.monotonic() - killed < 5
+                       and victim_id in s["ready_ids"] and s, 20, "the agent to rejoin under its id")
+    assert stats["restarts"] == {victim_id: 1}        # the coordinator saw it register again
     assert len(stats["agent_pids"]) == 3 and stats["ledger"]["balanced"]
     assert launcher.proc.poll() is None
+    assert f"agent {victim_id} (pid {victim_pid}) exited with status -9: restart 1 in" in launcher.log_path.read_text()
 
 
-def test_a_hung_agent_stalls_the_others_no_longer_than_the_deadline(bus):
+def test_a_launcher_whose_agent_keeps_failing_gives_up_and_exits_non_zero(bus):
+    bus.coordinator()
+    # An ipc path longer than a socket address holds: every agent's connect raises
+    # ENAMETOOLONG in its runtime, after the fork -- a crash loop.
+    launcher = bus.agents(2, "--kind", "null", "--restart", "--restart-backoff", "0.01", "--max-restarts", "3",
+                          "--restart-period", "600", endpoint=f"ipc://{bus.tmp}/{'x' * 200}")
+    wait_until(lambda: launcher.proc.poll() is not None, 60, "the launcher to give up")
+    assert launcher.proc.returncode == 1
+    log = launcher.log_path.read_text()
+    assert "died 4 times within 600 s (the limit is 3 restarts): giving up" in log
+    assert log.count("restart 3 in") >= 1 and "restart 4 in" not in log
+
+
+def test_a_hung_agent_stalls_the_others_no_longer_than_the_deadline_and_liveness(bus):
     bus.coordinator(None, "--deadline", "0.2")
     bus.agents(3, "--kind", "null")
     stats = bus.wait_agents(3)
     victim = sorted(stats["agent_pids"].values())[0]
     os.kill(victim, signal.SIGSTOP)
     try:
-        t0, tick0 = time.monotonic(), bus.stats()["tick"]
-        # Until liveness expiry (1.5 s) ticks close at the deadline (0.2 s); after it, at full speed.
-        stats = bus.wait_agents(2, timeout=5, ready=False)
-        assert time.monotonic() - t0 < 3.0       # dropped after heartbeat x liveness (1.5 s)
-        assert stats["tick"] - tick0 >= 3        # ticks kept closing at the deadline meanwhile
-        assert stats["ledger"]["missing"] >= 1 and stats["ledger"]["balanced"]
+        stats = bus.wait_agents(2, timeout=10, ready=False)
+        # Dropped by liveness; until then ticks kept closing at the deadline, each one a
+        # missing step of the hung agent's.
+        assert stats["ledger"]["errors"]["expired"] == 1
+        assert stats["ledger"]["missing"] >= 3 and stats["ledger"]["balanced"]  # ~7 deadlines (0.2 s) in 1.5 s
         tick = bus.stats()["tick"]
         wait_until(lambda: bus.stats()["tick"] > tick + 100, 10, "the others to run at full speed")
     finally:
@@ -171,12 +183,12 @@ def test_chaos_run_balances_the_ledger(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_cli import _env
+    from tests.conftest import cli_env
 
     out = tmp_path / "chaos.json"
     r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", "--agents", "4", "--agent-kind", "null", "--duration", "4",
                         "--chaos-kill-rate", "1", "--format", "json", "--output", str(out)],
-                       capture_output=True, text=True, env=_env(), timeout=120, stdin=subprocess.DEVNULL)
+                       capture_output=True, text=True, env=cli_env(), timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     (run,) = json.loads(out.read_text())["runs"]
     assert run["chaos"]["kills"] >= 1 and run["chaos"]["recovered"] >= 1

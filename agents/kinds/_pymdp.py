@@ -21,6 +21,7 @@ hold a placeholder, and those still work, paying the import when first used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -51,6 +52,11 @@ def jax_agent_class():
 def _slim_import(module: str) -> types.ModuleType:
     if module in sys.modules:
         return sys.modules[module]
+    if importlib.util.find_spec("pymdp") is None:
+        from agentbus_zmq.agents.kinds import KindUnavailable
+
+        raise KindUnavailable("the explorer kind needs pymdp: pip install 'agentbus-zmq[pymdp]' "
+                              "(or install from requirements/all.txt)")
     import numpy  # noqa: F401 - the parent of two deferred modules must exist to hold them
 
     placeholders = {name: _Deferred(name) for name in DEFERRED if name not in sys.modules}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import zlib
 
-from agentbus_zmq.agents.model import build_model
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.bus.protocol import Welcome
 
@@ -30,8 +29,9 @@ GAMMA = ALPHA = 8.0
 
 class Explorer(Agent):
     kind = "explorer"
+    OPTIONS = ("backend", "policy_len", "seed")
 
-    def __init__(self, backend: str = "numpy", policy_len: int = 1, seed: int = 0, **_options):
+    def __init__(self, backend: str = BACKENDS[0], policy_len: int = 1, seed: int = 0):
         if backend not in BACKENDS:
             raise ValueError(f"explorer backend must be one of {BACKENDS}, got {backend!r}")
         if policy_len < 1:
@@ -58,6 +58,8 @@ class Explorer(Agent):
 
     def configure(self, world: dict, agent_id: str = "") -> None:
         """Build the model for ``world`` (WELCOME's ``params["world"]``)."""
+        from agentbus_zmq.agents.model import build_model  # numpy: not at import (limit_threads first)
+
         seed = zlib.crc32(agent_id.encode()) ^ self.seed
         model = build_model(world)
         self._impl = (_NumpyImpl if self.backend == "numpy" else _JaxImpl)(model, self.policy_len, seed)

@@ -9,8 +9,5 @@ STAY = 4
 class NullAgent(Agent):
     kind = "null"
 
-    def __init__(self, **_options):
-        pass
-
     def step(self, obs: list[int]) -> int:
         return STAY

@@ -1,0 +1,251 @@
+"""An agent's side of the protocol as a sans-IO state machine: bytes and time in, frames
+and timers out.
+
+:class:`AgentSession` is the twin of :class:`~agentbus_zmq.coordinator.core.CoordinatorCore`.
+It never touches a socket or a clock.  The runtime (``agents.runtime``) feeds it every
+frame with :meth:`~AgentSession.receive` and the time with :meth:`~AgentSession.on_timer`,
+sends what :meth:`~AgentSession.take_outbox` returns, and opens a fresh socket whenever
+the session asks for one (:attr:`~AgentSession.state` is ``CONNECTING``).  Tests drive it
+with a fake clock.
+
+States (:data:`TRANSITIONS` is the whole table)::
+
+    CONNECTING --connect--> HELLO_SENT --welcome--> REGISTERED
+    HELLO_SENT / REGISTERED --silence (heartbeat x liveness)--> BACKING_OFF
+    REGISTERED --NOT_REGISTERED / SHUTTING_DOWN error--> HELLO_SENT   (coordinator restarted)
+    REGISTERED --BYE from the coordinator--> BACKING_OFF
+    BACKING_OFF --backoff elapsed--> CONNECTING                        (a fresh socket)
+    any --stop--> STOPPED
+
+* Until WELCOME, HELLO is repeated every ``heartbeat`` (it is idempotent).
+* A WELCOME whose session or parameters differ from the last one is a new session
+  (the coordinator restarted, or was reconfigured): :class:`Welcomed` says so and the
+  runtime rebuilds the model (``on_start``) before saying it is ready.  The same WELCOME
+  again (a repeated HELLO's answer) needs no rebuild.
+* OBSERVATIONs outside REGISTERED are stale (an old session's): they are dropped.
+* Back-off doubles from ``backoff_min`` to ``backoff_max`` with each reconnection in a
+  row, and resets when a WELCOME arrives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+from agentbus_zmq.bus import config
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.protocol import ErrorCode
+
+__all__ = ["AgentSession", "SessionState", "Welcomed", "Refused", "Left", "BadFrame", "TRANSITIONS",
+           "IllegalTransition"]
+
+#: Errors after which the coordinator has forgotten us: say HELLO again at once.
+REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN})
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "connecting"    # wants a fresh socket, then HELLO
+    HELLO_SENT = "hello_sent"    # waiting for WELCOME
+    REGISTERED = "registered"    # stepping
+    BACKING_OFF = "backing_off"  # the coordinator went silent or left; waiting to reconnect
+    STOPPED = "stopped"
+
+
+class IllegalTransition(RuntimeError):
+    """The session tried a move :data:`TRANSITIONS` does not allow: a bug."""
+
+
+_C, _H, _R, _B = SessionState.CONNECTING, SessionState.HELLO_SENT, SessionState.REGISTERED, SessionState.BACKING_OFF
+TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
+    (_C, "connect"): _H,
+    (_H, "welcome"): _R,
+    (_R, "welcome"): _R,
+    (_H, "silence"): _B,
+    (_R, "silence"): _B,
+    (_R, "forgotten"): _H,
+    (_H, "forgotten"): _H,
+    (_R, "bye"): _B,
+    (_H, "bye"): _B,
+    (_B, "retry"): _C,
+}
+
+
+@dataclasses.dataclass(slots=True)
+class Welcomed:
+    """WELCOME arrived.  ``new_session``: build the model (``on_start``), then :meth:`AgentSession.ready`."""
+
+    welcome: P.Welcome
+    new_session: bool
+
+
+@dataclasses.dataclass(slots=True)
+class Refused:
+    """The coordinator refused something we sent (``rehello``: it had forgotten us)."""
+
+    error: P.Error
+    rehello: bool
+
+
+@dataclasses.dataclass(slots=True)
+class Left:
+    """The coordinator said BYE; the session backs off and reconnects."""
+
+    reason: str
+
+
+@dataclasses.dataclass(slots=True)
+class BadFrame:
+    """A frame that is not valid protocol; dropped."""
+
+    error: P.ProtocolError
+
+
+Event = P.Observation | Welcomed | Refused | Left | BadFrame
+
+
+class AgentSession:
+    """One agent's registration with a coordinator, across reconnections."""
+
+    def __init__(self, agent_id: str, kind: str, pid: int = 0, heartbeat: float = config.DEFAULTS.heartbeat,
+                 liveness: int = config.DEFAULTS.liveness, backoff_min: float = config.DEFAULTS.backoff_min,
+                 backoff_max: float = config.DEFAULTS.backoff_max):
+        if not (heartbeat > 0 and liveness >= 1 and 0 < backoff_min <= backoff_max):
+            raise ValueError("heartbeat and backoff_min must be positive, liveness >= 1, backoff_min <= backoff_max")
+        self.agent_id = agent_id
+        self.heartbeat = heartbeat
+        self.expiry = heartbeat * liveness
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.state = SessionState.CONNECTING
+        #: the coordinator session and WELCOME params of the current registration
+        self.session: str | None = None
+        self.params: dict | None = None
+        self.steps = 0
+        #: reconnections since the last WELCOME (the next back-off is min * 2**n)
+        self.reconnects = 0
+        self.reconnect_at = 0.0
+        self._last_recv = self._last_send = 0.0
+        self._outbox: list[bytes] = []
+        P.Hello.from_wire([agent_id, kind, pid])  # a bad id raises ProtocolError here, not on the wire
+        self._hello = P.encode(P.Hello(agent_id, kind, pid))
+        self._heartbeat = P.encode(P.Heartbeat())
+
+    def _move(self, event: str) -> None:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise IllegalTransition(f"{event!r} in state {self.state.value}") from None
+
+    # --- the runtime's calls ----------------------------------------------------------
+
+    def connect(self, now: float) -> None:
+        """A fresh socket is open: say HELLO."""
+        self._move("connect")
+        self._last_recv = now
+        self._send(self._hello, now)
+
+    def receive(self, frame: bytes, now: float) -> Event | None:
+        """One frame from the coordinator.  Returns what the runtime must act on: an
+        OBSERVATION to step (answer with :meth:`act`), a :class:`Welcomed`, or a note to
+        log; None when the session handled it alone."""
+        self._last_recv = now
+        try:
+            msg = P.decode(frame)
+        except P.ProtocolError as exc:
+            return BadFrame(exc)
+        mtype = type(msg)
+        if mtype is P.Observation:
+            return msg if self.state is SessionState.REGISTERED else None  # stale: an old session's
+        if mtype is P.Heartbeat:
+            return None
+        if mtype is P.Welcome:
+            if self.state not in (SessionState.HELLO_SENT, SessionState.REGISTERED) or msg.agent_id != self.agent_id:
+                return None
+            new = msg.session != self.session or msg.params != self.params
+            self._move("welcome")
+            self.session, self.params = msg.session, msg.params
+            self.reconnects = 0
+            if not new:
+                self.ready(now)  # the answer to a repeated HELLO: ready again, nothing to rebuild
+            return Welcomed(msg, new)
+        if mtype is P.Error:
+            rehello = msg.code in REHELLO and self.state in (SessionState.HELLO_SENT, SessionState.REGISTERED)
+            if rehello:
+                self._move("forgotten")
+                self._send(self._hello, now)
+            return Refused(msg, rehello)
+        if mtype is P.Bye:
+            if self.state in (SessionState.HELLO_SENT, SessionState.REGISTERED):
+                self._back_off(now, "bye")
+            return Left(msg.reason)
+        return None  # HELLO, ACTION, CONTROL, REPLY: not for agents
+
+    def ready(self, now: float) -> None:
+        """The model is built: tell the coordinator (our first message after WELCOME)."""
+        self._last_recv = now  # building a model may take seconds of silence
+        self._send(self._heartbeat, now)
+
+    def act(self, tick: int, action: int, compute_us: int, now: float) -> None:
+        """The answer to OBSERVATION ``tick``."""
+        self._outbox.append(P.encode(P.Action(tick, action, compute_us)))
+        self._last_send = now
+        self.steps += 1
+
+    def on_timer(self, now: float) -> None:
+        """Liveness, heartbeats, HELLO repeats and the back-off.  Call at
+        :meth:`next_timeout` or sooner."""
+        state = self.state
+        if state is SessionState.BACKING_OFF:
+            if now >= self.reconnect_at:
+                self._move("retry")
+        elif state in (SessionState.HELLO_SENT, SessionState.REGISTERED):
+            if now - self._last_recv >= self.expiry:
+                self._back_off(now, "silence")
+            elif now - self._last_send >= self.heartbeat:
+                # Until WELCOME arrives, repeat HELLO (idempotent) rather than heartbeat.
+                self._send(self._heartbeat if state is SessionState.REGISTERED else self._hello, now)
+
+    def next_timeout(self, now: float) -> float:
+        """Seconds until :meth:`on_timer` has something to do."""
+        state = self.state
+        if state is SessionState.BACKING_OFF:
+            t = self.reconnect_at
+        elif state in (SessionState.HELLO_SENT, SessionState.REGISTERED):
+            t = min(self._last_recv + self.expiry, self._last_send + self.heartbeat)
+        elif state is SessionState.CONNECTING:
+            t = now
+        else:
+            t = math.inf
+        return max(0.0, t - now)
+
+    def stop(self, now: float) -> None:
+        """Leaving for good: BYE if registered.  Nothing is sent after this."""
+        if self.state is SessionState.REGISTERED:
+            self._send(P.encode(P.Bye("agent stopping")), now)
+        self.state = SessionState.STOPPED
+
+    def take_outbox(self) -> list[bytes]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._outbox)
+
+    @property
+    def backoff(self) -> float:
+        """The wait before the next reconnection, were the coordinator to go silent now."""
+        return min(self.backoff_min * 2 ** self.reconnects, self.backoff_max)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _send(self, frame: bytes, now: float) -> None:
+        self._outbox.append(frame)
+        self._last_send = now
+
+    def _back_off(self, now: float, event: str) -> None:
+        self.reconnect_at = now + self.backoff
+        self.reconnects += 1
+        self._outbox.clear()  # nothing queued for the old socket survives it
+        self._move(event)

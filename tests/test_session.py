@@ -1,0 +1,180 @@
+"""The agent session, driven without sockets: handshake, readiness, heartbeats,
+liveness, back-off, stale and replaced sessions.  Time is a number the test advances."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentbus_zmq.agents.session import (AgentSession, BadFrame, IllegalTransition, Left, Refused, SessionState,
+                                         Welcomed)
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.protocol import ErrorCode
+
+pytestmark = pytest.mark.unit
+
+PARAMS = {"world": {"width": 5}}
+
+
+class Harness:
+    def __init__(self, **kw):
+        self.now = 0.0
+        self.s = AgentSession("a1", "test", 7, **{"heartbeat": 0.5, "liveness": 3, "backoff_min": 0.1,
+                                                  "backoff_max": 0.8, **kw})
+
+    def out(self) -> list:
+        return [P.decode(f) for f in self.s.take_outbox()]
+
+    def recv(self, msg):
+        return self.s.receive(P.encode(msg), self.now)
+
+    def advance(self, dt: float) -> list:
+        self.now += dt
+        self.s.on_timer(self.now)
+        return self.out()
+
+    def register(self, session="s1", params=PARAMS) -> Welcomed:
+        if self.s.state is SessionState.CONNECTING:
+            self.s.connect(self.now)
+        event = self.recv(P.Welcome(session, "a1", params))
+        if event.new_session:
+            self.s.ready(self.now)
+        return event
+
+
+def test_connect_says_hello_and_repeats_it_until_welcome():
+    h = Harness()
+    h.s.connect(0.0)
+    assert h.out() == [P.Hello("a1", "test", 7)]
+    assert h.advance(0.5) == [P.Hello("a1", "test", 7)]       # idempotent, every heartbeat
+    event = h.recv(P.Welcome("s1", "a1", PARAMS))
+    assert type(event) is Welcomed and event.new_session and h.s.state is SessionState.REGISTERED
+    assert h.out() == []                                      # ready only once the model is built
+    h.s.ready(h.now)
+    assert h.out() == [P.Heartbeat()]
+
+
+def test_observations_are_stepped_only_when_registered():
+    h = Harness()
+    h.s.connect(0.0)
+    assert h.recv(P.Observation(3, [1, 0])) is None           # stale: an old session's
+    h.register()
+    obs = h.recv(P.Observation(4, [1, 0]))
+    assert obs == P.Observation(4, [1, 0])
+    h.s.take_outbox()
+    h.s.act(4, 2, 150, h.now)
+    assert h.out() == [P.Action(4, 2, 150)] and h.s.steps == 1
+
+
+def test_heartbeats_when_idle_and_silence_backs_off_with_doubling_delays():
+    h = Harness()
+    h.register()
+    h.out()
+    assert h.advance(0.5) == [P.Heartbeat()]
+    assert h.s.next_timeout(h.now) == pytest.approx(0.5)
+    waits = []
+    for _ in range(6):
+        while h.s.state is not SessionState.BACKING_OFF:
+            h.advance(0.25)
+        waits.append(round(h.s.reconnect_at - h.now, 6))
+        h.advance(h.s.next_timeout(h.now))
+        assert h.s.state is SessionState.CONNECTING           # the runtime opens a fresh socket
+        h.s.connect(h.now)
+        h.out()
+    assert waits == [0.1, 0.2, 0.4, 0.8, 0.8, 0.8]
+    h.register()
+    assert h.s.backoff == 0.1                                 # a WELCOME resets the back-off
+
+
+def test_a_restarted_coordinator_is_a_new_session_and_the_same_one_is_not():
+    h = Harness()
+    assert h.register("s1").new_session
+    h.out()
+    assert not h.register("s1").new_session                   # the answer to a repeated HELLO
+    assert h.out() == [P.Heartbeat()]                         # ready again, nothing rebuilt
+    assert h.register("s2").new_session                       # a new coordinator: rebuild the model
+    assert h.register("s2", {"world": {"width": 6}}).new_session
+
+
+def test_forgotten_agents_say_hello_again_at_once():
+    h = Harness()
+    h.register()
+    h.out()
+    event = h.recv(P.Error(ErrorCode.NOT_REGISTERED, "who?"))
+    assert type(event) is Refused and event.rehello and h.s.state is SessionState.HELLO_SENT
+    assert h.out() == [P.Hello("a1", "test", 7)]
+    assert h.recv(P.Observation(1, [0, 0])) is None           # not ours until WELCOME
+    event = h.recv(P.Error(ErrorCode.STALE_TICK, "late"))
+    assert not event.rehello and h.out() == []
+
+
+def test_bye_from_the_coordinator_backs_off_and_drops_what_was_queued():
+    h = Harness()
+    h.register()
+    h.s.act(1, 0, 0, h.now)
+    event = h.recv(P.Bye("coordinator shutting down"))
+    assert type(event) is Left and h.s.state is SessionState.BACKING_OFF and h.out() == []
+
+
+def test_stop_says_bye_only_when_registered():
+    h = Harness()
+    h.s.connect(0.0)
+    h.out()
+    h.s.stop(0.1)
+    assert h.out() == [] and h.s.state is SessionState.STOPPED
+    h = Harness()
+    h.register()
+    h.out()
+    h.s.stop(1.0)
+    assert h.out() == [P.Bye("agent stopping")]
+
+
+def test_garbage_is_reported_not_raised():
+    h = Harness()
+    h.register()
+    assert type(h.s.receive(b"\xc1", h.now)) is BadFrame
+    assert h.s.state is SessionState.REGISTERED
+
+
+def test_illegal_moves_raise():
+    h = Harness()
+    with pytest.raises(IllegalTransition):
+        h.s.ready(0.0) or h.s._move("welcome")
+
+
+def test_bad_ids_and_settings_are_refused_up_front():
+    with pytest.raises(P.ProtocolError):
+        AgentSession("has space", "test")
+    with pytest.raises(ValueError):
+        AgentSession("a1", "test", heartbeat=0)
+
+
+frames = st.one_of(
+    st.builds(P.Observation, st.integers(0, 9), st.just([0, 0])),
+    st.builds(P.Welcome, st.sampled_from(["s1", "s2"]), st.sampled_from(["a1", "b2"]), st.just(PARAMS)),
+    st.builds(P.Error, st.sampled_from(list(ErrorCode)), st.just("x")),
+    st.just(P.Heartbeat()), st.just(P.Bye("x")), st.just(P.Hello("z", "k", 0)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(frames, st.floats(0, 3)), max_size=40))
+def test_any_script_keeps_the_session_consistent(script):
+    """Whatever arrives, in any order: the session never raises, never sends after a
+    back-off until it has reconnected, and always has a bounded next timeout."""
+    h = Harness()
+    for item in script:
+        if h.s.state is SessionState.CONNECTING:
+            h.s.connect(h.now)
+        if isinstance(item, float):
+            out = h.advance(item)
+        else:
+            event = h.recv(item)
+            if type(event) is Welcomed and event.new_session:
+                h.s.ready(h.now)
+            out = h.out()
+        if h.s.state in (SessionState.BACKING_OFF, SessionState.CONNECTING):
+            assert out == [] or all(type(m) is not P.Action for m in out)
+        assert 0 <= h.s.next_timeout(h.now) <= 3.0
+        assert h.s.backoff <= 0.8
