@@ -44,6 +44,7 @@ def _result(runs: list[list[dict]], r1: float = 1000.0, kind: str = "explorer") 
     }
 
 
+@pytest.mark.unit
 def test_aggregate_takes_medians_sums_losses_and_keeps_the_spread():
     agg = rpt.aggregate([_run(10, 900, 0.45), _run(10, 1000, 0.5, lost=2), _run(10, 1500, 0.75)])
     assert agg["rate"] == 1000 and agg["efficiency"] == 0.5
@@ -51,6 +52,7 @@ def test_aggregate_takes_medians_sums_losses_and_keeps_the_spread():
     assert agg["latency_ms"]["p99"] == 2.0 and len(agg["repeats"]) == 3
 
 
+@pytest.mark.unit
 def test_requirements_pass_and_fail_on_the_measured_figures():
     good = {c.name: c.passed for c in rpt.requirements(_result([[_run(10, 1200, 0.6)]]))}
     assert all(v is True for v in good.values()) and "coordination efficiency above 50 % at 10 agents" in good
@@ -67,11 +69,13 @@ def test_requirements_pass_and_fail_on_the_measured_figures():
     assert {c.name: c.passed for c in rpt.requirements(slow)}["single-agent inference under 50 ms"] is False
 
 
+@pytest.mark.unit
 def test_null_agents_get_no_efficiency_requirement():
     names = [c.name for c in rpt.requirements(_result([[_run(2, 9000, 0.002)]], kind="null"))]
     assert not any("efficiency" in n for n in names)
 
 
+@pytest.mark.unit
 def test_baseline_changes_know_which_way_is_better():
     base = _result([[_run(10, 1000, 0.5)]])
     cur = _result([[_run(10, 900, 0.45)]])
@@ -82,6 +86,7 @@ def test_baseline_changes_know_which_way_is_better():
     assert changes[("single_agent_rate", None)].change == 0
 
 
+@pytest.mark.unit
 def test_gate_trips_on_regression_beyond_the_limit_or_a_failed_requirement():
     base = _result([[_run(10, 1000, 0.6)]])
     worse = _result([[_run(10, 900, 0.54)]])
@@ -96,6 +101,7 @@ def test_gate_trips_on_regression_beyond_the_limit_or_a_failed_requirement():
         "requirement failed: coordination efficiency above 50 % at 10 agents"]
 
 
+@pytest.mark.unit
 def test_report_markdown_states_each_figure_and_the_overall_status():
     base = _result([[_run(10, 1000, 0.6)]])
     cur = _result([[_run(10, 500, 0.3)]])
@@ -108,6 +114,7 @@ def test_report_markdown_states_each_figure_and_the_overall_status():
     assert "## Overall status: PASS" in good and "No baseline given" in good
 
 
+@pytest.mark.unit
 def test_slope_fits_a_line():
     assert slope([(0, 1), (1, 3), (2, 5)]) == pytest.approx(2.0)
     assert slope([(0, 1)]) == 0.0 and slope([(1, 1), (1, 2)]) == 0.0
@@ -199,6 +206,7 @@ def test_connect_measures_a_running_bus(bus):
     assert os.path.exists(bus.tmp)
 
 
+@pytest.mark.unit
 def test_spin_auto_only_where_every_spinner_has_a_core():
     from agentbus_zmq.busbench.run import SPIN_US, spin_plan
 

@@ -125,7 +125,7 @@ def _bound_endpoint(tmp_path, env: dict, *args: str) -> str:
 
 def test_configuration_precedence_cli_then_environment_then_dotenv(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text(f"# comment\nexport BUS_ENDPOINT='ipc://{tmp_path}/dotenv.ipc'\nBUS_MODE=async\nBROKEN\n")
+    env_file.write_text(f"# comment\nBUS_ENDPOINT='ipc://{tmp_path}/dotenv.ipc'  # inline\nBUS_MODE=async\nBROKEN\n")
     assert read_dotenv(env_file) == {"BUS_ENDPOINT": f"ipc://{tmp_path}/dotenv.ipc", "BUS_MODE": "async"}
     assert dotenv_defaults({"bind": "BUS_ENDPOINT", "seed": "BUS_SEED"}, env_file) == {
         "bind": f"ipc://{tmp_path}/dotenv.ipc"}
@@ -135,6 +135,21 @@ def test_configuration_precedence_cli_then_environment_then_dotenv(tmp_path):
     env["BUS_ENDPOINT"] = f"ipc://{tmp_path}/environ.ipc"
     assert _bound_endpoint(tmp_path, env) == f"ipc://{tmp_path}/environ.ipc"
     assert _bound_endpoint(tmp_path, env, "--bind", f"ipc://{tmp_path}/cli.ipc") == f"ipc://{tmp_path}/cli.ipc"
+
+
+@pytest.mark.unit
+def test_our_commands_read_dotenv_as_honcho_does(tmp_path):
+    """One .env, one meaning: honcho (for the Procfile) and our commands (python-dotenv)
+    agree on every form deploy/env.example uses; honcho drops `export`, so we do not use it."""
+    from honcho.environ import parse
+
+    text = ("# agentbus\n\nBUS_ENDPOINT=tcp://127.0.0.1:5555   # the coordinator\n"
+            "BUS_MODE=\"async\"\nBUS_LOG_LEVEL='DEBUG'\nBUS_CURVE_CLIENTS=\"/etc/agentbus/allowed keys\"\n"
+            "BUS_SEED=7\n")
+    (tmp_path / ".env").write_text(text)
+    ours = read_dotenv(tmp_path / ".env")
+    assert ours == parse(text)
+    assert ours["BUS_ENDPOINT"] == "tcp://127.0.0.1:5555" and ours["BUS_CURVE_CLIENTS"] == "/etc/agentbus/allowed keys"
 
 
 def test_bad_options_are_usage_errors(tmp_path):

@@ -13,6 +13,8 @@ from agentbus_zmq.coordinator.core import AgentState, CoordinatorCore, IllegalTr
 from agentbus_zmq.coordinator.metrics import Histogram
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
+pytestmark = pytest.mark.unit
+
 
 class Harness:
     """A core plus helpers that speak to it as agents would."""

@@ -35,6 +35,8 @@ messages = st.one_of(
     st.builds(P.Reply, ticks, st.booleans(), maps),
 )
 
+pytestmark = pytest.mark.unit
+
 
 @given(messages)
 def test_every_message_round_trips(msg):

@@ -18,6 +18,7 @@ def _request(key: bytes, mechanism: bytes = b"CURVE") -> list[bytes]:
     return [b"1.0", b"7", b"agentbus", b"127.0.0.1", b"", mechanism, key]
 
 
+@pytest.mark.unit
 def test_zap_policy_allows_listed_keys_only(tmp_path):
     public, _ = generate(tmp_path / "allowed", "friend")
     allowed = load_allow_list(tmp_path / "allowed")
@@ -34,6 +35,7 @@ def test_zap_policy_allows_listed_keys_only(tmp_path):
     assert not ok
 
 
+@pytest.mark.unit
 def test_keys_are_written_private_and_checked_on_load(tmp_path):
     public, secret = generate(tmp_path, "c")
     assert secret.stat().st_mode & 0o077 == 0

@@ -15,6 +15,7 @@ from agentbus_zmq.coordinator.world import AGENT, EMPTY, GOAL, OBSTACLE, WALL, G
 UP, DOWN, LEFT, RIGHT, STAY = range(5)
 
 
+@pytest.mark.unit
 def test_same_seed_same_world_and_placements():
     a, b = GridWorld(WorldConfig(seed=7)), GridWorld(WorldConfig(seed=7))
     assert (a.obstacles, a.goals) == (b.obstacles, b.goals)
@@ -34,6 +35,7 @@ def _put(w: GridWorld, agent_id: str, cell: int) -> None:
     w._found[agent_id] = EMPTY
 
 
+@pytest.mark.unit
 def test_walls_obstacles_and_agents_block_and_are_observed():
     w = _world()
     w.obstacles = frozenset({1})
@@ -50,6 +52,7 @@ def test_walls_obstacles_and_agents_block_and_are_observed():
     assert w.observe("b") == [4, GOAL] and w.goal_visits == 1
 
 
+@pytest.mark.unit
 def test_conflicting_moves_resolve_in_agent_id_order():
     w = _world()
     _put(w, "b", 3)   # both want cell 4
@@ -59,6 +62,7 @@ def test_conflicting_moves_resolve_in_agent_id_order():
     assert w.observe("b") == [3, AGENT]
 
 
+@pytest.mark.unit
 def test_full_world_refuses_another_agent():
     w = GridWorld(WorldConfig(width=2, height=2, obstacles=1, goals=0))
     for i in range(3):
@@ -69,6 +73,7 @@ def test_full_world_refuses_another_agent():
     assert w.place("a3") in range(4)
 
 
+@pytest.mark.unit
 def test_model_matches_the_world():
     w = GridWorld(WorldConfig(seed=3))
     m = build_model(w.params())
