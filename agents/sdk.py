@@ -1,4 +1,4 @@
-"""What integrators build on: subclass :class:`Agent`, then :func:`agents.runtime.run` it.
+"""What integrators build on: subclass :class:`Agent`, then :func:`run` it.
 
 An agent is a small object with lifecycle hooks; the runtime owns the socket, the
 handshake, heartbeats, reconnection and shutdown::
