@@ -20,6 +20,7 @@ _ENV = {
     "backend": "BUS_BACKEND",
     "policy_len": "BUS_POLICY_LEN",
     "replicas": "BUS_AGENT_REPLICAS",
+    "per_host": "BUS_AGENT_PER_HOST",
     "heartbeat": "BUS_HEARTBEAT",
     "seed": "BUS_SEED",
     "log_level": "BUS_LOG_LEVEL",
@@ -33,6 +34,23 @@ _ENV = {
     "restart_backoff": "BUS_AGENT_RESTART_BACKOFF",
 }
 _POLICY = RestartPolicy()
+
+class PerHost(click.ParamType):
+    """``--per-host``: a positive integer, or ``auto``."""
+
+    name = "K|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            k = int(value)
+        except ValueError:
+            k = 0
+        if not 1 <= k <= 4096:
+            self.fail(f"{value!r} is neither a count of agents per process (1 .. 4096) nor 'auto'", param, ctx)
+        return k
+
 
 def client_keys(server_key: str | None, key: str | None):
     """CURVE keys from the two options, or None when neither is given."""
@@ -60,8 +78,11 @@ def default_agent_id() -> str:
 @click.option("--backend", envvar=_ENV["backend"], type=click.Choice(BACKENDS), default=BACKENDS[0],
               show_default=True, help="Explorer inference backend.")
 @click.option("--policy-len", envvar=_ENV["policy_len"], type=click.IntRange(1, 8), default=1, show_default=True)
-@click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 4096), default=1, show_default=True,
-              help="Fork this many agent processes from one prepared parent.")
+@click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 1_000_000), default=1, show_default=True,
+              help="Run this many agents, forked from one prepared parent (one process each, or --per-host).")
+@click.option("--per-host", envvar=_ENV["per_host"], type=PerHost(), default="1", show_default=True,
+              help="With --replicas: agents per process. K runs them in ceil(N / K) agent hosts (one frame "
+                   "per host per tick); auto: enough hosts to fill the cores, and no more.")
 @click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True)
 @click.option("--sched", envvar=_ENV["sched"], type=click.Choice(["batch", "default"]), default="batch",
               show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
@@ -85,12 +106,12 @@ def default_agent_id() -> str:
 @click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: this agent's .key_secret file.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sched, restart, max_restarts,
+def cli(endpoint, agent_id, kind, backend, policy_len, replicas, per_host, heartbeat, sched, restart, max_restarts,
         restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
     from agentbus_zmq.agents.kinds import KindUnavailable, create, kind_options
-    from agentbus_zmq.agents.launcher import launch
+    from agentbus_zmq.agents.launcher import auto_per_host, launch
     from agentbus_zmq.bus.protocol import Hello, ProtocolError
     from agentbus_zmq.bus.sockets import check_endpoint
 
@@ -98,6 +119,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
     agent_id = agent_id or default_agent_id()
     try:  # the longest id the replicas will use, checked before anything forks
         Hello.from_wire([agent_id if replicas == 1 else f"{agent_id}-{replicas}", kind, 0])
+        Hello.from_wire([f"{agent_id}-host{replicas}", kind, 0])
     except ProtocolError as exc:
         raise click.UsageError(f"invalid agent id: {exc.reason}") from None
     try:
@@ -111,7 +133,12 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, heartbeat, sche
     policy = RestartPolicy(backoff_min=restart_backoff, backoff_max=max(restart_backoff, _POLICY.backoff_max),
                            intensity=max_restarts, period=restart_period)
     try:
-        status = launch(lambda: create(kind, **options), endpoint, agent_id, replicas, batch=sched == "batch",
+        if per_host == "auto":
+            per_host = auto_per_host(replicas, len(os.sched_getaffinity(0)))
+        if per_host == 1 and replicas > 4096:
+            raise click.UsageError(f"{replicas} agent processes is too many for one launcher: "
+                                   "give --per-host K or --per-host auto")
+        status = launch(lambda: create(kind, **options), endpoint, agent_id, replicas, per_host, batch=sched == "batch",
                         restart=restart, policy=policy, heartbeat=heartbeat, max_steps=max_steps, curve=curve,
                         spin=spin_us / 1e6)
     except KindUnavailable as exc:

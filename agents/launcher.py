@@ -26,6 +26,8 @@ import signal
 import time
 from typing import Callable
 
+from agentbus_zmq.agents.host import Host
+from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.agents.runtime import Runtime
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.supervisor import Restart, RestartPolicy, Supervisor
@@ -41,13 +43,36 @@ STOP_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
-def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1,
+def host_layout(replicas: int, per_host: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of each host's members for ``replicas`` agents numbered from 1,
+    at most ``per_host`` a host, the hosts as even as they can be."""
+    hosts = -(-replicas // per_host)
+    base, extra = divmod(replicas, hosts)
+    layout, first = [], 1
+    for j in range(hosts):
+        count = base + (j < extra)
+        layout.append((first, count))
+        first += count
+    return layout
+
+
+def auto_per_host(replicas: int, cores: int) -> int:
+    """``--per-host auto``: enough hosts to fill the cores and no more (one agent per
+    process while the agents are no more than the cores), each within MAX_HOST_AGENTS."""
+    hosts = max(1, min(replicas, cores), -(-replicas // P.MAX_HOST_AGENTS))
+    return -(-replicas // hosts)
+
+
+def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1, per_host: int = 1,
            batch: bool = True, restart: bool = False, policy: RestartPolicy = RestartPolicy(),
            **runtime_options) -> int:
-    """Run ``replicas`` agents made by ``factory``; returns the exit status.
+    """Run ``replicas`` agents made by ``factory``, ``per_host`` to a process; returns
+    the exit status.
 
-    With ``restart``, agents that die are forked again under ``policy`` (even a single
-    one: it then runs in a child of this process)."""
+    One agent per process: ids ``agent_id-1`` .. ``agent_id-N`` (``agent_id`` alone for
+    one).  In hosts: the same agent ids, hosts named ``agent_id-host1`` ...  With
+    ``restart``, processes that die are forked again under ``policy`` (even a single
+    agent: it then runs in a child of this process)."""
     if batch and not set_batch_scheduling():
         log.debug("SCHED_BATCH is not available here; agents run under the default policy")
     if replicas == 1 and not restart:
@@ -59,20 +84,36 @@ def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas:
     if getattr(template, "forkable", True):
         template.prepare()
     parent = os.getpid()
+    if per_host > 1 and replicas > 1:
+        layout = {f"{agent_id}-host{j}": (first, count)
+                  for j, (first, count) in enumerate(host_layout(replicas, per_host), 1)}
+
+        def make(child_id: str):
+            first, count = layout[child_id]
+            return Host(factory, f"{agent_id}-", first, count)
+
+        ids = list(layout)
+        what = f"{replicas} {template.kind} agents in {len(ids)} hosts ({agent_id}-1 .. {agent_id}-{replicas})"
+    else:
+        def make(child_id: str):
+            return factory()
+
+        ids = [agent_id] if replicas == 1 else [f"{agent_id}-{i}" for i in range(1, replicas + 1)]
+        what = f"{replicas} {template.kind} agents ({ids[0]} .. {ids[-1]})"
 
     def spawn(child_id: str) -> int:
         pid = os.fork()
         if pid == 0:  # child: never returns
-            os._exit(_child(factory, endpoint, child_id, parent, runtime_options))
+            os._exit(_child(make, endpoint, child_id, parent, runtime_options))
         return pid
 
-    ids = [agent_id] if replicas == 1 else [f"{agent_id}-{i}" for i in range(1, replicas + 1)]
     children = {spawn(child_id): child_id for child_id in ids}
-    log.info("started %d %s agents (%s .. %s)", replicas, template.kind, ids[0], ids[-1])
+    log.info("started %s", what)
     return _supervise(children, spawn, Supervisor(policy) if restart else None)
 
 
-def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: dict) -> int:
+def _child(make: Callable[[str], Agent | Host], endpoint: str, child_id: str, parent: int, runtime_options: dict) -> int:
+    """A forked agent (or host) process: build what ``make`` makes, run it, exit."""
     # A child forked by the supervisor inherits its flag-setting handlers and wakeup fd:
     # until this agent's runtime installs its own, a signal must act as by default.
     signal.set_wakeup_fd(-1)
@@ -86,11 +127,11 @@ def _child(factory, endpoint: str, agent_id: str, parent: int, runtime_options: 
             pass  # not Linux: the supervisor's signal forwarding still applies
         if os.getppid() != parent:
             return 1  # the launcher died before we could ask to die with it
-        agent = factory()
+        agent = make(child_id)
         agent.prepare()
-        return Runtime(agent, endpoint, agent_id, **runtime_options).run()
+        return Runtime(agent, endpoint, child_id, **runtime_options).run()
     except BaseException:
-        log.exception("agent %s failed", agent_id)
+        log.exception("%s failed", child_id)
         return 1
 
 

@@ -5,7 +5,8 @@ Life of an agent process::
     connect -> HELLO -> (WELCOME) -> on_start -> ready -> OBSERVATION -> step -> ACTION -> ...
 
 The session decides everything (handshake, readiness, heartbeats, liveness, back-off);
-this loop only owns the socket, the agent object and the clock:
+this loop only owns the socket, the agent (or the :class:`~agentbus_zmq.agents.host.Host`
+of many agents) and the clock:
 
 * it opens a fresh DEALER whenever the session is CONNECTING, and closes the old one
   when the session backs off (the Paranoid Pirate pattern: a silent coordinator's
@@ -24,6 +25,7 @@ import time
 
 import zmq
 
+from agentbus_zmq.agents.host import Host
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.session import AgentSession, BadFrame, Left, Refused, SessionState, Welcomed
 from agentbus_zmq.bus import config
@@ -43,7 +45,10 @@ MAX_POLL_S = 1.0
 
 
 class Runtime:
-    def __init__(self, agent: Agent, endpoint: str, agent_id: str, heartbeat: float = config.DEFAULTS.heartbeat,
+    """Runs ``agent`` (one agent, or a Host of many, whose id ``agent_id`` then is the
+    host's) against the coordinator at ``endpoint`` until signalled."""
+
+    def __init__(self, agent: Agent | Host, endpoint: str, agent_id: str, heartbeat: float = config.DEFAULTS.heartbeat,
                  liveness: int = config.DEFAULTS.liveness, backoff_min: float = config.DEFAULTS.backoff_min,
                  backoff_max: float = config.DEFAULTS.backoff_max, max_steps: int = 0,
                  curve: ClientKeys | None = None, spin: float = 0.0):
@@ -54,7 +59,8 @@ class Runtime:
         self.curve = curve
         self.spin = spin
         # a bad id raises ProtocolError here, not on the wire
-        self.session = AgentSession(agent_id, agent.kind, os.getpid(), heartbeat, liveness, backoff_min, backoff_max)
+        self.session = AgentSession(agent_id, agent.kind, os.getpid(), heartbeat, liveness, backoff_min, backoff_max,
+                                    members=agent.members if isinstance(agent, Host) else None)
 
     @property
     def steps(self) -> int:
@@ -110,7 +116,7 @@ class Runtime:
                     sock.close(linger=100 if bye else 0)
                 self.agent.on_stop()
         log.info("%s stopped after %d steps", self.agent_id, session.steps)
-        return 0
+        return 1 if stop.requested == -2 else 0
 
     def _drain(self, sock: zmq.Socket, stop: StopSignal) -> float:
         """Handle what the socket holds; after a step, return to poll (cheaper than a
@@ -133,6 +139,18 @@ class Runtime:
                 session.act(event.tick, int(action), compute_us, now)
                 self._flush(sock)
                 if self.max_steps and session.steps >= self.max_steps:
+                    stop.requested = -1
+                return time.monotonic() + self.spin if self.spin else 0.0
+            if etype is P.HostObservation:
+                result = self.agent.step(event)
+                if result.failed:
+                    session.leave(result.failed, result.reason, now)
+                session.act_many(event.tick, result.actions, result.compute_us, now)
+                self._flush(sock)
+                if not self.agent.alive.any():
+                    log.error("%s: every agent of this host has failed; stopping", self.agent_id)
+                    stop.requested = -2
+                elif self.max_steps and session.steps >= self.max_steps:
                     stop.requested = -1
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is Welcomed:

@@ -29,6 +29,9 @@ class Agent:
     kind = "custom"
     #: Names of the keyword options ``__init__`` takes (``bus-agent`` passes only these).
     OPTIONS: tuple[str, ...] = ()
+    #: True once :meth:`start_batch` has built one model for a host's agents: the host
+    #: then steps them with one :meth:`step_batch` call a tick, else one by one.
+    batched: bool = False
 
     def prepare(self) -> None:
         """Load heavy libraries.  Runs once, before any fork and before any socket exists."""
@@ -43,6 +46,24 @@ class Agent:
 
     def on_stop(self) -> None:
         """The runtime is stopping (signal, or the coordinator said BYE for good)."""
+
+    # --- in an agent host (bus-agent --per-host K): override to batch -----------------
+
+    @classmethod
+    def start_batch(cls, agents: list[Agent], welcomes: list[Welcome]) -> None:
+        """Start a host's agents of this kind (one WELCOME each).  By default each one's
+        :meth:`on_start`; override to build one model for them all."""
+        for agent, welcome in zip(agents, welcomes):
+            agent.on_start(welcome)
+
+    @classmethod
+    def step_batch(cls, agents: list[Agent], obs) -> object:
+        """Step several agents of this kind at once: ``obs`` is an ``(n, modalities)``
+        array, one row per agent; return ``n`` actions.  A host calls it (one call a
+        tick) for agents whose :attr:`batched` is true; an exception then fails every
+        agent of the call.  Otherwise a host steps its agents one by one, as this does,
+        and a failure is that agent's alone."""
+        return [agent.step(row) for agent, row in zip(agents, obs.tolist())]
 
 
 def run(agent: Agent, endpoint: str, agent_id: str, **options) -> int:

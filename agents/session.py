@@ -109,7 +109,10 @@ class AgentSession:
 
     def __init__(self, agent_id: str, kind: str, pid: int = 0, heartbeat: float = config.DEFAULTS.heartbeat,
                  liveness: int = config.DEFAULTS.liveness, backoff_min: float = config.DEFAULTS.backoff_min,
-                 backoff_max: float = config.DEFAULTS.backoff_max):
+                 backoff_max: float = config.DEFAULTS.backoff_max, members: tuple[str, int, int] | None = None):
+        """``agent_id`` is the host's id when ``members`` (prefix, first, count) is given:
+        the session then registers a host's agents with HOST_HELLO and expects
+        HOST_WELCOME and HOST_OBSERVATION instead of their single-agent twins."""
         if not (heartbeat > 0 and liveness >= 1 and 0 < backoff_min <= backoff_max):
             raise ValueError("heartbeat and backoff_min must be positive, liveness >= 1, backoff_min <= backoff_max")
         self.agent_id = agent_id
@@ -127,8 +130,16 @@ class AgentSession:
         self.reconnect_at = 0.0
         self._last_recv = self._last_send = 0.0
         self._outbox: list[bytes] = []
-        P.Hello.from_wire([agent_id, kind, pid])  # a bad id raises ProtocolError here, not on the wire
-        self._hello = P.encode(P.Hello(agent_id, kind, pid))
+        # a bad id raises ProtocolError here, not on the wire
+        if members is None:
+            self._hello = P.encode(P.Hello.from_wire([agent_id, kind, pid]))
+            self._welcome_type, self._observation_type = P.Welcome, P.Observation
+        else:
+            self._hello = P.encode(P.HostHello.from_wire([agent_id, kind, pid, *members]))
+            self._welcome_type, self._observation_type = P.HostWelcome, P.HostObservation
+        self.members = members
+        #: a host's members' arenas, from HOST_WELCOME
+        self.arenas = None
         self._heartbeat = P.encode(P.Heartbeat())
 
     def _move(self, event: str) -> None:
@@ -155,16 +166,21 @@ class AgentSession:
         except P.ProtocolError as exc:
             return BadFrame(exc)
         mtype = type(msg)
-        if mtype is P.Observation:
+        if mtype is self._observation_type:
             return msg if self.state is SessionState.REGISTERED else None  # stale: an old session's
         if mtype is P.Heartbeat:
             return None
-        if mtype is P.Welcome:
-            if self.state not in (SessionState.HELLO_SENT, SessionState.REGISTERED) or msg.agent_id != self.agent_id:
+        if mtype is self._welcome_type:
+            if self.members is None:
+                ours, arenas = msg.agent_id == self.agent_id, None
+            else:
+                ours, arenas = msg.host_id == self.agent_id and len(msg.arenas) == self.members[2], msg.arenas
+            if self.state not in (SessionState.HELLO_SENT, SessionState.REGISTERED) or not ours:
                 return None
-            new = msg.session != self.session or msg.params != self.params
+            new = (msg.session != self.session or msg.params != self.params
+                   or (arenas is not None and (self.arenas is None or arenas.tolist() != self.arenas.tolist())))
             self._move("welcome")
-            self.session, self.params = msg.session, msg.params
+            self.session, self.params, self.arenas = msg.session, msg.params, arenas
             self.reconnects = 0
             if not new:
                 self.ready(now)  # the answer to a repeated HELLO: ready again, nothing to rebuild
@@ -191,6 +207,19 @@ class AgentSession:
         self._outbox.append(P.encode(P.Action(tick, action, compute_us)))
         self._last_send = now
         self.steps += 1
+
+    def act_many(self, tick: int, actions, compute_us: int, now: float) -> None:
+        """A host's answer to HOST_OBSERVATION ``tick``: one action per member it listed
+        (less those that :meth:`leave` took away), in its order."""
+        self._outbox.append(P.encode(P.HostAction(tick, actions, compute_us)))
+        self._last_send = now
+        self.steps += len(actions)
+
+    def leave(self, members: list[int], reason: str, now: float) -> None:
+        """A host's members that stop for good (their step raised): HOST_BYE."""
+        if members and self.state is SessionState.REGISTERED:
+            self._outbox.append(P.encode(P.HostBye(members, reason[:1024])))
+            self._last_send = now
 
     def on_timer(self, now: float) -> None:
         """Liveness, heartbeats, HELLO repeats and the back-off.  Call at

@@ -46,6 +46,12 @@ __all__ = [
     "Error",
     "Control",
     "Reply",
+    "HostHello",
+    "HostWelcome",
+    "HostObservation",
+    "HostAction",
+    "HostBye",
+    "MAX_HOST_AGENTS",
     "Message",
     "encode",
     "encode_observation",
@@ -60,6 +66,8 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 #: msgpack extension type code used for numpy arrays.
 EXT_NDARRAY = 1
+#: Agents one host may register (its frames then stay well under MAX_MESSAGE_BYTES).
+MAX_HOST_AGENTS = 4096
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _U32_MAX = 2**32 - 1
@@ -83,6 +91,11 @@ class MsgType(enum.IntEnum):
     ERROR = 7
     CONTROL = 8
     REPLY = 9
+    HOST_HELLO = 10
+    HOST_WELCOME = 11
+    HOST_OBSERVATION = 12
+    HOST_ACTION = 13
+    HOST_BYE = 14
 
 
 class ErrorCode(enum.IntEnum):
@@ -395,9 +408,176 @@ class Reply:
         return cls(_int(f[0], "request_id", 0), f[1], _map(f[2], "result"))
 
 
+# --- agent hosts: one frame per host per tick (added in 0.2; version 1 unchanged) -------
+
+
+def _array(value: Any, name: str, kinds: str, ndim: int, max_len: int = MAX_HOST_AGENTS):
+    np = sys.modules.get("numpy")
+    if np is None or type(value) is not np.ndarray:
+        raise _bad(f"{name} must be an array (extension type {EXT_NDARRAY})")
+    if value.dtype.kind not in kinds or value.ndim != ndim or len(value) > max_len:
+        raise _bad(f"{name} must be a {ndim}-D array of kind {kinds!r} with at most {max_len} rows, "
+                   f"got {value.dtype} {value.shape}")
+    return value
+
+
+class _ArrayRecord:
+    """Records holding arrays compare by value (dataclass equality would ask numpy for
+    a truth value)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        import numpy as np
+
+        return all((np.array_equal(a, b) and a.dtype == b.dtype) if isinstance(a, np.ndarray) else a == b
+                   for a, b in zip(self.wire(), other.wire()))
+
+    __hash__ = None
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class HostHello(_ArrayRecord):
+    """Host -> coordinator: register ``count`` agents, ids ``prefix + str(first + i)``.
+
+    host_id: the host's own name (its connection's identity in logs and stats).
+    kind: the agents' kind.
+    pid: the host's OS process id, or 0.
+    prefix, first, count: the members, in the order every later host frame uses.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.HOST_HELLO
+    host_id: str
+    kind: str
+    pid: int
+    prefix: str
+    first: int
+    count: int
+
+    def wire(self) -> tuple:
+        return (self.host_id, self.kind, self.pid, self.prefix, self.first, self.count)
+
+    def member_ids(self) -> list[str]:
+        return [f"{self.prefix}{self.first + i}" for i in range(self.count)]
+
+    @classmethod
+    def from_wire(cls, f: list) -> HostHello:
+        _arity(f, 6, "HOST_HELLO")
+        prefix = _text(f[3], "prefix", 100)
+        first, count = _int(f[4], "first", 0, _U32_MAX), _int(f[5], "count", 1, MAX_HOST_AGENTS)
+        _ident(f"{prefix}{first}", "the first member id")
+        _ident(f"{prefix}{first + count - 1}", "the last member id")
+        return cls(_ident(f[0], "host_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX), prefix, first, count)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class HostWelcome(_ArrayRecord):
+    """Coordinator -> host: registration accepted.
+
+    session, params: as in WELCOME (params without ``arena``).
+    arenas: each member's arena (1-D unsigned array, in member order).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.HOST_WELCOME
+    session: str
+    host_id: str
+    params: dict
+    arenas: Any
+
+    def wire(self) -> tuple:
+        return (self.session, self.host_id, self.params, self.arenas)
+
+    @classmethod
+    def from_wire(cls, f: list) -> HostWelcome:
+        _arity(f, 4, "HOST_WELCOME")
+        return cls(_ident(f[0], "session"), _ident(f[1], "host_id"), _map(f[2], "params"),
+                   _array(f[3], "arenas", "u", 1))
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class HostObservation(_ArrayRecord):
+    """Coordinator -> host: observations of some members at ``tick``; answer with
+    HOST_ACTION.
+
+    members: member indices (1-D unsigned array), the rows' order.
+    obs: one row per member, one column per modality (2-D unsigned array).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.HOST_OBSERVATION
+    tick: int
+    members: Any
+    obs: Any
+
+    def wire(self) -> tuple:
+        return (self.tick, self.members, self.obs)
+
+    @classmethod
+    def from_wire(cls, f: list) -> HostObservation:
+        _arity(f, 3, "HOST_OBSERVATION")
+        members = _array(f[1], "members", "u", 1)
+        obs = _array(f[2], "obs", "u", 2)
+        if obs.shape[0] != len(members) or not 0 < obs.shape[1] <= _MAX_MODALITIES:
+            raise _bad(f"obs must have one row per member and 1..{_MAX_MODALITIES} columns, got {obs.shape} "
+                       f"for {len(members)} members")
+        return cls(_int(f[0], "tick", 0), members, obs)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class HostAction(_ArrayRecord):
+    """Host -> coordinator: the actions for HOST_OBSERVATION ``tick``, one per member
+    listed there, in its order.
+
+    actions: 1-D integer array.
+    compute_us: microseconds the host spent computing them (all members together).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.HOST_ACTION
+    tick: int
+    actions: Any
+    compute_us: int = 0
+
+    def wire(self) -> tuple:
+        return (self.tick, self.actions, self.compute_us)
+
+    @classmethod
+    def from_wire(cls, f: list) -> HostAction:
+        _arity(f, 3, "HOST_ACTION")
+        return cls(_int(f[0], "tick", 0), _array(f[1], "actions", "iu", 1), _int(f[2], "compute_us", 0))
+
+
+@dataclasses.dataclass(slots=True)
+class HostBye:
+    """Host -> coordinator: these members leave (their step failed, say); the host stays.
+
+    members: member indices.
+    reason: human-readable reason, for logs.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.HOST_BYE
+    members: list
+    reason: str = ""
+
+    def wire(self) -> tuple:
+        return (self.members, self.reason)
+
+    @classmethod
+    def from_wire(cls, f: list) -> HostBye:
+        _arity(f, 2, "HOST_BYE")
+        members = f[0]
+        if type(members) is not list or not 0 < len(members) <= MAX_HOST_AGENTS:
+            raise _bad(f"members must be a list of 1..{MAX_HOST_AGENTS} member indices")
+        for m in members:
+            _int(m, "members[i]", 0, MAX_HOST_AGENTS - 1)
+        return cls(members, _text(f[1], "reason"))
+
+
 _HEARTBEAT = Heartbeat()
-Message = Hello | Welcome | Observation | Action | Heartbeat | Bye | Error | Control | Reply
-_RECORDS = {int(cls.TYPE): cls for cls in (Hello, Welcome, Observation, Action, Heartbeat, Bye, Error, Control, Reply)}
+Message = (Hello | Welcome | Observation | Action | Heartbeat | Bye | Error | Control | Reply
+           | HostHello | HostWelcome | HostObservation | HostAction | HostBye)
+_RECORDS = {int(cls.TYPE): cls for cls in (Hello, Welcome, Observation, Action, Heartbeat, Bye, Error, Control, Reply,
+                                           HostHello, HostWelcome, HostObservation, HostAction, HostBye)}
 _TYPE_CODE = {cls: code for code, cls in _RECORDS.items()}
 _ACTION, _OBSERVATION = int(MsgType.ACTION), int(MsgType.OBSERVATION)
 

@@ -20,7 +20,8 @@ from agentbus_zmq.agents.kinds.explorer import BACKENDS
 from agentbus_zmq.bus.config import MODES, limit_threads
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.busbench import report as rpt
-from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_r1, run_one
+from agentbus_zmq.agents.__main__ import PerHost
+from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_pool, measure_r1, run_one
 
 EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
 _CFG = BenchConfig()
@@ -72,8 +73,8 @@ class _Progress:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "BUSBENCH",
                                  "show_default": True})
-@click.option("--agents", type=click.IntRange(1, 4096), default=None,
-              help="Agent processes to run [default: 20; with --connect, those registered].")
+@click.option("--agents", type=click.IntRange(1, 1_000_000), default=None,
+              help="Agents to run [default: 20; with --connect, those registered].")
 @click.option("--sweep", default=None, help="Comma-separated agent counts, e.g. 1,2,5,10,20.")
 @click.option("--agent-kind", type=click.Choice(list(KINDS)), default=_CFG.kind)
 @click.option("--backend", type=click.Choice(BACKENDS), default=_CFG.backend, help="Explorer inference backend.")
@@ -89,6 +90,11 @@ class _Progress:
 @click.option("--seed", type=int, default=_CFG.seed)
 @click.option("--width", type=click.IntRange(1), default=_CFG.width, help="World width (the model has width x height states).")
 @click.option("--height", type=click.IntRange(1), default=_CFG.height)
+@click.option("--per-host", type=PerHost(), default=_CFG.per_host,
+              help="Agents per process: 1 (one process each), K (agent hosts of K: one frame per host per "
+                   "tick), or auto (enough hosts to fill the cores). The no-bus pool uses the same layout.")
+@click.option("--arena-agents", type=click.IntRange(0), default=_CFG.arena_agents,
+              help="Agents per arena (a copy of the world) at most; 0: every free cell.")
 @click.option("--connect", default=None, metavar="ENDPOINT",
               help="Measure a coordinator already running there instead of starting one.")
 @click.option("--spin", type=click.Choice(["auto", "off", "agents", "all"]), default=_CFG.spin,
@@ -113,7 +119,7 @@ class _Progress:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
-        height, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
+        height, per_host, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
@@ -133,15 +139,22 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     base = _load_baseline(baseline) if baseline else None
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
-                      connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key)
+                      connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
+                      per_host=str(per_host), arena_agents=arena_agents)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]
     if not connect:
+        try:
+            world = cfg.world_config()
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         for n in counts:
-            if n > cfg.free_cells():
-                raise click.UsageError(f"{n} agents do not fit a {width}x{height} world ({cfg.free_cells()} free "
-                                       "cells); pass a larger --width/--height")
+            if n > world.capacity:
+                raise click.UsageError(f"{n} agents do not fit {world.max_arenas} arenas of the {width}x{height} "
+                                       f"world ({world.per_arena} agents each)")
+            if cfg.hosts_for(n) == 1 and n > 4096:
+                raise click.UsageError(f"{n} agent processes is too many: give --per-host K or auto")
     result = {"tool": "busbench", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **environment(),
               "cores": cores(), "config": {**cfg.__dict__, "repeat": repeat, "counts": counts}, "runs": []}
     solos: list[dict] = []
@@ -157,7 +170,11 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
                 for n in counts:
                     progress(f"{tag}measuring r1 ({agent_kind} alone, no bus, {cfg.solo_duration:.0f} s)")
                     solos.append(measure_r1(cfg))
-                    run = run_one(cfg, n, solos[-1]["rate"], lambda text, tag=tag: progress(tag + text))
+                    pool = None
+                    if not connect:
+                        progress(f"{tag}measuring the ceiling ({n} agents, {cfg.hosts_for(n)} a process, no bus)")
+                        pool = measure_pool(cfg, n, cfg.hosts_for(n))
+                    run = run_one(cfg, n, solos[-1]["rate"], pool, lambda text, tag=tag: progress(tag + text))
                     run["single_agent_rate"] = solos[-1]["rate"]
                     per_n[n].append(run)
                     failed |= bool(run["errors"])

@@ -21,11 +21,15 @@ def plot(result: dict, path: str) -> None:
     null = cfg["kind"] == "null"  # r1 of a no-op: no meaningful ideal or efficiency
     if not null:
         ax1.plot(n, [min(k, c) * r1 for k in n], "--", color="0.5", label=f"ideal: min(N, {c} cores) x r1")
+    pooled = [r for r in runs if r.get("pool_rate")]
+    if pooled:
+        ax1.plot([r["agents"] for r in pooled], [r["pool_rate"] for r in pooled], "^:", color="C2",
+                 label="same agents, no bus: R_pool(N)")
     ax1.plot(n, [r["rate"] for r in runs], "o-", color="C0", lw=2, label="agentbus R(N)")
     if any(r.get("repeat", 1) > 1 for r in runs):
         ax1.fill_between(n, [r["spread"]["rate"][0] for r in runs], [r["spread"]["rate"][1] for r in runs],
                          color="C0", alpha=0.2, label="min-max over repeats")
-    ax1.set(xlabel="agent processes N", ylabel="agent-steps per second", title="Throughput", ylim=(0, None))
+    ax1.set(xlabel="agents N", ylabel="agent-steps per second", title="Throughput", ylim=(0, None))
     ax1.legend(loc="lower right", fontsize=8)
     ax2.axhline(100, ls="--", color="0.5", label="ideal")
     ax2.axhline(90, ls=":", color="C2", label="target 90 %")
@@ -35,12 +39,16 @@ def plot(result: dict, path: str) -> None:
     else:
         ax2.plot(n, [100 * r["efficiency"] for r in runs], "o-", color="C0", lw=2, label="E(N) = R / (min(N, C) r1)")
         ax2.plot(n, [100 * r["efficiency_peer"] for r in runs], "s--", color="C1", label="peer's R / (N r1)")
-    ax2.set(xlabel="agent processes N", ylabel="efficiency (%)", title="Coordination efficiency", ylim=(0, 110))
+    if pooled:
+        ax2.plot([r["agents"] for r in pooled], [100 * r["efficiency_pool"] for r in pooled], "^:", color="C2",
+                 lw=2, label="E_pool = R / R_pool (the bus's share)")
+    ax2.set(xlabel="agents N", ylabel="efficiency (%)", title="Coordination efficiency", ylim=(0, 110))
     ax2.legend(loc="lower left", fontsize=8)
     for ax in (ax1, ax2):
         ax.set_xticks(n)
         ax.grid(alpha=0.3)
     kind = cfg["kind"] + (f"/{cfg['backend']}" if cfg["kind"] == "explorer" else "")
+    kind += "" if str(cfg.get("per_host", "1")) == "1" else f" in hosts ({cfg['per_host']} a host)"
     fig.suptitle(f"busbench: {kind} agents, {cfg['mode']}, {c} cores, r1 = {r1:.0f} steps/s", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -11,7 +11,8 @@ __all__ = ["aggregate", "Check", "requirements", "compare", "gate", "table", "ma
 
 #: Scalar run fields summarised by their median over repeats.
 _MEDIAN_KEYS = ("rate", "efficiency", "efficiency_peer", "overhead", "elapsed_s", "coordinator_cpu_us_per_step",
-                "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s", "single_agent_rate")
+                "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s", "single_agent_rate", "pool_rate",
+                "efficiency_pool")
 _SUM_KEYS = ("steps", "ticks", "lost_steps", "late_steps", "missing_steps", "undeliverable")
 
 
@@ -31,8 +32,12 @@ def aggregate(repeats: list[dict]) -> dict:
     if not ok:
         return out
     for k in _MEDIAN_KEYS:
-        if all(k in r for r in ok):
+        if all(r.get(k) is not None for r in ok):
             out[k] = statistics.median(r[k] for r in ok)
+        elif all(k in r for r in ok):
+            out[k] = None  # not measured (the pool, with --connect)
+    out["per_host"] = ok[0].get("per_host", 1)
+    out["processes"] = ok[0].get("processes", out["agents"])
     for k in _SUM_KEYS:
         out[k] = sum(r[k] for r in ok)
     out["latency_ms"] = _median_map([r["latency_ms"] for r in ok])
@@ -49,7 +54,8 @@ def aggregate(repeats: list[dict]) -> dict:
                                                                 if c["recovery_s"]["p50"] is not None)
                                        if recoveries else None, "max": max(recoveries) if recoveries else None}}
     out["balanced"] = all(r["ledger"]["balanced"] for r in ok)
-    out["spread"] = {k: [min(r[k] for r in ok), max(r[k] for r in ok)] for k in ("rate", "efficiency")}
+    out["spread"] = {k: [min(r[k] for r in ok), max(r[k] for r in ok)] for k in ("rate", "efficiency", "efficiency_pool")
+                     if all(r.get(k) is not None for r in ok)}
     out["repeats"] = repeats
     return out
 
@@ -168,8 +174,8 @@ def gate(checks: list[Check], changes: list[Change], max_regression_pct: float |
 
 # --- rendering -------------------------------------------------------------------------
 
-_COLUMNS = ("agents", "steps/s", "E(N)", "E_peer", "p50 ms", "p95 ms", "p99 ms", "coord us/step", "RSS MB", "PSS MB",
-            "ready s", "lost")
+_COLUMNS = ("agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool", "p50 ms", "p95 ms", "p99 ms",
+            "coord us/step", "RSS MB", "PSS MB", "ready s", "lost")
 
 
 def _cells(r: dict) -> list[str]:
@@ -180,7 +186,10 @@ def _cells(r: dict) -> list[str]:
     if r.get("repeat", 1) > 1:
         lo, hi = r["spread"]["rate"]
         rate += f" ({lo:.0f}-{hi:.0f})"
-    return [str(r["agents"]), rate, f"{r['efficiency']:.1%}", f"{r['efficiency_peer']:.1%}", f"{lat['p50']:.2f}",
+    pool = r.get("pool_rate")
+    return [str(r["agents"]), str(r.get("per_host", 1)), rate, f"{r['efficiency']:.1%}", f"{r['efficiency_peer']:.1%}",
+            "-" if pool is None else f"{pool:.0f}",
+            "-" if r.get("efficiency_pool") is None else f"{r['efficiency_pool']:.1%}", f"{lat['p50']:.2f}",
             f"{lat['p95']:.2f}", f"{lat['p99']:.2f}", f"{r['coordinator_cpu_us_per_step']:.1f}",
             f"{mem.get('rss_per_agent', float('nan')):.1f}", f"{mem.get('pss_per_agent', float('nan')):.1f}",
             f"{r['ready_s']:.2f}", str(r["lost_steps"])]
@@ -196,7 +205,9 @@ def _footer(result: dict) -> list[str]:
     line += f"; spin {cfg.get('spin', 'off')}" + (f" (agents spun at N = {', '.join(spinning)})" if spinning else "")
     if cfg.get("repeat", 1) > 1:
         line += f"; medians of {cfg['repeat']} repeats, steps/s (min-max)"
-    return [line, "E(N) = R(N) / (min(N, C) x r1); E_peer = R(N) / (N x r1); latency = round trip minus agent compute"]
+    return [line, "K = agents per process (1: one process each; more: agent hosts); E(N) = R(N) / (min(N, C) x r1); "
+                  "E_peer = R(N) / (N x r1); E_pool = R(N) / R_pool(N), R_pool the same agents in the same processes "
+                  "with no bus; latency = round trip minus agent compute"]
 
 
 def table(result: dict) -> str:

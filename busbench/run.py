@@ -70,13 +70,24 @@ class BenchConfig:
     chaos_kill_rate: float = 0.0
     #: busy-polling: auto, off, agents or all (see spin_plan)
     spin: str = "auto"
+    #: agents per process: "1" (one each), a count K (agent hosts of K), or "auto"
+    per_host: str = "1"
+    #: agents per arena (0: every free cell); more agents open more arenas
+    arena_agents: int = _WORLD.arena_agents
 
     def world(self) -> dict:
         return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
-                "seed": self.seed}
+                "seed": self.seed, "arena_agents": self.arena_agents}
 
-    def free_cells(self) -> int:
-        return self.width * self.height - self.obstacles
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(**self.world())
+
+    def hosts_for(self, n: int) -> int:
+        """Agents per process for ``n`` agents (``per_host`` resolved, auto included)."""
+        from agentbus_zmq.agents.launcher import auto_per_host
+
+        k = auto_per_host(n, cores()) if self.per_host == "auto" else int(self.per_host)
+        return min(k, n)
 
     def kind_options(self) -> dict:
         """The options the agents get: the same for bus-agent and for r1 (solo)."""
@@ -114,6 +125,18 @@ def spin_plan(spin: str, n: int, c: int) -> tuple[int, int]:
     if spin == "all":
         return SPIN_US, SPIN_US
     return (SPIN_US if n + 1 <= c else 0), (SPIN_US if n + 2 <= c else 0)
+
+
+def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
+    """R_pool(N) in a process of its own (``python -m agentbus_zmq.busbench.pool``): the
+    same agents in the same process layout, no messaging."""
+    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.pool", "--agents", str(n), "--per-host", str(per_host),
+           *cfg.agent_args(), "--world", json.dumps(cfg.world()), "--warmup", str(cfg.warmup),
+           "--duration", str(cfg.solo_duration)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"the no-bus pool measurement failed (status {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure_r1(cfg: BenchConfig) -> dict:
@@ -178,7 +201,8 @@ def _rss(procs: list[psutil.Process]) -> float:
     return total / MB
 
 
-def _memory(procs: list[psutil.Process]) -> dict:
+def _memory(procs: list[psutil.Process], agents: int) -> dict:
+    """Memory of the agent processes, per agent (hosts hold many agents a process)."""
     rss, pss, uss = [], [], []
     for p in procs:
         try:
@@ -188,7 +212,7 @@ def _memory(procs: list[psutil.Process]) -> dict:
         rss.append(m.rss)
         pss.append(getattr(m, "pss", m.uss))
         uss.append(m.uss)
-    n = max(len(rss), 1)
+    n = max(agents, 1)
     return {
         "processes": len(rss),
         "rss_per_agent": sum(rss) / n / MB,
@@ -213,6 +237,25 @@ def _wait_for_file(path: str, child: Child, timeout: float) -> str:
     raise TimeoutError(f"the coordinator did not report its endpoint within {timeout:.0f} s")
 
 
+def _agent_processes(launcher: Child | None) -> list[psutil.Process]:
+    """The agent (or host) processes busbench's launcher forked: its children, or the
+    launcher itself when it runs its one agent in-process."""
+    if launcher is None:
+        return []
+    try:
+        parent = psutil.Process(launcher.pid)
+        return parent.children() or [parent]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _pids(client: ControlClient) -> set[int]:
+    """Every pid the coordinator lists for its agents (all pages of ``stats``)."""
+    first = client.request("stats", {"page": 0}, timeout=5)
+    pages = [first] + [client.request("stats", {"page": k}, timeout=5) for k in range(1, first["pages"])]
+    return {pid for page in pages for pid in page["agent_pids"].values()}
+
+
 def _local(pids) -> list[psutil.Process]:
     """The agent processes among ``pids`` that run on this host (an agent on another host
     may share a pid with an unrelated local process: its command line tells them apart)."""
@@ -228,20 +271,24 @@ def _local(pids) -> list[psutil.Process]:
     return procs
 
 
-def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Measure R(N) with ``n`` agents; returns the run's record (docs/busbench.md)."""
-    if cfg.connect is None and n > cfg.free_cells():
-        raise ValueError(f"{n} agents do not fit a {cfg.width}x{cfg.height} world with {cfg.obstacles} obstacles; "
-                         f"pass a larger --width/--height")
+def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
+            progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure R(N) with ``n`` agents; returns the run's record (docs/busbench.md).
+    ``pool`` is R_pool(N) measured for the same layout (None with --connect)."""
+    if cfg.connect is None and n > cfg.world_config().capacity:
+        raise ValueError(f"{n} agents do not fit {cfg.world_config().max_arenas} arenas of the {cfg.width}x"
+                         f"{cfg.height} world")
     tmp = tempfile.mkdtemp(prefix="busbench-")
     children: list[Child] = []
     errors: list[str] = []
-    record: dict = {"agents": n}
+    per_host = cfg.hosts_for(n)
+    processes = -(-n // per_host)
+    record: dict = {"agents": n, "per_host": per_host, "processes": processes}
     args = {"agents": n, "warmup_steps": cfg.warmup * n, "steps": cfg.steps, "duration_s": cfg.duration,
             "timeout_s": max(cfg.timeout, cfg.duration + 120)}
     try:
         server_args, client_args, keys = _curve_args(cfg, tmp)
-        agent_spin, coordinator_spin = spin_plan(cfg.spin, n, cores())
+        agent_spin, coordinator_spin = spin_plan(cfg.spin, processes, cores())
         if cfg.connect:
             endpoint, checks, agent_spin, coordinator_spin = cfg.connect, [], None, None
         else:
@@ -250,7 +297,8 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
                            "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
                            "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
-                           "--spin-us", str(coordinator_spin), "--log-level", "WARNING", *server_args],
+                           "--arena-agents", str(cfg.arena_agents), "--spin-us", str(coordinator_spin),
+                           "--log-level", "WARNING", *server_args],
                           log_path=f"{tmp}/coordinator.log")
             children.append(coord)
             endpoint, checks = _wait_for_file(f"{tmp}/endpoint", coord, 30), [coord]
@@ -261,14 +309,15 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
                 # chaos kills on purpose: restart at once, and never give up on it
                 restart = (["--restart", "--restart-backoff", "0.05", "--max-restarts", str(10**9)]
                            if cfg.chaos_kill_rate > 0 else [])
-                agents = Child("agents", "agentbus_zmq.agents", ["--endpoint", endpoint, "--replicas", str(n), "--id", "bench",
-                                                     "--spin-us", str(agent_spin), "--log-level", "WARNING",
-                                                     *cfg.agent_args(), *client_args,
-                                                     *restart],
+                agents = Child("agents", "agentbus_zmq.agents",
+                               ["--endpoint", endpoint, "--replicas", str(n), "--per-host", str(per_host), "--id",
+                                "bench", "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(),
+                                *client_args, *restart],
                                log_path=f"{tmp}/agents.log")
                 children.append(agents)
                 checks.append(agents)
-            progress(f"{n} agents: starting, warming up, measuring")
+            launcher = None if cfg.connect else agents
+            progress(f"{n} agents in {processes} processes: starting, warming up, measuring")
             sampler: MemorySampler | None = None
             chaos = Chaos(cfg.chaos_kill_rate) if cfg.chaos_kill_rate > 0 else None
 
@@ -281,18 +330,17 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
                     return
                 stats = client.request("stats", timeout=5)
                 if sampler is None:
-                    if len(stats["ready_ids"]) >= n:  # all up: start watching (and, with chaos, killing)
+                    if stats["ready"] >= n:  # all up: start watching (and, with chaos, killing)
                         sampler = MemorySampler(_coordinator(children), n)
                     return
                 if sampler.due(now):
-                    sampler.sample(now, _local(stats["agent_pids"].values()))
+                    sampler.sample(now, _agent_processes(launcher) if launcher else _local(_pids(client)))
                 if chaos is not None:
-                    chaos.step(now, stats)
+                    chaos.step(now, stats, {p.pid for p in _agent_processes(launcher)})
 
             window = client.wait(request, max(cfg.timeout, cfg.duration + 120) + 5, idle, "measure")
-            pids = list(client.request("stats", timeout=5)["agent_pids"].values())
-        procs = _local(pids)
-        record["memory_mb"] = _memory(procs) if procs else None
+            procs = _agent_processes(launcher) if launcher else _local(_pids(client))
+        record["memory_mb"] = _memory(procs, n) if procs else None
         record["memory_growth"] = (sampler.growth(window["opened_at"], window["closed_at"], window["rate"])
                                    if sampler is not None and procs else None)
         # From the coordinator's receipt of `measure` (sent just before the launch) until
@@ -314,6 +362,8 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
     record.update({
         "rate": rate,
         "efficiency": rate / (min(n, c) * r1),
+        "pool_rate": pool["rate"] if pool else None,
+        "efficiency_pool": rate / pool["rate"] if pool else None,
         "efficiency_peer": rate / (n * r1),
         "overhead": 1 - rate / (min(n, c) * r1),
         "latency_ms": {k: v / 1000 for k, v in window["latency_us"].items()},
@@ -343,37 +393,41 @@ def run_one(cfg: BenchConfig, n: int, r1: float, progress: Callable[[str], None]
 
 
 class Chaos:
-    """Kill random ready agents (a Poisson process of ``rate`` kills per second) and time
-    each one's recovery: until the same id is registered again, from a new process,
-    and has answered an observation."""
+    """Kill random agent processes (a Poisson process of ``rate`` kills per second) and
+    time each one's recovery: until every agent id that process carried (one, or a
+    host's) is registered again from a new process and has answered an observation.
+
+    It kills only processes busbench's own launcher forked, never a pid a peer reported
+    in its HELLO (a peer may claim any pid)."""
 
     def __init__(self, rate: float, seed: int = 0):
         self.rate = rate
         self.rng = random.Random(seed)
         self.last: float | None = None
-        self.pending: dict[str, tuple[int, float]] = {}  # id -> (old pid, killed at)
+        self.pending: dict[int, tuple[set[str], float]] = {}  # killed pid -> (its agent ids, killed at)
         self.recoveries: list[float] = []
         self.kills = 0
 
-    def step(self, now: float, stats: dict) -> None:
-        pids, ready = stats["agent_pids"], set(stats["ready_ids"])
-        for agent_id, (old_pid, killed_at) in list(self.pending.items()):
-            if agent_id in ready and pids.get(agent_id) != old_pid:
+    def step(self, now: float, stats: dict, ours: set[int]) -> None:
+        pids, ready = stats.get("agent_pids", {}), set(stats.get("ready_ids", ()))
+        for old_pid, (ids, killed_at) in list(self.pending.items()):
+            if all(a in ready and pids.get(a) != old_pid for a in ids):
                 self.recoveries.append(now - killed_at)
-                del self.pending[agent_id]
+                del self.pending[old_pid]
         dt, self.last = (now - self.last if self.last is not None else 0.0), now
         if self.rng.random() >= 1 - math.exp(-self.rate * dt):
             return
-        candidates = sorted(a for a in ready if a not in self.pending and a in pids)
+        busy = {a for ids, _ in self.pending.values() for a in ids}
+        candidates = sorted({pids[a] for a in ready if a in pids and a not in busy and pids[a] in ours})
         if not candidates:
             return
         victim = self.rng.choice(candidates)
         try:
-            os.kill(pids[victim], signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             return
         self.kills += 1
-        self.pending[victim] = (pids[victim], now)
+        self.pending[victim] = ({a for a, p in pids.items() if p == victim}, now)
 
     def summary(self) -> dict:
         r = sorted(self.recoveries)

@@ -27,17 +27,17 @@ def solo_rate(kind: str, options: dict, world: dict, warmup_steps: int, duration
     agent.prepare()
     if hasattr(agent, "configure"):
         agent.configure(env.params(), SOLO_ID)
-    env.place(SOLO_ID)
+    slot = env.place(SOLO_ID)
     step, observe, move = agent.step, env.observe, env.move
     for _ in range(warmup_steps):
-        move(SOLO_ID, step(observe(SOLO_ID)))
+        move(slot, step(observe(slot)))
     steps = 0
     clock = time.perf_counter
     start = clock()
     end = start + duration
     while True:
         for _ in range(50):
-            move(SOLO_ID, step(observe(SOLO_ID)))
+            move(slot, step(observe(slot)))
         steps += 50
         now = clock()
         if now >= end:

@@ -23,6 +23,8 @@ _ENV = {
     "obstacles": "BUS_WORLD_OBSTACLES",
     "goals": "BUS_WORLD_GOALS",
     "seed": "BUS_SEED",
+    "arena_agents": "BUS_ARENA_AGENTS",
+    "max_arenas": "BUS_MAX_ARENAS",
     "log_level": "BUS_LOG_LEVEL",
     "curve_secret": "BUS_CURVE_SECRET",
     "curve_clients": "BUS_CURVE_CLIENTS",
@@ -47,6 +49,11 @@ _WORLD = WorldConfig()
 @click.option("--goals", envvar=_ENV["goals"], type=int, default=_WORLD.goals, show_default=True)
 @click.option("--seed", envvar=_ENV["seed"], type=int, default=_WORLD.seed, show_default=True,
               help="World layout and placement seed (same seed, same world).")
+@click.option("--arena-agents", envvar=_ENV["arena_agents"], type=click.IntRange(0), default=_WORLD.arena_agents,
+              show_default=True, help="Agents per arena (a copy of the world) at most; 0: every free cell. "
+                                      "More agents open more arenas.")
+@click.option("--max-arenas", envvar=_ENV["max_arenas"], type=click.IntRange(1), default=_WORLD.max_arenas,
+              show_default=True, help="Arenas the coordinator may open; past that, agents get WORLD_FULL.")
 @click.option("--endpoint-file", type=click.Path(dir_okay=False), default=None,
               help="Write the endpoint actually bound here (useful with a wildcard port, tcp://127.0.0.1:*).")
 @click.option("--curve-secret", envvar=_ENV["curve_secret"], type=click.Path(exists=True, dir_okay=False),
@@ -57,7 +64,8 @@ _WORLD = WorldConfig()
               help="After each message, busy-poll this many microseconds before sleeping: answers sooner "
                    "when the coordinator has a core to itself; costs CPU otherwise (0: never).")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, endpoint_file, curve_secret,
+def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, arena_agents, max_arenas,
+        endpoint_file, curve_secret,
         curve_clients, spin_us, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
     configure_logging(log_level)
@@ -65,7 +73,8 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
 
     try:
         settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat)
-        world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed)
+        world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed,
+                            arena_agents=arena_agents, max_arenas=max_arenas)
         check_endpoint(bind)
         curve = None
         if curve_secret or curve_clients:

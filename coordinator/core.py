@@ -34,6 +34,8 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
+
 from agentbus_zmq.bus import config
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.protocol import ErrorCode
@@ -41,8 +43,8 @@ from agentbus_zmq.coordinator.measure import ControlError, MeasureRequest, Measu
 from agentbus_zmq.coordinator.metrics import Ledger
 from agentbus_zmq.coordinator.world import GridWorld, WorldFull
 
-__all__ = ["Settings", "AgentState", "TickPhase", "AgentEntry", "CoordinatorCore", "IllegalTransition",
-           "TRANSITIONS", "MODES"]
+__all__ = ["Settings", "AgentState", "TickPhase", "Unit", "AgentEntry", "HostEntry", "Member", "CoordinatorCore",
+           "IllegalTransition", "TRANSITIONS", "MODES", "STATS_DETAIL_MAX"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ WARNINGS_PER_S = 20
 SETUP_GRACE_S = 30.0
 #: Agent ids whose registrations are counted for ``restarts`` in stats (bounded memory).
 MAX_TRACKED_IDS = 65_536
+#: ``stats`` lists agents (ids, pids, hosts) when there are at most this many, else a
+#: page of them on request: the reply must fit in a message.
+STATS_DETAIL_MAX = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +119,12 @@ del J, I, S
 
 
 @dataclasses.dataclass(slots=True, eq=False)
-class AgentEntry:
-    agent_id: str
+class Unit:
+    """What the schedule sends to and hears from: one agent's connection, or a host's.
+
+    A unit is in one :class:`AgentState`; its outstanding observation (STEPPING) has
+    tick ``pending`` and covers ``n`` agent-steps (1 for an agent; a host's members)."""
+
     peer: bytes
     kind: str
     pid: int
@@ -126,19 +135,68 @@ class AgentEntry:
     #: tick of the outstanding observation (meaningful in STEPPING only)
     pending: int = 0
     sent_at: float = 0.0
-    #: async mode: this agent's own step counter
+    #: async mode: this unit's own step counter
     tick: int = 0
+    #: agent-steps answered in time
     steps: int = 0
     first_step_at: float | None = None
-    #: recently expired (tick, the measurement window it expired in, or None) whose
-    #: answer would count as late, not stray
+    #: recently expired (tick, agent-steps, the measurement window it expired in, or
+    #: None) whose answer would count as late rather than stray
     overdue: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=4))
 
     def move(self, event: str) -> None:
         try:
             self.state = TRANSITIONS[(self.state, event)]
         except KeyError:
-            raise IllegalTransition(f"agent {self.agent_id}: {event!r} in state {self.state.value}") from None
+            raise IllegalTransition(f"{self.name}: {event!r} in state {self.state.value}") from None
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class AgentEntry(Unit):
+    """An agent with a connection of its own."""
+
+    agent_id: str = ""
+    slot: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.agent_id
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Member:
+    """An agent registered by a host: its identity; the host carries its schedule."""
+
+    agent_id: str
+    host: HostEntry
+    index: int
+    slot: int
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class HostEntry(Unit):
+    """A host: many agents on one connection, scheduled as one unit, one frame a tick."""
+
+    host_id: str = ""
+    #: member ids, in registration order (the order of every host frame)
+    ids: list = dataclasses.field(default_factory=list)
+    #: world slot of each member
+    slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    #: whether each member is still registered here
+    live: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))
+    #: the live members' indices and slots (recomputed when membership changes)
+    live_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    live_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    #: members of the outstanding observation, in its row order
+    pending_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def name(self) -> str:
+        return f"host {self.host_id}"
+
+    def refresh(self) -> None:
+        self.live_idx = np.flatnonzero(self.live)
+        self.live_slots = self.slots[self.live_idx]
 
 
 class CoordinatorCore:
@@ -156,18 +214,23 @@ class CoordinatorCore:
         self.session = session
         self._cpu_clock = cpu_clock
         self._outbox: list[tuple[bytes, bytes]] = []
-        self.agents: dict[str, AgentEntry] = {}
-        self._by_peer: dict[bytes, AgentEntry] = {}
+        #: every registered agent, by id: its own connection's entry, or a host's member
+        self.agents: dict[str, AgentEntry | Member] = {}
+        self.hosts: dict[str, HostEntry] = {}
+        self._by_peer: dict[bytes, Unit] = {}
         self.ledger = Ledger()
         self.tick = 0
         self.phase = TickPhase.IDLE
         self._tick_deadline = math.inf
-        self._actions: dict[str, int] = {}
-        #: lockstep: agents whose answer to the open tick is still awaited
-        self._expected: set[str] = set()
-        #: async: agents with an outstanding observation, oldest first (deadlines are
+        #: lockstep: this tick's moves, agent slot -> action, and hosts' (host, member
+        #: indices, actions): a member that leaves before the tick closes is skipped then
+        self._moves: dict[int, int] = {}
+        self._host_moves: list[tuple[HostEntry, np.ndarray, np.ndarray]] = []
+        #: lockstep: units whose answer to the open tick is still awaited
+        self._expected: set[Unit] = set()
+        #: async: units with an outstanding observation, oldest first (deadlines are
         #: sent_at + deadline, so send order is deadline order)
-        self._outstanding: collections.OrderedDict[AgentEntry, None] = collections.OrderedDict()
+        self._outstanding: collections.OrderedDict[Unit, None] = collections.OrderedDict()
         #: earliest time a deadline may be due (may be early, never late)
         self._due = math.inf
         self._next_sweep = 0.0
@@ -210,34 +273,42 @@ class CoordinatorCore:
         self.on_message(peer, msg, now)
 
     def on_message(self, peer: bytes, msg: P.Message, now: float) -> None:
-        entry = self._by_peer.get(peer)
-        if entry is not None:
-            entry.last_seen = now
-            if entry.state is AgentState.JOINING and type(msg) is P.Heartbeat:
-                self._on_ready(entry, now)
+        unit = self._by_peer.get(peer)
         mtype = type(msg)
-        if mtype is P.Action:
-            if entry is None:
-                self._reject(peer, ErrorCode.NOT_REGISTERED, "ACTION from an unregistered peer", now)
+        if unit is not None:
+            unit.last_seen = now
+            if unit.state is AgentState.JOINING and mtype is P.Heartbeat:
+                self._on_ready(unit, now)
+        if mtype is P.Action or mtype is P.HostAction:
+            if unit is None or (mtype is P.Action) is (type(unit) is HostEntry):
+                what = "an unregistered peer" if unit is None else f"{unit.name}, which registered otherwise"
+                self._reject(peer, ErrorCode.NOT_REGISTERED, f"{mtype.__name__.upper()} from {what}", now)
             else:
                 if now >= self._due:  # a deadline passed and the timer has not run yet
                     self._expire_due(now)
-                self._on_action(entry, msg, now)
+                self._on_answer(unit, msg, now)
         elif mtype is P.Heartbeat:
-            if entry is None:
+            if unit is None:
                 self._reject(peer, ErrorCode.NOT_REGISTERED, "HEARTBEAT from an unregistered peer", now)
         elif mtype is P.Hello:
             self._on_hello(peer, msg, now)
+        elif mtype is P.HostHello:
+            self._on_host_hello(peer, msg, now)
         elif mtype is P.Bye:
-            if entry is not None:
-                log.info("agent %s left: %s", entry.agent_id, msg.reason or "bye")
-                self._drop(entry, now)
+            if unit is not None:
+                log.info("%s left: %s", unit.name, msg.reason or "bye")
+                self._drop(unit, now)
+        elif mtype is P.HostBye:
+            if type(unit) is HostEntry:
+                self._on_host_bye(unit, msg, now)
+            else:
+                self._reject(peer, ErrorCode.NOT_REGISTERED, "HOST_BYE from a peer that is not a host", now)
         elif mtype is P.Control:
             self._on_control(peer, msg, now)
         elif mtype is P.Error:
             self.ledger.errors["received"] += 1
-            self._warn(now, "peer %s reported error %s: %s", _peer_name(peer, entry), msg.code, msg.reason)
-        else:  # WELCOME, OBSERVATION, REPLY travel the other way only
+            self._warn(now, "peer %s reported error %s: %s", _peer_name(peer, unit), msg.code, msg.reason)
+        else:  # WELCOME, OBSERVATION, REPLY and the host twins travel the other way only
             self._reject(peer, ErrorCode.UNKNOWN_TYPE, f"{mtype.__name__.upper()} is not accepted by the coordinator", now)
 
     def on_timer(self, now: float) -> None:
@@ -301,12 +372,12 @@ class CoordinatorCore:
         return bool(self._outbox)
 
     def shutdown(self, now: float) -> None:
-        """Say BYE to every agent; called once before the driver exits."""
+        """Say BYE to every agent and host; called once before the driver exits."""
         self.stopping = True
         bye = P.encode(P.Bye("coordinator shutting down"))
-        for entry in list(self.agents.values()):
-            self._outbox.append((entry.peer, bye))
-            self._drop(entry, now)
+        for unit in list(self._by_peer.values()):
+            self._outbox.append((unit.peer, bye))
+            self._drop(unit, now)
         if self._measure is not None:
             self._finish_measure(False, _refusal(ErrorCode.SHUTTING_DOWN, "coordinator shutting down"))
 
@@ -317,56 +388,140 @@ class CoordinatorCore:
             self._reject(peer, ErrorCode.SHUTTING_DOWN, "coordinator is shutting down", now)
             return
         old = self.agents.get(msg.agent_id)
-        if old is not None and old.peer == peer:
+        if type(old) is AgentEntry and old.peer == peer:
             # A repeated HELLO (the agent has not seen our WELCOME yet): answer it again.
-            self._send(old, self._welcome(msg.agent_id), now)
+            self._send(old, self._welcome(old), now)
             return
-        if old is not None:
-            # Same agent id again: it restarted, or re-announced itself.  Replace.
-            log.info("agent %s re-registered (peer %s -> %s)", msg.agent_id, old.peer.hex(), peer.hex())
-            self._drop(old, now, keep_position=True)
         other = self._by_peer.get(peer)
         if other is not None:
             self._drop(other, now)
+        if old is not None:
+            # Same agent id again: it restarted, or re-announced itself.  Replace.
+            log.info("agent %s re-registered (peer %s)", msg.agent_id, peer.hex())
+            self._forget_agent(old, now, keep_position=True)
         try:
-            self.world.place(msg.agent_id)
+            slot = self.world.place(msg.agent_id)
         except WorldFull as exc:
             self._reject(peer, ErrorCode.WORLD_FULL, str(exc), now)
             return
-        entry = AgentEntry(msg.agent_id, peer, msg.kind, msg.pid, now, now, now)
+        entry = AgentEntry(peer, msg.kind, msg.pid, now, now, now, agent_id=msg.agent_id, slot=slot)
         self.agents[msg.agent_id] = entry
         self._by_peer[peer] = entry
-        if msg.agent_id in self._registrations or len(self._registrations) < MAX_TRACKED_IDS:
-            self._registrations[msg.agent_id] += 1
+        self._count_registration(msg.agent_id)
         log.info("agent %s registered (kind %s, pid %d); %d agents", msg.agent_id, msg.kind, msg.pid, len(self.agents))
-        self._send(entry, self._welcome(msg.agent_id), now)
+        self._send(entry, self._welcome(entry), now)
 
-    def _on_ready(self, entry: AgentEntry, now: float) -> None:
-        """The agent's first message after WELCOME: its model is built; schedule it."""
-        entry.move("ready")
+    def _on_host_hello(self, peer: bytes, msg: P.HostHello, now: float) -> None:
+        if self.stopping:
+            self._reject(peer, ErrorCode.SHUTTING_DOWN, "coordinator is shutting down", now)
+            return
+        ids = msg.member_ids()
+        unit = self._by_peer.get(peer)
+        if type(unit) is HostEntry and unit.host_id == msg.host_id and unit.ids == ids:
+            self._send(unit, self._host_welcome(unit), now)  # a repeated HOST_HELLO
+            return
+        if unit is not None:
+            self._drop(unit, now)
+        old_host = self.hosts.get(msg.host_id)
+        if old_host is not None:
+            log.info("host %s re-registered (peer %s)", msg.host_id, peer.hex())
+            self._drop(old_host, now, keep_position=True)
+        free = self.world.config.capacity - len(self.world) + sum(1 for i in ids if i in self.world)
+        if len(ids) > free:
+            self._reject(peer, ErrorCode.WORLD_FULL, f"{len(ids)} agents do not fit: the world has room for "
+                                                     f"{free} more", now)
+            return
+        for agent_id in ids:
+            old = self.agents.get(agent_id)
+            if old is not None:
+                self._forget_agent(old, now, keep_position=True)
+        host = HostEntry(peer, msg.kind, msg.pid, now, now, now, host_id=msg.host_id, ids=ids,
+                         slots=np.array([self.world.place(i) for i in ids], dtype=np.int64),
+                         live=np.ones(len(ids), dtype=bool))
+        host.refresh()
+        for index, agent_id in enumerate(ids):
+            self.agents[agent_id] = Member(agent_id, host, index, int(host.slots[index]))
+            self._count_registration(agent_id)
+        self.hosts[msg.host_id] = host
+        self._by_peer[peer] = host
+        log.info("host %s registered %d %s agents (%s .. %s, pid %d); %d agents", msg.host_id, len(ids), msg.kind,
+                 ids[0], ids[-1], msg.pid, len(self.agents))
+        self._send(host, self._host_welcome(host), now)
+
+    def _count_registration(self, agent_id: str) -> None:
+        if agent_id in self._registrations or len(self._registrations) < MAX_TRACKED_IDS:
+            self._registrations[agent_id] += 1
+
+    def _on_ready(self, unit: Unit, now: float) -> None:
+        """The unit's first message after WELCOME: its models are built; schedule it."""
+        unit.move("ready")
         if self._async:
-            self._send_observation(entry, entry.tick, now)
+            self._send_observation(unit, unit.tick, now)
         elif self.phase is TickPhase.IDLE:
             self._open_tick(now)
 
-    def _welcome(self, agent_id: str) -> bytes:
-        return P.encode(P.Welcome(self.session, agent_id, self._welcome_params))
+    def _welcome(self, entry: AgentEntry) -> bytes:
+        params = {**self._welcome_params, "arena": int(self.world.arena[entry.slot])}
+        return P.encode(P.Welcome(self.session, entry.agent_id, params))
 
-    def _drop(self, entry: AgentEntry, now: float, keep_position: bool = False) -> None:
-        """Forget an agent; an observation it still owed is counted missing."""
-        if entry.state is AgentState.STEPPING:
-            self._count_missing()
-            self._outstanding.pop(entry, None)
-            self._expected.discard(entry.agent_id)
-        if self.agents.get(entry.agent_id) is entry:
-            del self.agents[entry.agent_id]
-            if entry.first_step_at is not None:
-                self._stepping_n -= 1
-        if self._by_peer.get(entry.peer) is entry:
-            del self._by_peer[entry.peer]
+    def _host_welcome(self, host: HostEntry) -> bytes:
+        arenas = self.world.arena[host.slots].astype(np.uint32)
+        return P.encode(P.HostWelcome(self.session, host.host_id, self._welcome_params, arenas))
+
+    def _drop(self, unit: Unit, now: float, keep_position: bool = False) -> None:
+        """Forget a unit and its agents; an observation it still owed counts missing."""
+        if unit.state is AgentState.STEPPING:
+            self._count_missing(self._owed(unit))
+            self._outstanding.pop(unit, None)
+            self._expected.discard(unit)
+        if self._by_peer.get(unit.peer) is unit:
+            del self._by_peer[unit.peer]
+        if type(unit) is HostEntry:
+            if self.hosts.get(unit.host_id) is unit:
+                del self.hosts[unit.host_id]
+            for index in unit.live_idx.tolist():
+                member = self.agents.get(unit.ids[index])
+                if type(member) is Member and member.host is unit:
+                    self._unregister(member, unit, keep_position)
+            unit.live[:] = False
+            unit.refresh()
+        elif self.agents.get(unit.agent_id) is unit:
+            self._unregister(unit, unit, keep_position)
+        if self.phase is TickPhase.OPEN and not self._expected:
+            self._close_tick(now)
+
+    def _forget_agent(self, agent: AgentEntry | Member, now: float, keep_position: bool) -> None:
+        """One agent goes (replaced by a new registration, or its host said HOST_BYE)."""
+        if type(agent) is AgentEntry:
+            self._drop(agent, now, keep_position)
+            return
+        host = agent.host
+        host.live[agent.index] = False
+        host.refresh()
+        if host.state is AgentState.STEPPING:
+            hit = host.pending_idx == agent.index
+            if hit.any():  # it owed a step of the outstanding frame: missing
+                host.pending_idx = host.pending_idx[~hit]
+                self._count_missing(1)
+        self._unregister(agent, host, keep_position)
+        if not host.live.any():
+            log.info("%s has no agents left", host.name)
+            self._drop(host, now)
+
+    def _unregister(self, agent: AgentEntry | Member, unit: Unit, keep_position: bool) -> None:
+        del self.agents[agent.agent_id]
+        if unit.first_step_at is not None:
+            self._stepping_n -= 1
         if not keep_position:
-            self.world.remove(entry.agent_id)
-            self._actions.pop(entry.agent_id, None)
+            self.world.remove(agent.agent_id)
+            if type(agent) is AgentEntry:
+                self._moves.pop(agent.slot, None)  # a move it sent this tick goes with it
+
+    def _on_host_bye(self, host: HostEntry, msg: P.HostBye, now: float) -> None:
+        for index in msg.members:
+            if index < len(host.ids) and host.live[index]:
+                log.warning("%s: agent %s left: %s", host.name, host.ids[index], msg.reason or "bye")
+                self._forget_agent(self.agents[host.ids[index]], now, keep_position=False)
         if self.phase is TickPhase.OPEN and not self._expected:
             self._close_tick(now)
 
@@ -374,15 +529,15 @@ class CoordinatorCore:
         """Liveness and heartbeats (deadlines are :meth:`_expire_due`'s)."""
         s = self.settings
         hb = None
-        for entry in list(self.agents.values()):
-            limit = max(s.expiry, SETUP_GRACE_S) if entry.state is AgentState.JOINING else s.expiry
-            if now - entry.last_seen > limit:
-                log.warning("agent %s silent for %.2f s: declared dead", entry.agent_id, now - entry.last_seen)
+        for unit in list(self._by_peer.values()):
+            limit = max(s.expiry, SETUP_GRACE_S) if unit.state is AgentState.JOINING else s.expiry
+            if now - unit.last_seen > limit:
+                log.warning("%s silent for %.2f s: declared dead", unit.name, now - unit.last_seen)
                 self.ledger.errors["expired"] += 1
-                self._drop(entry, now)
-            elif now - entry.last_sent >= s.heartbeat:
+                self._drop(unit, now)
+            elif now - unit.last_sent >= s.heartbeat:
                 hb = hb or P.encode(P.Heartbeat())
-                self._send(entry, hb, now)
+                self._send(unit, hb, now)
 
     # --- deadlines ----------------------------------------------------------------
 
@@ -392,118 +547,163 @@ class CoordinatorCore:
             deadline = self.settings.deadline
             outstanding = self._outstanding
             while outstanding:
-                entry = next(iter(outstanding))
-                if now - entry.sent_at < deadline:
+                unit = next(iter(outstanding))
+                if now - unit.sent_at < deadline:
                     break
-                self._expire(entry, now)
-                entry.tick += 1
-                self._send_observation(entry, entry.tick, now)  # re-queued at the end
+                self._expire(unit)
+                unit.tick += 1
+                self._send_observation(unit, unit.tick, now)  # re-queued at the end
             self._due = next(iter(outstanding)).sent_at + deadline if outstanding else math.inf
         elif self.phase is TickPhase.OPEN and now >= self._tick_deadline:
-            for agent_id in self._expected:
-                self._expire(self.agents[agent_id], now)
+            for unit in self._expected:
+                self._expire(unit)
             self._expected = set()
             self._close_tick(now)  # sets _due for the next tick
 
-    def _expire(self, entry: AgentEntry, now: float) -> None:
-        entry.move("expire")
+    def _expire(self, unit: Unit) -> None:
+        n = self._owed(unit)
+        unit.move("expire")
         m = self._measure
-        entry.overdue.append((entry.pending, m if m is not None and m.counting else None))
-        self._outstanding.pop(entry, None)
-        self._count_missing()
+        unit.overdue.append((unit.pending, n, m if m is not None and m.counting else None))
+        self._outstanding.pop(unit, None)
+        self._count_missing(n)
 
-    def _count_missing(self) -> None:
-        self.ledger.outstanding -= 1
-        self.ledger.missing += 1
+    @staticmethod
+    def _owed(unit: Unit) -> int:
+        """Agent-steps the unit's outstanding observation covers."""
+        return len(unit.pending_idx) if type(unit) is HostEntry else 1
+
+    def _count_missing(self, n: int) -> None:
+        self.ledger.outstanding -= n
+        self.ledger.missing += n
         if self._measure is not None:
-            self._measure.on_expired()
+            self._measure.on_expired(n)
 
     # --- the schedule -------------------------------------------------------------
 
     def _open_tick(self, now: float) -> None:
-        ready = [e for e in self.agents.values() if e.state is AgentState.IDLE]
+        ready = [u for u in self._by_peer.values() if u.state is AgentState.IDLE]
         if not ready or self.stopping:
             self.phase = TickPhase.IDLE
             self._due = self._tick_deadline = math.inf
             return
         self.phase = TickPhase.OPEN
         self._due = self._tick_deadline = now + self.settings.deadline
-        self._actions = {}
-        self._expected = {e.agent_id for e in ready}
+        self._expected = set(ready)
         tick = self.tick
-        for entry in ready:
-            self._send_observation(entry, tick, now)
+        for unit in ready:
+            self._send_observation(unit, tick, now)
 
     def _close_tick(self, now: float) -> None:
         self.phase = TickPhase.IDLE
-        self.world.step(self._actions)
+        self._apply_moves()
         self.ledger.ticks += 1
         if self._measure is not None:
             self._measure.on_tick()
         self.tick += 1
         self._open_tick(now)
 
-    def _send_observation(self, entry: AgentEntry, tick: int, now: float) -> None:
-        entry.move("observe")
-        entry.pending = tick
-        entry.sent_at = now
+    def _apply_moves(self) -> None:
+        """The tick's actions, all at once, in slot (registration) order."""
+        moves, self._moves = self._moves, {}
+        host_moves, self._host_moves = self._host_moves, []
+        if host_moves:
+            slots, actions = [np.fromiter(moves, np.int64, len(moves))], [np.fromiter(moves.values(), np.int64, len(moves))]
+            for host, idx, acts in host_moves:
+                still = host.live[idx]  # members that left since their host answered are skipped
+                slots.append(host.slots[idx[still]])
+                actions.append(acts[still].astype(np.int64, copy=False))
+            slots, actions = np.concatenate(slots), np.concatenate(actions)
+            order = np.argsort(slots, kind="stable")
+            self.world.move_many(slots[order], actions[order])
+        elif moves:
+            ordered = sorted(moves.items())
+            self.world.move_many(np.array([s for s, _ in ordered], np.int64), np.array([a for _, a in ordered]))
+
+    def _send_observation(self, unit: Unit, tick: int, now: float) -> None:
+        unit.move("observe")
+        unit.pending = tick
+        unit.sent_at = now
+        if type(unit) is HostEntry:
+            unit.pending_idx = unit.live_idx
+            n = len(unit.live_idx)
+            frame = P.encode(P.HostObservation(tick, unit.live_idx.astype(np.uint16),
+                                               self.world.observe_many(unit.live_slots)))
+        else:
+            n = 1
+            frame = P.encode_observation(tick, self.world.observe(unit.slot))
         ledger = self.ledger
-        ledger.sent += 1
-        ledger.outstanding += 1
+        ledger.sent += n
+        ledger.outstanding += n
         if self._measure is not None:
-            self._measure.on_sent()
+            self._measure.on_sent(n)
         if self._async:
             if not self._outstanding:
                 self._due = now + self.settings.deadline
-            self._outstanding[entry] = None
-        self._send(entry, P.encode_observation(tick, self.world.observe(entry.agent_id)), now)
+            self._outstanding[unit] = None
+        self._send(unit, frame, now)
 
-    def _on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
-        if entry.state is not AgentState.STEPPING or msg.tick != entry.pending:
-            for i, (tick, window) in enumerate(entry.overdue):
+    def _on_answer(self, unit: Unit, msg: P.Action | P.HostAction, now: float) -> None:
+        if unit.state is not AgentState.STEPPING or msg.tick != unit.pending:
+            for i, (tick, n, window) in enumerate(unit.overdue):
                 if tick == msg.tick:
-                    del entry.overdue[i]
-                    self.ledger.missing -= 1
-                    self.ledger.late += 1
+                    del unit.overdue[i]
+                    self.ledger.missing -= n
+                    self.ledger.late += n
                     if window is not None and window is self._measure:
-                        window.on_late()
+                        window.on_late(n)
                     return
-            current = f"current {entry.pending}" if entry.state is AgentState.STEPPING else "none is"
-            self._reject(entry.peer, ErrorCode.STALE_TICK,
+            current = f"current {unit.pending}" if unit.state is AgentState.STEPPING else "none is"
+            self._reject(unit.peer, ErrorCode.STALE_TICK,
                          f"no observation for tick {msg.tick} is outstanding ({current})", now)
             return
-        entry.move("answer")
-        entry.steps += 1
-        first = entry.first_step_at is None
+        host = type(unit) is HostEntry
+        if host:
+            n = len(unit.pending_idx)
+            if len(msg.actions) != n:
+                self._reject(unit.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick} has "
+                             f"{len(msg.actions)} actions; the observation listed {n} members", now)
+                return
+        else:
+            n = 1
+        unit.move("answer")
+        unit.steps += n
+        first = unit.first_step_at is None
         if first:
-            entry.first_step_at = now
-            self._stepping_n += 1
+            unit.first_step_at = now
+            self._stepping_n += len(unit.live_idx) if host else 1
         ledger = self.ledger
-        ledger.outstanding -= 1
-        ledger.received += 1
+        ledger.outstanding -= n
+        ledger.received += n
         m = self._measure
         if m is not None:
-            m.on_received((now - entry.sent_at) * 1e6 - msg.compute_us, msg.compute_us)
+            m.on_received((now - unit.sent_at) * 1e6 - msg.compute_us, msg.compute_us, n)
             if first or not m.counting:
                 m.advance(self._stepping_n, ledger.received, now)
             elif m.done(now):
                 self._close_measure(now)
         if self._async:
-            del self._outstanding[entry]
-            self.world.move(entry.agent_id, msg.action)
-            entry.tick += 1
-            self._send_observation(entry, entry.tick, now)
+            del self._outstanding[unit]
+            if host:
+                self.world.move_many(unit.slots[unit.pending_idx], msg.actions)
+            else:
+                self.world.move(unit.slot, msg.action)
+            unit.tick += 1
+            self._send_observation(unit, unit.tick, now)
         else:
-            self._actions[entry.agent_id] = msg.action
-            self._expected.discard(entry.agent_id)
+            if host:
+                self._host_moves.append((unit, unit.pending_idx, msg.actions))
+            else:
+                self._moves[unit.slot] = msg.action
+            self._expected.discard(unit)
             if not self._expected:
                 self._close_tick(now)
 
     # --- output -------------------------------------------------------------------
 
-    def _send(self, entry: AgentEntry, frame: bytes, now: float) -> None:
-        entry.last_sent = now
-        self._outbox.append((entry.peer, frame))
+    def _send(self, unit: Unit, frame: bytes, now: float) -> None:
+        unit.last_sent = now
+        self._outbox.append((unit.peer, frame))
 
     def _reject(self, peer: bytes, code: ErrorCode, reason: str, now: float) -> None:
         """Count, log and answer a refused message.  Never raises."""
@@ -550,7 +750,10 @@ class CoordinatorCore:
         return {"session": self.session}
 
     def _cmd_stats(self, peer: bytes, msg: P.Control, now: float) -> dict:
-        return self.stats(now)
+        page = msg.args.get("page")
+        if page is not None and (type(page) is not int or page < 0):
+            raise ControlError(ErrorCode.BAD_FIELD, "stats' page must be a non-negative integer")
+        return self.stats(now, page)
 
     def _cmd_measure(self, peer: bytes, msg: P.Control, now: float) -> None:
         request = MeasureRequest.parse(msg.args)
@@ -562,28 +765,41 @@ class CoordinatorCore:
     def _reply(self, peer: bytes, request_id: int, ok: bool, result: dict) -> None:
         self._outbox.append((peer, P.encode(P.Reply(request_id, ok, result))))
 
-    def stats(self, now: float) -> dict:
-        stepping = self._stepping()
-        return {
+    def stats(self, now: float, page: int | None = None) -> dict:
+        """The bus at a glance.  Agents are listed (ids, pids, which have stepped) when
+        there are at most STATS_DETAIL_MAX, else in pages of that size on request."""
+        out = {
             "session": self.session,
             "mode": self.settings.mode,
             "uptime_s": now - (self.started_at if self.started_at is not None else now),
             "agents": len(self.agents),
-            "agent_ids": sorted(self.agents),
-            "agent_pids": {e.agent_id: e.pid for e in self.agents.values()},
-            "ready_ids": sorted(stepping),
-            "ready": len(stepping),
+            "ready": self._stepping_n,
+            "hosts": len(self.hosts),
+            "arenas": self.world.arenas,
             "tick": self.tick,
             "ledger": self.ledger.snapshot(),
-            "restarts": {a: n - 1 for a, n in sorted(self._registrations.items()) if n > 1},
+            "restarts": dict(sorted((a, n - 1) for a, n in self._registrations.items() if n > 1)[:STATS_DETAIL_MAX]),
             "goal_visits": self.world.goal_visits,
             "connections": {**self.connections,
                             "open": self.connections["accepted"] - self.connections["disconnected"]},
         }
-
-    def _stepping(self) -> list[str]:
-        """Ids of the agents that have answered at least one observation ("ready" in stats)."""
-        return [e.agent_id for e in self.agents.values() if e.first_step_at is not None]
+        pages = max(1, -(-len(self.agents) // STATS_DETAIL_MAX))
+        if page is None and len(self.agents) > STATS_DETAIL_MAX:
+            out["pages"] = pages
+            return out
+        ids = sorted(self.agents)[(page or 0) * STATS_DETAIL_MAX:((page or 0) + 1) * STATS_DETAIL_MAX]
+        entries = [self.agents[a] for a in ids]
+        units = [e if type(e) is AgentEntry else e.host for e in entries]
+        out.update({
+            "pages": pages,
+            "page": page or 0,
+            "agent_ids": ids,
+            "agent_pids": {e.agent_id: u.pid for e, u in zip(entries, units)},
+            "agent_hosts": {e.agent_id: e.host.host_id for e in entries if type(e) is Member},
+            "ready_ids": [e.agent_id for e, u in zip(entries, units) if u.first_step_at is not None],
+            "host_ids": sorted(self.hosts)[:STATS_DETAIL_MAX],
+        })
+        return out
 
     def _close_measure(self, now: float) -> None:
         m = self._measure
@@ -599,5 +815,5 @@ def _refusal(code: ErrorCode, reason: str) -> dict:
     return {"error": reason, "code": int(code), "code_name": code.name, "hint": P.ERROR_HINTS.get(code, "")}
 
 
-def _peer_name(peer: bytes, entry: AgentEntry | None) -> str:
-    return f"{entry.agent_id} (peer {peer.hex()})" if entry is not None else f"peer {peer.hex()}"
+def _peer_name(peer: bytes, unit: Unit | None) -> str:
+    return f"{unit.name} (peer {peer.hex()})" if unit is not None else f"peer {peer.hex()}"

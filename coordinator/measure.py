@@ -134,25 +134,26 @@ class Measurement:
 
     # --- events, counted only while the window is open ------------------------------
 
-    def on_sent(self) -> None:
+    def on_sent(self, n: int = 1) -> None:
         if self.phase is MeasurePhase.WINDOW:
-            self.sent += 1
+            self.sent += n
 
-    def on_received(self, latency_us: float, compute_us: int) -> None:
+    def on_received(self, latency_us: float, compute_us: int, n: int = 1) -> None:
+        """``n`` steps answered in time, in one frame (a host's) or one ACTION."""
         if self.phase is MeasurePhase.WINDOW:
-            self.received += 1
-            self.latency.record(latency_us)
+            self.received += n
+            self.latency.record(latency_us, n)
             self.compute_us += compute_us
 
-    def on_expired(self) -> None:
+    def on_expired(self, n: int = 1) -> None:
         if self.phase is MeasurePhase.WINDOW:
-            self.missing += 1
+            self.missing += n
 
-    def on_late(self) -> None:
-        """A late answer to an observation that expired inside this window (the core
+    def on_late(self, n: int = 1) -> None:
+        """A late answer to observations that expired inside this window (the core
         checks that): the window's loss moves from missing to late."""
-        self.missing -= 1
-        self.late += 1
+        self.missing -= n
+        self.late += n
 
     def on_undeliverable(self) -> None:
         if self.phase is MeasurePhase.WINDOW:

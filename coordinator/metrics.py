@@ -64,10 +64,11 @@ class Histogram:
         self.n = 0
         self._inv_log = 1.0 / math.log(self.STEP)
 
-    def record(self, us: float) -> None:
+    def record(self, us: float, count: int = 1) -> None:
+        """``count`` samples of ``us`` (a host's frame: one latency for all its agents)."""
         i = int(math.log(us) * self._inv_log) + 1 if us >= 1.0 else 0
-        self.counts[i if i < self.BUCKETS else self.BUCKETS - 1] += 1
-        self.n += 1
+        self.counts[i if i < self.BUCKETS else self.BUCKETS - 1] += count
+        self.n += count
 
     def percentiles(self, qs=(50, 95, 99)) -> dict[str, float]:
         """Nearest-rank percentiles (each bucket's geometric middle), ``{"p50": us}``."""

@@ -1,6 +1,12 @@
-"""The shared world: a seeded multi-agent grid.  Plain Python, no I/O.
+"""The shared world: copies (arenas) of one seeded grid, stepped together.  No I/O.
 
-Cells are numbered ``y * width + x``.  Each agent observes two modalities:
+Every arena has the same layout (size, obstacles, goals: one seed), so every explorer
+builds the same model whatever its arena; agents interact only with the agents of their
+own arena.  An arena holds at most ``arena_agents`` agents; the world opens another
+when the open ones are full, up to ``max_arenas``.
+
+Cells are numbered ``y * width + x`` within an arena.  Each agent observes two
+modalities:
 
 * its location (the cell index), and
 * what it found there: ``empty``, ``obstacle``, ``goal``, ``agent`` or ``wall`` -- the
@@ -8,14 +14,24 @@ Cells are numbered ``y * width + x``.  Each agent observes two modalities:
   goal cell; ``obstacle``, ``agent`` or ``wall`` when its last move was blocked by one
   (it then stays where it was); ``empty`` otherwise.
 
-A cell holds at most one agent.  Moves are resolved deterministically: agents move one
-after another in agent-id order, each against the positions left by those before it.
+Agents live in *slots* (small integers handed out by :meth:`GridWorld.place`); the
+world keeps their arena, cell and last outcome in numpy arrays, so that a whole tick is
+a handful of array operations whatever the number of agents.
+
+Moves (:meth:`GridWorld.move_many`) are simultaneous: an agent moves when its target is
+inside the grid, not an obstacle, not occupied when the moves begin, and not claimed by
+an agent earlier in the given order (the coordinator orders by slot, i.e. by
+registration).  A cell being vacated in the same tick counts as occupied, so no two
+agents ever swap or chain; the outcome does not depend on anything but the order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import random
+
+import numpy as np
 
 __all__ = ["OUTCOMES", "ACTIONS", "WorldConfig", "WorldFull", "GridWorld"]
 
@@ -24,10 +40,16 @@ EMPTY, OBSTACLE, GOAL, AGENT, WALL = range(len(OUTCOMES))
 ACTIONS = ("up", "down", "left", "right", "stay")
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0), (0, 0))
 STAY = len(ACTIONS) - 1
+_DX = np.array([m[0] for m in MOVES], dtype=np.int64)
+_DY = np.array([m[1] for m in MOVES], dtype=np.int64)
+#: random cells tried before a placement falls back to listing the arena's free cells
+_PLACEMENT_TRIES = 8
+#: below this many agents, a batch of moves is applied one by one (same rule, less overhead)
+_SCALAR_BATCH = 48
 
 
 class WorldFull(Exception):
-    """No free cell is left for another agent."""
+    """No arena has room for another agent and no more arenas may be opened."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,88 +61,241 @@ class WorldConfig:
     obstacles: int = 2
     goals: int = 2
     seed: int = 0
+    #: agents per arena at most (0: every free cell)
+    arena_agents: int = 0
+    #: arenas the world may open
+    max_arenas: int = 10_000
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.height < 1:
             raise ValueError("the world needs width and height of at least 1")
         if self.obstacles < 0 or self.goals < 0 or self.obstacles + self.goals > self.width * self.height:
             raise ValueError("obstacles + goals must fit in width x height cells")
+        if self.obstacles >= self.width * self.height:
+            raise ValueError("the world needs at least one cell without an obstacle")
+        if not 0 <= self.arena_agents <= self.free_cells or self.max_arenas < 1:
+            raise ValueError(f"arena_agents must be 0 .. {self.free_cells} (the free cells) and max_arenas >= 1")
+
+    @property
+    def free_cells(self) -> int:
+        return self.width * self.height - self.obstacles
+
+    @property
+    def per_arena(self) -> int:
+        return self.arena_agents or self.free_cells
+
+    @property
+    def capacity(self) -> int:
+        return self.per_arena * self.max_arenas
 
 
 class GridWorld:
-    """Positions of agents on a grid with obstacles and goals."""
+    """Positions of agents in arenas of one grid layout with obstacles and goals."""
 
     def __init__(self, config: WorldConfig = WorldConfig()):
         self.config = config
         self.width, self.height = config.width, config.height
+        self.cells = config.width * config.height
         rng = random.Random(config.seed)
-        cells = rng.sample(range(self.width * self.height), config.obstacles + config.goals)
-        self.obstacles = frozenset(cells[: config.obstacles])
-        self.goals = frozenset(cells[config.obstacles:])
-        self._placement_rng = random.Random(config.seed + 1)
-        self.position: dict[str, int] = {}
-        self._occupant: dict[int, str] = {}
-        self._found: dict[str, int] = {}
+        layout = rng.sample(range(self.cells), config.obstacles + config.goals)
+        self.obstacles = frozenset(layout[: config.obstacles])
+        self.goals = frozenset(layout[config.obstacles:])
+        self._is_obstacle = np.zeros(self.cells, dtype=bool)
+        self._is_obstacle[list(self.obstacles)] = True
+        self._is_goal = np.zeros(self.cells, dtype=bool)
+        self._is_goal[list(self.goals)] = True
+        # the cell each action leads to from each cell (-1: off the grid), and what an
+        # agent standing on a cell finds there
+        xs, ys = np.arange(self.cells) % self.width, np.arange(self.cells) // self.width
+        nx, ny = xs[:, None] + _DX[None, :], ys[:, None] + _DY[None, :]
+        inside = (nx >= 0) & (nx < self.width) & (ny >= 0) & (ny < self.height)
+        self._next = np.where(inside, ny * self.width + nx, -1)
+        self._outcome_at = np.where(self._is_goal, GOAL, EMPTY)
+        self._rng = random.Random(config.seed + 1)
+        self.per_arena = config.per_arena
+        # per arena: occupant slot of each cell (-1: none), and how many agents it holds
+        self._occupant = np.full((0, self.cells), -1, dtype=np.int64)
+        self._count = np.zeros(0, dtype=np.int64)
+        self._open: list[int] = []  # arenas that may have room, lowest first (checked on use)
+        # per slot
+        self.arena = np.zeros(0, dtype=np.int64)
+        self.cell = np.zeros(0, dtype=np.int64)
+        self.found = np.zeros(0, dtype=np.int64)
+        self._free_slots: list[int] = []
+        self._slot: dict[str, int] = {}
         self.goal_visits = 0
 
     # --- membership -------------------------------------------------------------
 
+    @property
+    def arenas(self) -> int:
+        return len(self._count)
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __contains__(self, agent_id: str) -> bool:
+        return agent_id in self._slot
+
+    def slot(self, agent_id: str) -> int:
+        return self._slot[agent_id]
+
     def place(self, agent_id: str) -> int:
-        """Put a new agent on a free cell (seeded choice); keep a returning one where it was."""
-        if agent_id in self.position:
-            return self.position[agent_id]
-        free = [c for c in range(self.width * self.height) if c not in self.obstacles and c not in self._occupant]
-        if not free:
-            raise WorldFull(f"all {len(self.position)} free cells of the {self.width}x{self.height} world are taken")
-        cell = self._placement_rng.choice(free)
-        self.position[agent_id] = cell
-        self._occupant[cell] = agent_id
-        self._found[agent_id] = GOAL if cell in self.goals else EMPTY
-        return cell
+        """Put a new agent on a free cell of an arena with room (seeded choice) and
+        return its slot; a returning agent keeps its slot, arena and cell.  Costs the
+        same whatever the world's size (random probes, then one scan of one arena)."""
+        slot = self._slot.get(agent_id)
+        if slot is not None:
+            return slot
+        arena = self._arena_with_room()
+        cell = self._free_cell(arena)
+        slot = self._free_slots.pop() if self._free_slots else self._grow_slots()
+        self._slot[agent_id] = slot
+        self.arena[slot], self.cell[slot] = arena, cell
+        self.found[slot] = GOAL if self._is_goal[cell] else EMPTY
+        self._occupant[arena, cell] = slot
+        self._count[arena] += 1
+        return slot
 
     def remove(self, agent_id: str) -> None:
-        cell = self.position.pop(agent_id, None)
-        if cell is not None:
-            del self._occupant[cell]
-        self._found.pop(agent_id, None)
+        slot = self._slot.pop(agent_id, None)
+        if slot is None:
+            return
+        arena = int(self.arena[slot])
+        self._occupant[arena, self.cell[slot]] = -1
+        self._count[arena] -= 1
+        if self._count[arena] == self.per_arena - 1:
+            heapq.heappush(self._open, arena)
+        self._free_slots.append(slot)
+
+    def _arena_with_room(self) -> int:
+        while self._open:  # a heap; an arena may appear twice or be full by now: checked here
+            arena = self._open[0]
+            if self._count[arena] < self.per_arena:
+                return arena
+            heapq.heappop(self._open)
+        if self.arenas >= self.config.max_arenas:
+            raise WorldFull(f"all {self.arenas} arenas of the {self.width}x{self.height} world hold "
+                            f"{self.per_arena} agents each")
+        return self._open_arenas()
+
+    def _open_arenas(self) -> int:
+        """Double the arenas (at most to max_arenas); returns the first new one."""
+        first = self.arenas
+        add = min(max(1, first), self.config.max_arenas - first)
+        self._occupant = np.vstack([self._occupant, np.full((add, self.cells), -1, np.int64)])
+        self._count = np.concatenate([self._count, np.zeros(add, np.int64)])
+        for arena in range(first, first + add):
+            heapq.heappush(self._open, arena)
+        return first
+
+    def _free_cell(self, arena: int) -> int:
+        occupant = self._occupant[arena]
+        for _ in range(_PLACEMENT_TRIES):
+            cell = self._rng.randrange(self.cells)
+            if occupant[cell] < 0 and not self._is_obstacle[cell]:
+                return cell
+        return self._rng.choice(np.flatnonzero((occupant < 0) & ~self._is_obstacle).tolist())
+
+    def _grow_slots(self) -> int:
+        n = len(self.arena)
+        grow = max(16, n)
+        for name in ("arena", "cell", "found"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(grow, np.int64)]))
+        self._free_slots.extend(range(n + grow - 1, n, -1))
+        return n
 
     # --- observation and dynamics -----------------------------------------------
 
-    def observe(self, agent_id: str) -> list[int]:
-        return [self.position[agent_id], self._found[agent_id]]
+    def observe(self, slot: int) -> list[int]:
+        """One agent's observation, ``[cell, found]``."""
+        return [int(self.cell[slot]), int(self.found[slot])]
 
-    def move(self, agent_id: str, action: int) -> None:
-        """Apply one agent's action now (asynchronous mode, and each step of :meth:`step`)."""
-        cell = self.position.get(agent_id)
-        if cell is None:
-            return
+    def observe_many(self, slots: np.ndarray) -> np.ndarray:
+        """Observations of several agents, an ``(n, 2)`` array in the order of ``slots``."""
+        out = np.empty((len(slots), 2), dtype=np.uint32 if self.cells > 0xFFFF else np.uint16)
+        out[:, 0] = self.cell[slots]
+        out[:, 1] = self.found[slots]
+        return out
+
+    def move(self, slot: int, action: int) -> None:
+        """Apply one agent's action now (asynchronous mode)."""
+        self._move_one(slot, action, ())
+
+    def _move_one(self, slot: int, action: int, vacated) -> None:
+        """The rule of :meth:`move_many` for one agent, in plain Python (an array
+        operation costs more than this whole function): ``vacated`` holds the
+        ``(arena, cell)`` pairs left earlier in the same batch, which still count as
+        occupied."""
         if not 0 <= action < len(MOVES):
             action = STAY
+        cell = int(self.cell[slot])
+        arena = int(self.arena[slot])
         dx, dy = MOVES[action]
         x, y = cell % self.width + dx, cell // self.width + dy
         if not (0 <= x < self.width and 0 <= y < self.height):
-            self._found[agent_id] = WALL
-            return
-        target = y * self.width + x
-        if target == cell:
-            found = GOAL if cell in self.goals else EMPTY
-        elif target in self.obstacles:
-            found = OBSTACLE
-        elif target in self._occupant:
-            found = AGENT
+            found = WALL
         else:
-            del self._occupant[cell]
-            self._occupant[target] = agent_id
-            self.position[agent_id] = target
-            found = GOAL if target in self.goals else EMPTY
+            target = y * self.width + x
+            if target == cell:
+                found = GOAL if self._is_goal[cell] else EMPTY
+            elif self._is_obstacle[target]:
+                found = OBSTACLE
+            elif self._occupant[arena, target] >= 0 or (arena, target) in vacated:
+                found = AGENT
+            else:
+                self._occupant[arena, cell] = -1
+                self._occupant[arena, target] = slot
+                self.cell[slot] = target
+                if vacated != ():
+                    vacated.add((arena, cell))
+                found = GOAL if self._is_goal[target] else EMPTY
         if found == GOAL:
             self.goal_visits += 1
-        self._found[agent_id] = found
+        self.found[slot] = found
 
-    def step(self, actions: dict[str, int]) -> None:
-        """Apply one lock-step tick's actions, in agent-id order (deterministic)."""
-        for agent_id in sorted(actions):
-            self.move(agent_id, actions[agent_id])
+    def move_many(self, slots: np.ndarray, actions: np.ndarray) -> None:
+        """Apply the actions of ``slots`` at once (see the module docstring); an action
+        out of range is ``stay``."""
+        if len(slots) <= _SCALAR_BATCH:  # the same rule, cheaper for a few agents
+            vacated: set = set()
+            for slot, action in zip(slots.tolist(), np.asarray(actions).tolist()):
+                self._move_one(slot, action, vacated)
+            return
+        actions = np.asarray(actions)
+        if actions.dtype.kind == "u":
+            actions = np.minimum(actions, STAY)  # not negative; beyond the last action: stay
+        actions = np.where((actions >= 0) & (actions < len(MOVES)), actions, STAY)
+        cell, arena = self.cell[slots], self.arena[slots]
+        target = self._next[cell, actions]     # -1: off the grid
+        wall = target < 0
+        target = np.where(wall, cell, target)
+        moving = target != cell
+        obstacle = moving & self._is_obstacle[target]
+        free = moving & ~obstacle
+        occupied = free & (self._occupant[arena, target] >= 0)
+        candidates = np.flatnonzero(free & ~occupied)
+        if len(candidates):
+            # the first claim on each (arena, cell) in the given order wins
+            _, first = np.unique(arena[candidates] * self.cells + target[candidates], return_index=True)
+            winners = candidates[first]
+            if len(winners) < len(candidates):
+                occupied[candidates] = True
+                occupied[winners] = False
+            moved = slots[winners]
+            self._occupant[arena[winners], cell[winners]] = -1
+            self._occupant[arena[winners], target[winners]] = moved
+            self.cell[moved] = target[winners]
+        found = self._outcome_at[self.cell[slots]]
+        found[occupied] = AGENT
+        found[obstacle] = OBSTACLE
+        found[wall] = WALL
+        self.found[slots] = found
+        self.goal_visits += int(np.count_nonzero(found == GOAL))
+
+    def positions(self) -> dict[str, tuple[int, int]]:
+        """``agent id -> (arena, cell)``, for tests and tools (not the step path)."""
+        return {a: (int(self.arena[s]), int(self.cell[s])) for a, s in self._slot.items()}
 
     def params(self) -> dict:
         """The layout as sent in WELCOME, enough for an agent to build its model."""

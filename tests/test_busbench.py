@@ -124,7 +124,9 @@ def test_slope_fits_a_line():
     (["--agents", "2", "--sweep", "1,2"], "not both"),
     (["--sweep", "1,x"], "comma-separated"),
     (["--sweep", "0,2"], "positive"),
-    (["--agents", "30"], "do not fit"),
+    (["--agents", "5000"], "give --per-host K or auto"),
+    (["--arena-agents", "99"], "arena_agents must be 0 .. 23"),
+    (["--per-host", "0"], "neither a count"),
     (["--steps", "0", "--duration", "0"], "--steps or a positive --duration"),
     (["--mode", "turbo"], "turbo"),
 ])

@@ -83,14 +83,16 @@ def test_busbench_explorer_table(tmp_path):
     r = _busbench("--agents", "2", "--duration", "1", "--warmup", "10")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split()[:4] == ["agents", "steps/s", "E(N)", "E_peer"]
-    assert lines[1].split()[0] == "2" and float(lines[1].split()[1]) > 0
+    assert lines[0].split()[:7] == ["agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool"]
+    agents, k, rate, _, _, pool, e_pool = lines[1].split()[:7]
+    assert (agents, k) == ("2", "1") and float(rate) > 0 and float(pool) > 0
+    assert float(e_pool.rstrip("%")) == pytest.approx(100 * float(rate) / float(pool), abs=1.5)
     assert "kind explorer (numpy" in r.stdout
 
 
-def test_busbench_refuses_more_agents_than_the_world_holds():
-    r = _busbench("--agents", "30")
-    assert r.returncode == 2 and "do not fit" in r.stderr
+def test_busbench_refuses_more_agents_than_every_arena_holds():
+    r = _busbench("--agents", "300000", "--per-host", "auto")
+    assert r.returncode == 2 and "do not fit 10000 arenas" in r.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -3,13 +3,15 @@ the ledger, measurement windows.  Time is a number the test advances."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.protocol import ErrorCode
-from agentbus_zmq.coordinator.core import AgentState, CoordinatorCore, IllegalTransition, Settings, TickPhase
+from agentbus_zmq.coordinator.core import (STATS_DETAIL_MAX, AgentEntry, AgentState, CoordinatorCore, HostEntry,
+                                           IllegalTransition, Settings, TickPhase)
 from agentbus_zmq.coordinator.metrics import Histogram
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
@@ -73,7 +75,8 @@ def test_hello_gets_welcome_then_first_observation():
     welcome = out[0][1]
     assert welcome.agent_id == "a1" and welcome.session == "test"
     assert welcome.params["world"]["width"] == 5 and welcome.params["mode"] == "lockstep"
-    assert out[1][1].tick == 0 and out[1][1].obs[0] == h.core.world.position["a1"]
+    assert out[1][1].tick == 0 and out[1][1].obs[0] == h.core.world.positions()["a1"][1]
+    assert welcome.params["arena"] == 0
 
 
 def test_tick_closes_when_every_agent_answered():
@@ -134,10 +137,10 @@ def test_heartbeats_go_to_idle_agents():
 def test_same_id_from_a_new_peer_replaces_the_registration():
     h = Harness()
     h.hello(b"old", "a1")
-    cell = h.core.world.position["a1"]
+    cell = h.core.world.positions()["a1"]
     out = h.hello(b"new", "a1")
     assert h.core.agents["a1"].peer == b"new" and len(h.core.agents) == 1
-    assert h.core.world.position["a1"] == cell  # the same agent, where it was
+    assert h.core.world.positions()["a1"] == cell  # the same agent, where it was
     assert type(out[0][1]) is P.Welcome
     assert h.ledger.missing == 1                # the old registration's observation
     out = h.send(b"old", P.Action(0, 4, 0))
@@ -159,7 +162,7 @@ def test_bye_frees_the_agent_and_its_cell_at_once():
     h.hello(b"p2", "a2")
     h.send(b"p1", P.Action(0, 4, 0))
     h.send(b"p2", P.Bye("done"))
-    assert "a2" not in h.core.agents and "a2" not in h.core.world.position
+    assert "a2" not in h.core.agents and "a2" not in h.core.world
     assert h.ledger.missing == 1 and h.ledger.balanced()
 
 
@@ -179,7 +182,7 @@ def test_garbage_gets_an_error_reply_and_the_core_keeps_serving():
 
 def test_world_full_is_refused_with_a_clear_error():
     h = Harness()
-    h.core.world = GridWorld(WorldConfig(width=2, height=1, obstacles=0, goals=0))
+    h.core.world = GridWorld(WorldConfig(width=2, height=1, obstacles=0, goals=0, max_arenas=1))
     h.hello(b"p1", "a1")
     h.hello(b"p2", "a2")
     out = h.hello(b"p3", "a3")
@@ -321,27 +324,41 @@ def test_shutdown_says_bye_to_everyone():
     assert h.hello(b"p3", "a3")[0][1].code == ErrorCode.SHUTTING_DOWN
 
 
-events = st.lists(st.tuples(st.sampled_from(["hello", "act", "late", "stale", "bye", "wait", "drift", "hb", "measure"]),
+events = st.lists(st.tuples(st.sampled_from(["hello", "act", "late", "stale", "bye", "wait", "drift", "hb", "measure",
+                                             "host", "host_act", "host_bad", "host_bye", "host_late"]),
                             st.integers(0, 3), st.floats(0.0, 1.0)), max_size=60)
 
 
+def _owed(core) -> int:
+    """Agent-steps outstanding, counted from the units (the ledger must agree)."""
+    singles = sum(1 for u in core._by_peer.values() if type(u) is AgentEntry and u.state is AgentState.STEPPING)
+    hosts = sum(len(u.pending_idx) for u in core._by_peer.values()
+                if type(u) is HostEntry and u.state is AgentState.STEPPING)
+    return singles + hosts
+
+
 @pytest.mark.parametrize("mode", ["lockstep", "async"])
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(script=events)
 def test_ledger_always_balances(mode, script):
+    """Agents and hosts (whose ids overlap: a host may take over an agent's id) in any
+    order: the ledger balances, nothing goes negative, no late answer counts in time."""
     h = Harness(mode=mode, deadline=0.5, heartbeat=0.2)
     for kind, i, dt in script:
         peer, agent = f"p{i}".encode(), f"a{i}"
         entry = h.core.agents.get(agent)
+        hpeer = f"hp{i % 2}".encode()
+        host = h.core._by_peer.get(hpeer)
+        host = host if type(host) is HostEntry else None
         if kind == "hello":
             h.hello(peer, agent)
-        elif kind == "act" and entry is not None and entry.state is AgentState.STEPPING:
+        elif kind == "act" and type(entry) is AgentEntry and entry.state is AgentState.STEPPING:
             received, sent_at = h.ledger.received, entry.sent_at
-            h.send(peer, P.Action(entry.pending, i % 5, 5))
+            h.send(entry.peer, P.Action(entry.pending, i % 5, 5))
             if h.ledger.received > received:   # counted in time only if it was in time
                 assert h.now - sent_at < 0.5
-        elif kind == "late" and entry is not None and entry.overdue:
-            h.send(peer, P.Action(entry.overdue[0][0], 0, 0))
+        elif kind == "late" and type(entry) is AgentEntry and entry.overdue:
+            h.send(entry.peer, P.Action(entry.overdue[0][0], 0, 0))
         elif kind == "drift":                  # time passes; the driver has not run the timer
             h.now += dt
         elif kind == "measure":
@@ -353,12 +370,31 @@ def test_ledger_always_balances(mode, script):
             h.send(peer, P.Bye(""))
         elif kind == "hb":
             h.send(peer, P.Heartbeat())
+            h.send(hpeer, P.Heartbeat())
+        elif kind == "host":                   # members a{i}..a{i+2}: may overlap agents
+            h.send(hpeer, P.HostHello(f"h{i % 2}", "test", 1, "a", i, 3))
+            h.send(hpeer, P.Heartbeat())
+        elif kind in ("host_act", "host_bad") and host is not None and host.state is AgentState.STEPPING:
+            n = len(host.pending_idx) + (kind == "host_bad")
+            received, sent_at = h.ledger.received, host.sent_at
+            h.send(hpeer, P.HostAction(host.pending, np.full(n, i, np.uint8), 5))
+            if h.ledger.received > received:
+                assert h.now - sent_at < 0.5 and kind == "host_act"
+        elif kind == "host_late" and host is not None and host.overdue:
+            h.send(hpeer, P.HostAction(host.overdue[0][0], np.zeros(host.overdue[0][1], np.uint8), 0))
+        elif kind == "host_bye" and host is not None:
+            h.send(hpeer, P.HostBye([i % 3], "failed"))
         else:
             h.advance(dt)
         ledger = h.ledger
         assert ledger.balanced(), ledger.snapshot()
-        assert ledger.outstanding == sum(1 for e in h.core.agents.values() if e.state is AgentState.STEPPING)
+        assert ledger.outstanding == _owed(h.core)
         assert min(ledger.missing, ledger.late, ledger.outstanding) >= 0
+        assert h.core._stepping_n == sum(1 for a in h.core.agents.values()
+                                         if (a if type(a) is AgentEntry else a.host).first_step_at is not None)
+        positions = h.core.world.positions()
+        assert set(positions) == set(h.core.agents)  # the world holds exactly the registered agents
+        assert len(set(positions.values())) == len(positions)
         m = h.core._measure
         if m is not None:
             assert min(m.sent, m.received, m.late, m.missing, m.undeliverable) >= 0
@@ -377,3 +413,130 @@ def test_latency_histogram_is_within_two_percent_of_exact_percentiles(samples):
         else:
             assert exact / 1.02 <= got <= exact * 1.02
     assert h.n == len(samples) and len(h.counts) == Histogram.BUCKETS
+
+
+# --- agent hosts: one frame per host per tick ----------------------------------------
+
+
+def host_hello(h: Harness, peer: bytes, host_id: str = "h1", first: int = 1, count: int = 3, ready=True) -> list:
+    out = h.send(peer, P.HostHello(host_id, "test", 7, "m", first, count))
+    return out + (h.send(peer, P.Heartbeat()) if ready else [])
+
+
+def host_obs(out, peer=None):
+    return [m for p, m in out if type(m) is P.HostObservation and (peer is None or p == peer)]
+
+
+def test_a_host_registers_its_agents_in_one_exchange_and_steps_them_in_one_frame():
+    h = Harness()
+    out = host_hello(h, b"hp", ready=False)
+    ((_, welcome),) = out
+    assert type(welcome) is P.HostWelcome and welcome.host_id == "h1" and welcome.arenas.tolist() == [0, 0, 0]
+    assert sorted(h.core.agents) == ["m1", "m2", "m3"] and h.core.hosts["h1"].pid == 7
+    (obs,) = host_obs(h.send(b"hp", P.Heartbeat()))
+    assert obs.tick == 0 and obs.members.tolist() == [0, 1, 2] and obs.obs.shape == (3, 2)
+    positions = h.core.world.positions()
+    assert obs.obs[:, 0].tolist() == [positions[f"m{i}"][1] for i in (1, 2, 3)]
+    (nxt,) = host_obs(h.send(b"hp", P.HostAction(0, np.array([4, 4, 4], np.uint8), 30)))
+    assert nxt.tick == 1 and h.ledger.received == 3 and h.ledger.sent == 6 and h.ledger.balanced()
+    assert h.core.stats(h.now)["ready"] == 3
+
+
+def test_lock_step_waits_for_hosts_and_agents_alike():
+    h = Harness()
+    host_hello(h, b"hp")
+    h.hello(b"p1", "a1")                       # joins at the next tick
+    h.send(b"hp", P.HostAction(0, np.full(3, 4, np.uint8), 0))
+    assert h.core.tick == 1
+    assert h.send(b"hp", P.HostAction(1, np.full(3, 4, np.uint8), 0)) == []  # a1 still owes tick 1
+    out = h.send(b"p1", P.Action(1, 4, 0))
+    assert h.core.tick == 2 and len(host_obs(out)) == 1 and len(observations(out)) == 1
+    assert h.ledger.received == 7 and h.ledger.balanced()
+
+
+def test_async_hosts_step_on_their_own():
+    h = Harness(mode="async")
+    host_hello(h, b"hp")
+    host_hello(h, b"hq", "h2", first=10)
+    for tick in range(3):
+        (obs,) = host_obs(h.send(b"hp", P.HostAction(tick, np.full(3, 4, np.uint8), 0)))
+        assert obs.tick == tick + 1
+    assert h.core.hosts["h2"].pending == 0 and h.ledger.received == 9
+
+
+def test_a_dead_host_takes_its_agents_with_it_and_the_rest_go_on():
+    h = Harness(heartbeat=0.5, liveness=3, deadline=10.0)
+    host_hello(h, b"hp")
+    h.hello(b"p1", "a1")
+    h.send(b"hp", P.HostAction(0, np.full(3, 4, np.uint8), 0))
+    for _ in range(5):                          # a1 heartbeats; the host is silent
+        h.send(b"p1", P.Action(h.core.agents["a1"].pending, 4, 0))
+        h.advance(0.4)
+    assert "h1" not in h.core.hosts and sorted(h.core.agents) == ["a1"] and len(h.core.world) == 1
+    assert h.ledger.missing == 3 and h.ledger.errors["expired"] == 1 and h.ledger.balanced()
+
+
+def test_a_member_that_leaves_mid_frame_is_missing_and_the_rest_answer():
+    h = Harness()
+    host_hello(h, b"hp")
+    h.send(b"hp", P.HostBye([1], "step raised ValueError"))
+    assert "m2" not in h.core.agents and "m2" not in h.core.world and h.ledger.missing == 1
+    (obs,) = host_obs(h.send(b"hp", P.HostAction(0, np.array([4, 4], np.uint8), 0)))
+    assert obs.members.tolist() == [0, 2] and h.ledger.received == 2 and h.ledger.balanced()
+
+
+def test_a_mis_sized_host_action_is_refused_and_its_frame_expires():
+    h = Harness(deadline=0.5)
+    host_hello(h, b"hp")
+    ((_, err),) = h.send(b"hp", P.HostAction(0, np.full(5, 4, np.uint8), 0))
+    assert err.code == ErrorCode.BAD_FIELD and "has 5 actions" in err.reason
+    out = h.advance(0.6)
+    assert host_obs(out)[0].tick == 1 and h.ledger.missing == 3 and h.ledger.balanced()
+
+
+def test_agent_and_host_messages_do_not_mix():
+    h = Harness()
+    host_hello(h, b"hp")
+    h.hello(b"p1", "a1")
+    assert h.send(b"hp", P.Action(0, 4, 0))[0][1].code == ErrorCode.NOT_REGISTERED
+    assert h.send(b"p1", P.HostAction(0, np.zeros(1, np.uint8), 0))[0][1].code == ErrorCode.NOT_REGISTERED
+    assert h.send(b"p1", P.HostBye([0], ""))[0][1].code == ErrorCode.NOT_REGISTERED
+
+
+def test_a_restarted_host_takes_its_agents_back_where_they_were():
+    h = Harness()
+    host_hello(h, b"old")
+    before = h.core.world.positions()
+    out = host_hello(h, b"new")
+    assert type(out[0][1]) is P.HostWelcome and h.core.hosts["h1"].peer == b"new"
+    assert h.core.world.positions() == before and h.core.stats(h.now)["restarts"] == {"m1": 1, "m2": 1, "m3": 1}
+    assert h.ledger.balanced()
+
+
+def test_an_agent_taking_a_members_id_leaves_the_host_the_others():
+    h = Harness()
+    host_hello(h, b"hp")
+    h.hello(b"p1", "m2")
+    assert type(h.core.agents["m2"]) is AgentEntry and h.core.hosts["h1"].live.tolist() == [True, False, True]
+    assert h.ledger.missing == 1 and h.ledger.balanced()
+
+
+def test_arenas_fill_one_after_another():
+    h = Harness()
+    h.core.world = GridWorld(WorldConfig(seed=1, arena_agents=2))
+    ((_, welcome),) = host_hello(h, b"hp", count=5, ready=False)
+    assert welcome.arenas.tolist() == [0, 0, 1, 1, 2]
+    assert [m for _, m in h.send(b"p1", P.Hello("solo", "test", 1))][0].params["arena"] == 2
+
+
+def test_stats_page_large_registries():
+    h = Harness()
+    h.core.world = GridWorld(WorldConfig(seed=1, max_arenas=1000))
+    for k in range(3):
+        host_hello(h, f"hp{k}".encode(), f"h{k}", first=k * 1000, count=400, ready=False)
+    stats = h.core.stats(h.now)
+    assert stats["agents"] == 1200 and "agent_ids" not in stats and stats["pages"] == 3
+    pages = [h.core.stats(h.now, page) for page in range(3)]
+    ids = [a for page in pages for a in page["agent_ids"]]
+    assert ids == sorted(h.core.agents) and all(len(p["agent_ids"]) <= STATS_DETAIL_MAX for p in pages)
+    assert pages[0]["agent_hosts"]["m0"] == "h0" and len(P.encode(P.Reply(1, True, pages[0]))) < P.MAX_MESSAGE_BYTES

@@ -70,6 +70,28 @@ class Explorer(Agent):
     def step(self, obs: list[int]) -> int:
         return self._impl.step(obs)
 
+    # --- in an agent host -------------------------------------------------------------
+
+    @classmethod
+    def start_batch(cls, agents: list[Explorer], welcomes: list[Welcome]) -> None:
+        """Build the model once for the host (every arena has the same layout).  With
+        JAX, one batched agent steps them all: one compile per host, one call a tick."""
+        from agentbus_zmq.agents.model import build_model
+
+        model = build_model(welcomes[0].params["world"])
+        seeds = [zlib.crc32(w.agent_id.encode()) ^ a.seed for a, w in zip(agents, welcomes)]
+        if agents[0].backend == "jax" and len(agents) > 1:
+            batch = _JaxBatch(model, agents[0].policy_len, seeds)
+            for row, agent in enumerate(agents):
+                agent._impl, agent._row, agent.batched = batch, row, True
+        else:
+            for agent, seed in zip(agents, seeds):
+                agent._impl = (_NumpyImpl if agent.backend == "numpy" else _JaxImpl)(model, agent.policy_len, seed)
+
+    @classmethod
+    def step_batch(cls, agents: list[Explorer], obs) -> object:
+        return agents[0]._impl.step_rows([a._row for a in agents], obs)
+
 
 class _NumpyImpl:
     def __init__(self, model, policy_len: int, seed: int):
@@ -148,3 +170,61 @@ class _JaxImpl:
     def step(self, obs: list[int]) -> int:
         action, self._prior, self._key = self._step(self._prior, self._np.asarray(obs, dtype=self._np.int32), self._key)
         return int(action[0, 0])
+
+
+class _JaxBatch:
+    """K explorers as one pymdp agent of batch size K, the whole step one jitted call.
+
+    Members that are not stepped in a call (they left, or were not listed) keep their
+    beliefs and keys: the call computes all K rows at a fixed shape (no recompiling) and
+    keeps only the stepped rows' new state."""
+
+    def __init__(self, model, policy_len: int, seeds: list[int]):
+        import jax
+        import jax.numpy as jnp
+        import jax.random as jr
+        import numpy as np
+
+        from agentbus_zmq.agents.kinds._pymdp import jax_agent_class
+
+        JaxAgent = jax_agent_class()
+        k, modalities = len(seeds), len(model.A)
+
+        def one(arrays):
+            return [jnp.asarray(a)[None] for a in arrays]
+
+        agent = JaxAgent(
+            A=one(model.A), B=one(model.B), C=one(model.C), D=one(model.D), batch_size=k,
+            policy_len=policy_len, gamma=GAMMA, alpha=ALPHA, use_states_info_gain=True,
+            use_param_info_gain=False, action_selection="stochastic", sampling_mode="marginal",
+        )
+
+        @jax.jit
+        def step(prior, obs, keys, mask):
+            split = jax.vmap(lambda key: jr.split(key))(keys)
+            keys_next, k_act = split[:, 0], split[:, 1]
+            qs = agent.infer_states([obs[:, m][:, None] for m in range(modalities)], prior)
+            q_pi, _ = agent.infer_policies(qs)
+            action = agent.sample_action(q_pi, rng_key=k_act)
+            new_prior = agent.update_empirical_prior(action, qs)
+            keep = mask[:, None]
+            prior = [jnp.where(keep, new, old) for new, old in zip(new_prior, prior)]
+            return action[:, 0], prior, jnp.where(keep, keys_next, keys)
+
+        self._np = np
+        self._step = step
+        self.k, self.modalities = k, modalities
+        self._prior = agent.D
+        self._keys = jax.vmap(jr.PRNGKey)(jnp.asarray(np.array(seeds, dtype=np.uint32)))
+        # Compile now, not on the first real observation.
+        self.step_rows(list(range(k)), np.zeros((k, modalities), dtype=np.int32))
+        self._prior = agent.D
+
+    def step_rows(self, rows: list[int], obs) -> object:
+        np = self._np
+        full = np.zeros((self.k, self.modalities), dtype=np.int32)
+        full[rows] = obs
+        mask = np.zeros(self.k, dtype=bool)
+        mask[rows] = True
+        actions, self._prior, self._keys = self._step(self._prior, full, self._keys, mask)
+        return np.asarray(actions)[rows]

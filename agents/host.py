@@ -1,0 +1,115 @@
+"""Agent hosts: many agents in one process, one frame per host per tick.
+
+A :class:`Host` holds ``count`` agents of one kind, named ``prefix + str(first + i)``.
+The runtime registers them all with one HOST_HELLO and, every tick, hands the host one
+HOST_OBSERVATION (a row per member) and sends back one HOST_ACTION.  Each agent keeps
+its own id, registration, ledger entries and lifecycle hooks; the host only batches.
+
+* **Start-up**: the host imports the kind's libraries once and builds every member's
+  model from the one HOST_WELCOME (``Agent.start_batch``: a kind may build one batched
+  model for all of them, as the JAX explorer does).
+* **Stepping**: ``Agent.step_batch`` when the members are ``batched`` (one jitted,
+  vmapped call, for the JAX explorer); otherwise the members step one after another.
+* **Failure**: a member whose ``step`` raises is reported (logged, and HOST_BYE to the
+  coordinator) and dropped; its host-mates keep stepping.  A host whose members have all
+  failed stops.  A host that dies takes its agents with it; the coordinator declares
+  them dead together, and a supervising launcher restarts the host under the same id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
+from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.bus import protocol as P
+
+__all__ = ["Host", "FrameResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class FrameResult:
+    """One HOST_OBSERVATION stepped: the actions (one per member that did not fail, in
+    the frame's order), the members that failed, and the time it took."""
+
+    actions: np.ndarray
+    failed: list[int]
+    reason: str
+    compute_us: int
+
+
+class Host:
+    """``count`` agents made by ``factory``, stepped together."""
+
+    def __init__(self, factory: Callable[[], Agent], prefix: str, first: int, count: int):
+        if not 1 <= count <= P.MAX_HOST_AGENTS:
+            raise ValueError(f"a host holds 1 .. {P.MAX_HOST_AGENTS} agents, not {count}")
+        self.members = (prefix, first, count)
+        self.ids = [f"{prefix}{first + i}" for i in range(count)]
+        self.agents = [factory() for _ in range(count)]
+        self.cls = type(self.agents[0])
+        self.kind = self.agents[0].kind
+        self.alive = np.ones(count, dtype=bool)
+
+    @property
+    def forkable(self) -> bool:
+        return getattr(self.agents[0], "forkable", True)
+
+    def prepare(self) -> None:
+        """Import the kind's libraries once, for every member."""
+        self.agents[0].prepare()
+
+    def on_start(self, welcome: P.HostWelcome) -> None:
+        """Build every member's model from the host's WELCOME (each member sees the
+        WELCOME it would have had alone: its own id and arena)."""
+        welcomes = [P.Welcome(welcome.session, agent_id, {**welcome.params, "arena": int(arena)})
+                    for agent_id, arena in zip(self.ids, welcome.arenas.tolist())]
+        self.cls.start_batch(self.agents, welcomes)
+
+    def step(self, msg: P.HostObservation) -> FrameResult:
+        t0 = time.perf_counter_ns()
+        members = msg.members.tolist()
+        failed: list[int] = []
+        reason = ""
+        if self.agents[members[0]].batched if members else False:
+            try:
+                actions = np.asarray(self.cls.step_batch([self.agents[i] for i in members], msg.obs))
+                if actions.shape != (len(members),):
+                    raise ValueError(f"step_batch returned shape {actions.shape}, expected ({len(members)},)")
+            except Exception as exc:  # noqa: BLE001 - the kind's code: report it, drop who it affects
+                log.exception("host: %s.step_batch raised; dropping the %d agents it stepped", self.cls.__name__,
+                              len(members))
+                failed, reason, actions = list(members), f"step_batch raised {type(exc).__name__}: {exc}", None
+        else:
+            agents = self.agents
+            out = []
+            for i, row in zip(members, msg.obs.tolist()):
+                try:
+                    out.append(agents[i].step(row))
+                except Exception as exc:  # noqa: BLE001 - one agent's failure is its own
+                    log.exception("agent %s: step raised; it leaves, its host-mates go on", self.ids[i])
+                    failed.append(i)
+                    reason = f"step raised {type(exc).__name__}: {exc}"
+            actions = np.asarray(out, dtype=np.int64)
+        if failed:
+            self.alive[failed] = False
+            if actions is None:
+                actions = np.zeros(0, dtype=np.int64)
+        if actions.dtype.kind not in "iu":
+            actions = actions.astype(np.int64)
+        small = actions.size == 0 or (actions.min() >= 0 and actions.max() < 256)
+        return FrameResult(actions.astype(np.uint8) if small else actions, failed, reason,
+                           (time.perf_counter_ns() - t0) // 1000)
+
+    def on_stop(self) -> None:
+        for agent in self.agents:
+            try:
+                agent.on_stop()
+            except Exception:  # noqa: BLE001 - one agent's failure must not stop the others' on_stop
+                log.exception("on_stop raised")
