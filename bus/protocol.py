@@ -55,6 +55,8 @@ __all__ = [
     "Message",
     "encode",
     "encode_observation",
+    "encode_host_observation",
+    "array_ext",
     "decode",
     "pack",
     "unpack",
@@ -601,6 +603,9 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} cannot travel on the bus (no pickle, by design)")
 
 
+_DTYPES: dict[str, Any] = {}
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     if code != EXT_NDARRAY:
         raise _bad(f"unknown msgpack extension type {code}")
@@ -613,12 +618,16 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if type(dtype_str) is not str or len(dtype_str) > 8 or type(shape) is not list \
             or len(shape) > _MAX_ARRAY_DIMS or type(raw) is not bytes:
         raise _bad("array payload must be [dtype string, shape, bytes]")
-    try:
-        dtype = np.dtype(dtype_str)
-    except Exception as exc:  # noqa: BLE001 - numpy parses hostile text; only ProtocolError leaves decode
-        raise _bad(f"bad array dtype {dtype_str!r}: {type(exc).__name__}") from None
-    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
-        raise _bad(f"arrays of dtype {dtype_str!r} are not allowed")
+    dtype = _DTYPES.get(dtype_str)
+    if dtype is None:
+        try:
+            dtype = np.dtype(dtype_str)
+        except Exception as exc:  # noqa: BLE001 - numpy parses hostile text; only ProtocolError leaves decode
+            raise _bad(f"bad array dtype {dtype_str!r}: {type(exc).__name__}") from None
+        if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+            raise _bad(f"arrays of dtype {dtype_str!r} are not allowed")
+        if len(_DTYPES) < 256:  # the dtypes seen, parsed once (bounded: a peer may send many)
+            _DTYPES[dtype_str] = dtype
     count = 1
     for dim in shape:
         count *= _int(dim, "array dimension", 0, MAX_MESSAGE_BYTES * 16)
@@ -656,6 +665,21 @@ def encode_observation(tick: int, obs: list) -> bytes:
     """``encode(Observation(tick, obs))`` without building the record: the coordinator's
     most frequent message."""
     return _packer.pack((PROTOCOL_VERSION, _OBSERVATION, tick, obs))
+
+
+def array_ext(array) -> msgpack.ExtType:
+    """A numpy array as it travels (extension type EXT_NDARRAY), for a sender that sends
+    the same array many times: build it once, pass it in place of the array."""
+    return _default(array)
+
+
+_HOST_OBSERVATION = int(MsgType.HOST_OBSERVATION)
+
+
+def encode_host_observation(tick: int, members: Any, obs: Any) -> bytes:
+    """``encode(HostObservation(tick, members, obs))`` without building the record;
+    ``members`` may be an :func:`array_ext` made once for many frames."""
+    return _packer.pack((PROTOCOL_VERSION, _HOST_OBSERVATION, tick, members, obs))
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:

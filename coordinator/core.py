@@ -189,6 +189,8 @@ class HostEntry(Unit):
     live_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     #: members of the outstanding observation, in its row order
     pending_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    #: live_idx as it travels, built once per change of membership
+    members_ext: object = None
 
     @property
     def name(self) -> str:
@@ -197,6 +199,7 @@ class HostEntry(Unit):
     def refresh(self) -> None:
         self.live_idx = np.flatnonzero(self.live)
         self.live_slots = self.slots[self.live_idx]
+        self.members_ext = P.array_ext(self.live_idx.astype(np.uint16))
 
 
 class CoordinatorCore:
@@ -627,8 +630,7 @@ class CoordinatorCore:
         if type(unit) is HostEntry:
             unit.pending_idx = unit.live_idx
             n = len(unit.live_idx)
-            frame = P.encode(P.HostObservation(tick, unit.live_idx.astype(np.uint16),
-                                               self.world.observe_many(unit.live_slots)))
+            frame = P.encode_host_observation(tick, unit.members_ext, self.world.observe_many(unit.live_slots))
         else:
             n = 1
             frame = P.encode_observation(tick, self.world.observe(unit.slot))

@@ -200,3 +200,29 @@ def test_maps_nested_past_the_limit_are_refused():
 
 def test_encode_observation_is_encode_of_an_observation():
     assert P.encode_observation(9, [3, 1]) == P.encode(P.Observation(9, [3, 1]))
+
+
+def test_encode_host_observation_is_encode_of_a_host_observation():
+    members, obs = np.arange(3, dtype=np.uint16), np.array([[1, 0], [2, 4], [7, 2]], dtype=np.uint16)
+    frame = P.encode(P.HostObservation(5, members, obs))
+    assert P.encode_host_observation(5, P.array_ext(members), obs) == frame
+    assert P.decode(frame) == P.HostObservation(5, members, obs)
+
+
+@pytest.mark.parametrize("msg", [
+    [1, 10, "h", "k", 1, "a", 0, 0],                 # count 0
+    [1, 10, "h", "k", 1, "a", 0, P.MAX_HOST_AGENTS + 1],
+    [1, 10, "h", "k", 1, "a b", 0, 3],               # ids that are not ids
+    [1, 12, 0, [0, 1], [[0, 0], [1, 1]]],            # lists, not arrays
+    [1, 14, [], "x"], [1, 14, [P.MAX_HOST_AGENTS], "x"],
+])
+def test_bad_host_frames_are_refused(msg):
+    assert _code(msgpack.packb(msg)) == ErrorCode.BAD_FIELD
+
+
+def test_host_arrays_must_have_the_documented_shapes():
+    ext = lambda a: msgpack.ExtType(P.EXT_NDARRAY, msgpack.packb([a.dtype.str, list(a.shape), a.tobytes()]))
+    members = np.arange(2, dtype=np.uint16)
+    for obs in (np.zeros((3, 2), np.uint16), np.zeros((2, 2), np.float64), np.zeros(2, np.uint16)):
+        assert _code(msgpack.packb([1, 12, 0, ext(members), ext(obs)])) == ErrorCode.BAD_FIELD
+    assert _code(msgpack.packb([1, 13, 0, ext(np.zeros(2, np.float32)), 0])) == ErrorCode.BAD_FIELD

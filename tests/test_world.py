@@ -49,8 +49,7 @@ def _put(w: GridWorld, agent_id: str, cell: int, arena: int = 0) -> int:
 @pytest.mark.unit
 def test_walls_obstacles_and_agents_block_and_are_observed():
     w = _world()
-    w._is_obstacle[1] = True
-    w._is_goal[4] = True
+    w._set_layout(frozenset({1}), frozenset({4}))
     a, b = _put(w, "a", 0), _put(w, "b", 3)
     w.move(a, UP)
     assert w.observe(a) == [0, WALL]
@@ -114,9 +113,7 @@ def test_vectorised_and_one_by_one_moves_agree(batch, dtype):
     slots = np.array([s for s, _ in s1], dtype=np.int64)
     actions = np.array([a % 256 if dtype is np.uint8 else a for _, a in s1], dtype=dtype)
     w1.move_many(slots, actions)                   # vectorised when more than a few
-    vacated: set = set()
-    for slot, action in zip(slots.tolist(), actions.tolist()):
-        w2._move_one(slot, action, vacated)        # one by one
+    w2._move_few(slots.tolist(), actions.tolist())  # one by one
     assert w1.positions() == w2.positions()
     assert w1.found[slots].tolist() == w2.found[slots].tolist() and w1.goal_visits == w2.goal_visits
     occupied = w1._occupant[w1._occupant >= 0]
@@ -227,3 +224,28 @@ def test_slim_jax_pymdp_import_defers_plotting_too():
         "print('ok')\n"
     )
     _prints_ok(code, JAX_PLATFORMS="cpu")
+
+
+def test_a_host_of_jax_explorers_is_one_batched_model_stepped_in_one_call():
+    from agentbus_zmq.agents.host import Host
+    from agentbus_zmq.agents.kinds import create
+    from agentbus_zmq.bus import protocol as P
+
+    w = GridWorld(WorldConfig(seed=2))
+    host = Host(lambda: create("explorer", backend="jax"), "j-", 1, 6)
+    host.prepare()
+    slots = np.array([w.place(i) for i in host.ids])
+    host.on_start(P.HostWelcome("s", "h", {"world": w.params()}, w.arena[slots].astype(np.uint32)))
+    assert all(a.batched for a in host.agents) and len({id(a._impl) for a in host.agents}) == 1
+    seen = set()
+    for _ in range(30):
+        result = host.step(P.HostObservation(0, np.arange(6, dtype=np.uint16), w.observe_many(slots)))
+        assert result.failed == [] and result.actions.shape == (6,)
+        seen.update(result.actions.tolist())
+        w.move_many(slots, result.actions)
+    assert seen <= set(range(5)) and len(seen) > 1
+    batch = host.agents[0]._impl
+    prior_before = [np.asarray(p)[1].copy() for p in batch._prior]
+    some = np.array([0, 2], dtype=np.uint16)              # member 1 is not stepped: its beliefs stay
+    host.step(P.HostObservation(0, some, w.observe_many(slots[[0, 2]])))
+    assert all(np.array_equal(np.asarray(p)[1], b) for p, b in zip(batch._prior, prior_before))
