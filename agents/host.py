@@ -32,6 +32,9 @@ __all__ = ["Host", "FrameResult"]
 
 log = logging.getLogger(__name__)
 
+#: members stepped between two keepalive calls
+KEEPALIVE_EVERY = 32
+
 
 @dataclasses.dataclass(slots=True)
 class FrameResult:
@@ -72,7 +75,9 @@ class Host:
                     for agent_id, arena in zip(self.ids, welcome.arenas.tolist())]
         self.cls.start_batch(self.agents, welcomes)
 
-    def step(self, msg: P.HostObservation) -> FrameResult:
+    def step(self, msg: P.HostObservation, keepalive: Callable[[], None] | None = None) -> FrameResult:
+        """Step the members ``msg`` lists; ``keepalive`` is called every KEEPALIVE_EVERY
+        members, so a long frame can still send heartbeats."""
         t0 = time.perf_counter_ns()
         members = msg.members.tolist()
         failed: list[int] = []
@@ -89,7 +94,9 @@ class Host:
         else:
             agents = self.agents
             out = []
-            for i, row in zip(members, msg.obs.tolist()):
+            for k, (i, row) in enumerate(zip(members, msg.obs.tolist())):
+                if keepalive is not None and k % KEEPALIVE_EVERY == KEEPALIVE_EVERY - 1:
+                    keepalive()
                 try:
                     out.append(agents[i].step(row))
                 except Exception as exc:  # noqa: BLE001 - one agent's failure is its own

@@ -136,13 +136,14 @@ class Runtime:
                 t0 = time.perf_counter_ns()
                 action = self.agent.step(event.obs)
                 compute_us = (time.perf_counter_ns() - t0) // 1000
-                session.act(event.tick, int(action), compute_us, now)
+                session.act(event.tick, int(action), compute_us, time.monotonic())
                 self._flush(sock)
                 if self.max_steps and session.steps >= self.max_steps:
                     stop.requested = -1
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is P.HostObservation:
-                result = self.agent.step(event)
+                result = self.agent.step(event, lambda: self._keepalive(sock))
+                now = time.monotonic()
                 if result.failed:
                     session.leave(result.failed, result.reason, now)
                 session.act_many(event.tick, result.actions, result.compute_us, now)
@@ -173,6 +174,11 @@ class Runtime:
                 return 0.0
             elif etype is BadFrame:
                 log.warning("dropped a bad message from %s: %s", self.endpoint, event.error)
+
+    def _keepalive(self, sock: zmq.Socket) -> None:
+        self.session.keepalive(time.monotonic())
+        if self.session.has_output:
+            self._flush(sock)
 
     def _flush(self, sock: zmq.Socket) -> None:
         self._flush_frames(sock, self.session.take_outbox())

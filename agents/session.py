@@ -203,9 +203,11 @@ class AgentSession:
         self._send(self._heartbeat, now)
 
     def act(self, tick: int, action: int, compute_us: int, now: float) -> None:
-        """The answer to OBSERVATION ``tick``."""
+        """The answer to OBSERVATION ``tick``, at ``now`` (after computing it: time spent
+        computing is not the coordinator's silence)."""
         self._outbox.append(P.encode(P.Action(tick, action, compute_us)))
         self._last_send = now
+        self._last_recv = max(self._last_recv, now)
         self.steps += 1
 
     def act_many(self, tick: int, actions, compute_us: int, now: float) -> None:
@@ -213,7 +215,14 @@ class AgentSession:
         (less those that :meth:`leave` took away), in its order."""
         self._outbox.append(P.encode(P.HostAction(tick, actions, compute_us)))
         self._last_send = now
+        self._last_recv = max(self._last_recv, now)
         self.steps += len(actions)
+
+    def keepalive(self, now: float) -> None:
+        """In the middle of a long computation (a host's frame of many agents): a
+        HEARTBEAT if one is due, so that the coordinator does not take the host for dead."""
+        if self.state is SessionState.REGISTERED and now - self._last_send >= self.heartbeat:
+            self._send(self._heartbeat, now)
 
     def leave(self, members: list[int], reason: str, now: float) -> None:
         """A host's members that stop for good (their step raised): HOST_BYE."""

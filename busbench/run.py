@@ -105,6 +105,9 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+#: A host's deadline allows this many times its frame's expected compute (K / r1).
+FRAME_DEADLINES = 4
+
 #: Microseconds a spinning process busy-polls after each message before it sleeps.
 SPIN_US = 2000
 
@@ -283,7 +286,10 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
     errors: list[str] = []
     per_host = cfg.hosts_for(n)
     processes = -(-n // per_host)
-    record: dict = {"agents": n, "per_host": per_host, "processes": processes}
+    # A host steps its K agents one after another: its frame takes K steps, so the
+    # deadline (for stragglers, not for work) must allow several of those.
+    deadline = max(cfg.deadline, FRAME_DEADLINES * per_host / r1) if r1 > 0 else cfg.deadline
+    record: dict = {"agents": n, "per_host": per_host, "processes": processes, "deadline_s": deadline}
     args = {"agents": n, "warmup_steps": cfg.warmup * n, "steps": cfg.steps, "duration_s": cfg.duration,
             "timeout_s": max(cfg.timeout, cfg.duration + 120)}
     try:
@@ -295,7 +301,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
             bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
             coord = Child("coordinator", "agentbus_zmq.coordinator",
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
-                           "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
+                           "--deadline", str(deadline), "--width", str(cfg.width), "--height", str(cfg.height),
                            "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
                            "--arena-agents", str(cfg.arena_agents), "--spin-us", str(coordinator_spin),
                            "--log-level", "WARNING", *server_args],

@@ -285,7 +285,7 @@ class CoordinatorCore:
         if mtype is P.Action or mtype is P.HostAction:
             if unit is None or (mtype is P.Action) is (type(unit) is HostEntry):
                 what = "an unregistered peer" if unit is None else f"{unit.name}, which registered otherwise"
-                self._reject(peer, ErrorCode.NOT_REGISTERED, f"{mtype.__name__.upper()} from {what}", now)
+                self._reject(peer, ErrorCode.NOT_REGISTERED, f"{msg.TYPE.name} from {what}", now)
             else:
                 if now >= self._due:  # a deadline passed and the timer has not run yet
                     self._expire_due(now)
@@ -312,7 +312,7 @@ class CoordinatorCore:
             self.ledger.errors["received"] += 1
             self._warn(now, "peer %s reported error %s: %s", _peer_name(peer, unit), msg.code, msg.reason)
         else:  # WELCOME, OBSERVATION, REPLY and the host twins travel the other way only
-            self._reject(peer, ErrorCode.UNKNOWN_TYPE, f"{mtype.__name__.upper()} is not accepted by the coordinator", now)
+            self._reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} is not accepted by the coordinator", now)
 
     def on_timer(self, now: float) -> None:
         """Deadlines, liveness, heartbeats and measurement timeouts.  Call at

@@ -178,3 +178,36 @@ def test_any_script_keeps_the_session_consistent(script):
             assert out == [] or all(type(m) is not P.Action for m in out)
         assert 0 <= h.s.next_timeout(h.now) <= 3.0
         assert h.s.backoff <= 0.8
+
+
+def test_a_long_step_is_not_the_coordinators_silence_and_keepalive_heartbeats_during_it():
+    h = Harness()
+    h.register()
+    h.out()
+    h.recv(P.Observation(1, [0, 0]))
+    h.now += 1.0
+    h.s.keepalive(h.now)                                      # mid-computation: a heartbeat is due
+    assert h.out() == [P.Heartbeat()]
+    h.s.keepalive(h.now + 0.1)
+    assert h.out() == []                                      # not due again yet
+    h.now += 2.0                                              # the step took 3 s in all (expiry is 1.5 s)
+    h.s.act(1, 4, 3_000_000, h.now)
+    assert h.advance(0.0) == [P.Action(1, 4, 3_000_000)] and h.s.state is SessionState.REGISTERED
+
+
+def test_a_host_session_speaks_the_host_messages():
+    import numpy as np
+
+    s = AgentSession("h1", "test", 7, members=("m-", 1, 3))
+    s.connect(0.0)
+    assert [P.decode(f) for f in s.take_outbox()] == [P.HostHello("h1", "test", 7, "m-", 1, 3)]
+    assert s.receive(P.encode(P.Welcome("s1", "h1", PARAMS)), 0.0) is None     # not a host's
+    event = s.receive(P.encode(P.HostWelcome("s1", "h1", PARAMS, np.zeros(3, np.uint32))), 0.0)
+    assert event.new_session and s.arenas.tolist() == [0, 0, 0]
+    again = s.receive(P.encode(P.HostWelcome("s1", "h1", PARAMS, np.array([0, 1, 0], np.uint32))), 0.0)
+    assert again.new_session                                   # moved arenas: rebuild
+    obs = P.HostObservation(0, np.arange(3, dtype=np.uint16), np.zeros((3, 2), np.uint16))
+    assert s.receive(P.encode(obs), 0.0) == obs
+    s.leave([1], "failed", 0.0)
+    s.act_many(0, np.array([4, 4], np.uint8), 10, 0.1)
+    assert [type(P.decode(f)) for f in s.take_outbox()] == [P.HostBye, P.HostAction] and s.steps == 2
