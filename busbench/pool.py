@@ -21,6 +21,7 @@ import time
 import click
 
 from agentbus_zmq.bus.config import limit_threads, set_batch_scheduling
+from agentbus_zmq.busbench.solo import measurement_options
 
 #: seconds a pool may take to build its agents and warm up before it is abandoned
 SETUP_TIMEOUT_S = 300.0
@@ -123,20 +124,9 @@ def pool_rate(kind: str, options: dict, world: dict, agents: int, per_host: int,
 @click.command()
 @click.option("--agents", type=int, required=True)
 @click.option("--per-host", type=int, default=1)
-@click.option("--kind", default="explorer")
-@click.option("--backend", default="numpy")
-@click.option("--policy-len", type=int, default=1)
-@click.option("--seed", type=int, default=0)
-@click.option("--world", "world_json", default="{}", help="WorldConfig fields as JSON.")
-@click.option("--warmup", type=int, default=50, help="Warm-up steps per agent.")
-@click.option("--duration", type=float, default=2.0)
-def cli(agents, per_host, kind, backend, policy_len, seed, world_json, warmup, duration):
-    from agentbus_zmq.agents.kinds import kind_options
-
-    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed)
-    result = pool_rate(kind, options, json.loads(world_json), agents, per_host, warmup, duration)
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+@measurement_options
+def cli(agents, per_host, kind, options, world, warmup, duration):
+    return pool_rate(kind, options, world, agents, per_host, warmup, duration)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ def aggregate(repeats: list[dict]) -> dict:
         elif all(k in r for r in ok):
             out[k] = None  # not measured (the pool, with --connect)
     out["per_host"] = ok[0].get("per_host", 1)
+    out["deadline_s"] = ok[0].get("deadline_s")
     out["processes"] = ok[0].get("processes", out["agents"])
     for k in _SUM_KEYS:
         out[k] = sum(r[k] for r in ok)

@@ -7,6 +7,7 @@ imports and threads never touch busbench's, and printed as JSON::
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -46,21 +47,34 @@ def solo_rate(kind: str, options: dict, world: dict, warmup_steps: int, duration
     return {"rate": steps / elapsed, "steps": steps, "elapsed_s": elapsed, "step_us": elapsed / steps * 1e6}
 
 
-@click.command()
-@click.option("--kind", default="explorer")
-@click.option("--backend", default="numpy")
-@click.option("--policy-len", type=int, default=1)
-@click.option("--seed", type=int, default=0)
-@click.option("--world", "world_json", default="{}", help="WorldConfig fields as JSON.")
-@click.option("--warmup", type=int, default=200)
-@click.option("--duration", type=float, default=2.0)
-def cli(kind, backend, policy_len, seed, world_json, warmup, duration):
-    from agentbus_zmq.agents.kinds import kind_options
+def measurement_options(command):
+    """The options a no-bus measurement (r1 here, R_pool in busbench.pool) takes: the
+    agents' kind and options, the world, the warm-up and the duration.  The command gets
+    ``kind``, ``options`` (for the kind), ``world`` (a dict), ``warmup`` and ``duration``."""
 
-    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed)
-    result = solo_rate(kind, options, json.loads(world_json), warmup, duration)
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    @click.option("--kind", default="explorer")
+    @click.option("--backend", default="numpy")
+    @click.option("--policy-len", type=int, default=1)
+    @click.option("--seed", type=int, default=0)
+    @click.option("--world", "world_json", default="{}", help="WorldConfig fields as JSON.")
+    @click.option("--warmup", type=int, default=50, help="Warm-up steps per agent.")
+    @click.option("--duration", type=float, default=2.0)
+    @functools.wraps(command)
+    def wrapper(kind, backend, policy_len, seed, world_json, **rest):
+        from agentbus_zmq.agents.kinds import kind_options
+
+        options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed)
+        result = command(kind=kind, options=options, world=json.loads(world_json), **rest)
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+
+    return wrapper
+
+
+@click.command()
+@measurement_options
+def cli(kind, options, world, warmup, duration):
+    return solo_rate(kind, options, world, warmup, duration)
 
 
 def main() -> None:

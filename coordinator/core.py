@@ -244,6 +244,8 @@ class CoordinatorCore:
         self.connections: collections.Counter = collections.Counter()
         #: registrations per agent id this session (restarts = registrations - 1)
         self._registrations: collections.Counter = collections.Counter()
+        #: the agent ids registered more than once, and how many times again
+        self._restarts: dict[str, int] = {}
         #: registered agents that have answered at least one observation
         self._stepping_n = 0
         self.stopping = False
@@ -447,6 +449,10 @@ class CoordinatorCore:
             self._count_registration(agent_id)
         self.hosts[msg.host_id] = host
         self._by_peer[peer] = host
+        if old_host is not None:  # members the restarted host no longer carries leave the world
+            for agent_id in old_host.ids:
+                if agent_id not in self.agents:
+                    self.world.remove(agent_id)
         log.info("host %s registered %d %s agents (%s .. %s, pid %d); %d agents", msg.host_id, len(ids), msg.kind,
                  ids[0], ids[-1], msg.pid, len(self.agents))
         self._send(host, self._host_welcome(host), now)
@@ -454,6 +460,8 @@ class CoordinatorCore:
     def _count_registration(self, agent_id: str) -> None:
         if agent_id in self._registrations or len(self._registrations) < MAX_TRACKED_IDS:
             self._registrations[agent_id] += 1
+            if self._registrations[agent_id] > 1:
+                self._restarts[agent_id] = self._registrations[agent_id] - 1
 
     def _on_ready(self, unit: Unit, now: float) -> None:
         """The unit's first message after WELCOME: its models are built; schedule it."""
@@ -780,7 +788,7 @@ class CoordinatorCore:
             "arenas": self.world.arenas,
             "tick": self.tick,
             "ledger": self.ledger.snapshot(),
-            "restarts": dict(sorted((a, n - 1) for a, n in self._registrations.items() if n > 1)[:STATS_DETAIL_MAX]),
+            "restarts": dict(sorted(self._restarts.items())[:STATS_DETAIL_MAX]),
             "goal_visits": self.world.goal_visits,
             "connections": {**self.connections,
                             "open": self.connections["accepted"] - self.connections["disconnected"]},

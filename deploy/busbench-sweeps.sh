@@ -4,7 +4,8 @@
 # On a 16-core machine: deploy/busbench-sweeps.sh sweep-16 1,2,5,10,16,20
 # Environment:
 #   SWEEPS   which sweeps, in order [explorer-lockstep explorer-async null-lockstep]
-#            (also: explorer-jax, JAX backend, lock-step)
+#            (also: explorer-jax, JAX backend, lock-step; and each with -hosts appended,
+#            e.g. explorer-lockstep-hosts: the same agents in agent hosts, --per-host auto)
 #   REPEAT   repeats per count, medians reported [3]
 #   BUSBENCH_DURATION and any other BUSBENCH_* variable reach every busbench run.
 # Compare with an earlier OUTDIR: busbench ... --baseline OLD/explorer-lockstep.json
@@ -21,11 +22,13 @@ run() {  # name, then busbench options
         "$out/$name.json" | tee "$out/$name.txt"
 }
 for sweep in ${SWEEPS:-explorer-lockstep explorer-async null-lockstep}; do
-    case $sweep in
-        explorer-lockstep) run explorer-lockstep ;;
-        explorer-async) run explorer-async --mode async ;;
-        null-lockstep) run null-lockstep --agent-kind null ;;
-        explorer-jax) run explorer-jax --backend jax ;;
+    hosts=()
+    [[ $sweep == *-hosts ]] && hosts=(--per-host auto)
+    case ${sweep%-hosts} in
+        explorer-lockstep) run "$sweep" "${hosts[@]}" ;;
+        explorer-async) run "$sweep" --mode async "${hosts[@]}" ;;
+        null-lockstep) run "$sweep" --agent-kind null "${hosts[@]}" ;;
+        explorer-jax) run "$sweep" --backend jax "${hosts[@]}" ;;
         *) echo "busbench-sweeps.sh: unknown sweep '$sweep'" >&2; exit 2 ;;
     esac
 done

@@ -540,3 +540,11 @@ def test_stats_page_large_registries():
     ids = [a for page in pages for a in page["agent_ids"]]
     assert ids == sorted(h.core.agents) and all(len(p["agent_ids"]) <= STATS_DETAIL_MAX for p in pages)
     assert pages[0]["agent_hosts"]["m0"] == "h0" and len(P.encode(P.Reply(1, True, pages[0]))) < P.MAX_MESSAGE_BYTES
+
+
+def test_a_host_back_with_fewer_members_frees_the_others_cells():
+    h = Harness()
+    host_hello(h, b"old", count=4)
+    host_hello(h, b"new", count=2)
+    assert sorted(h.core.agents) == ["m1", "m2"] and sorted(h.core.world.positions()) == ["m1", "m2"]
+    assert h.ledger.balanced()
