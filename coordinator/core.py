@@ -284,14 +284,20 @@ class CoordinatorCore:
             unit.last_seen = now
             if unit.state is AgentState.JOINING and mtype is P.Heartbeat:
                 self._on_ready(unit, now)
-        if mtype is P.Action or mtype is P.HostAction:
-            if unit is None or (mtype is P.Action) is (type(unit) is HostEntry):
-                what = "an unregistered peer" if unit is None else f"{unit.name}, which registered otherwise"
-                self._reject(peer, ErrorCode.NOT_REGISTERED, f"{msg.TYPE.name} from {what}", now)
-            else:
+        if mtype is P.Action:
+            if type(unit) is AgentEntry:
                 if now >= self._due:  # a deadline passed and the timer has not run yet
                     self._expire_due(now)
-                self._on_answer(unit, msg, now)
+                self._on_action(unit, msg, now)
+            else:
+                self._not_registered(peer, unit, msg, now)
+        elif mtype is P.HostAction:
+            if type(unit) is HostEntry:
+                if now >= self._due:
+                    self._expire_due(now)
+                self._on_host_action(unit, msg, now)
+            else:
+                self._not_registered(peer, unit, msg, now)
         elif mtype is P.Heartbeat:
             if unit is None:
                 self._reject(peer, ErrorCode.NOT_REGISTERED, "HEARTBEAT from an unregistered peer", now)
@@ -315,6 +321,10 @@ class CoordinatorCore:
             self._warn(now, "peer %s reported error %s: %s", _peer_name(peer, unit), msg.code, msg.reason)
         else:  # WELCOME, OBSERVATION, REPLY and the host twins travel the other way only
             self._reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} is not accepted by the coordinator", now)
+
+    def _not_registered(self, peer: bytes, unit: Unit | None, msg: P.Message, now: float) -> None:
+        what = "an unregistered peer" if unit is None else f"{unit.name}, which registered otherwise"
+        self._reject(peer, ErrorCode.NOT_REGISTERED, f"{msg.TYPE.name} from {what}", now)
 
     def on_timer(self, now: float) -> None:
         """Deadlines, liveness, heartbeats and measurement timeouts.  Call at
@@ -632,16 +642,18 @@ class CoordinatorCore:
             self.world.move_many(np.array([s for s, _ in ordered], np.int64), np.array([a for _, a in ordered]))
 
     def _send_observation(self, unit: Unit, tick: int, now: float) -> None:
-        unit.move("observe")
+        if unit.state is not AgentState.IDLE:  # the table's (IDLE, "observe"), inlined: the per-step path
+            unit.move("observe")
+        unit.state = AgentState.STEPPING
         unit.pending = tick
         unit.sent_at = now
-        if type(unit) is HostEntry:
+        if type(unit) is AgentEntry:
+            n = 1
+            frame = P.encode_observation(tick, self.world.observe(unit.slot))
+        else:
             unit.pending_idx = unit.live_idx
             n = len(unit.live_idx)
             frame = P.encode_host_observation(tick, unit.members_ext, self.world.observe_many(unit.live_slots))
-        else:
-            n = 1
-            frame = P.encode_observation(tick, self.world.observe(unit.slot))
         ledger = self.ledger
         ledger.sent += n
         ledger.outstanding += n
@@ -651,63 +663,78 @@ class CoordinatorCore:
             if not self._outstanding:
                 self._due = now + self.settings.deadline
             self._outstanding[unit] = None
-        self._send(unit, frame, now)
+        unit.last_sent = now
+        self._outbox.append((unit.peer, frame))
 
-    def _on_answer(self, unit: Unit, msg: P.Action | P.HostAction, now: float) -> None:
-        if unit.state is not AgentState.STEPPING or msg.tick != unit.pending:
-            for i, (tick, n, window) in enumerate(unit.overdue):
-                if tick == msg.tick:
-                    del unit.overdue[i]
-                    self.ledger.missing -= n
-                    self.ledger.late += n
-                    if window is not None and window is self._measure:
-                        window.on_late(n)
-                    return
-            current = f"current {unit.pending}" if unit.state is AgentState.STEPPING else "none is"
-            self._reject(unit.peer, ErrorCode.STALE_TICK,
-                         f"no observation for tick {msg.tick} is outstanding ({current})", now)
+    def _on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
+        if entry.state is not AgentState.STEPPING or msg.tick != entry.pending:
+            self._late_or_stale(entry, msg.tick, now)
             return
-        host = type(unit) is HostEntry
-        if host:
-            n = len(unit.pending_idx)
-            if len(msg.actions) != n:
-                self._reject(unit.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick} has "
-                             f"{len(msg.actions)} actions; the observation listed {n} members", now)
-                return
+        self._accept(entry, 1, msg.compute_us, now)
+        if self._async:
+            del self._outstanding[entry]
+            self.world.move(entry.slot, msg.action)
+            entry.tick += 1
+            self._send_observation(entry, entry.tick, now)
         else:
-            n = 1
-        unit.move("answer")
+            self._moves[entry.slot] = msg.action
+            self._expected.discard(entry)
+            if not self._expected:
+                self._close_tick(now)
+
+    def _on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
+        if host.state is not AgentState.STEPPING or msg.tick != host.pending:
+            self._late_or_stale(host, msg.tick, now)
+            return
+        n = len(host.pending_idx)
+        if len(msg.actions) != n:
+            self._reject(host.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick} has "
+                         f"{len(msg.actions)} actions; the observation listed {n} members", now)
+            return
+        self._accept(host, n, msg.compute_us, now)
+        if self._async:
+            del self._outstanding[host]
+            self.world.move_many(host.slots[host.pending_idx], msg.actions)
+            host.tick += 1
+            self._send_observation(host, host.tick, now)
+        else:
+            self._host_moves.append((host, host.pending_idx, msg.actions))
+            self._expected.discard(host)
+            if not self._expected:
+                self._close_tick(now)
+
+    def _accept(self, unit: Unit, n: int, compute_us: int, now: float) -> None:
+        """``n`` agent-steps answered in time: the ledger, the unit, the measurement."""
+        unit.state = AgentState.IDLE  # the table's (STEPPING, "answer"): the caller checked STEPPING
         unit.steps += n
         first = unit.first_step_at is None
         if first:
             unit.first_step_at = now
-            self._stepping_n += len(unit.live_idx) if host else 1
+            self._stepping_n += n
         ledger = self.ledger
         ledger.outstanding -= n
         ledger.received += n
         m = self._measure
         if m is not None:
-            m.on_received((now - unit.sent_at) * 1e6 - msg.compute_us, msg.compute_us, n)
+            m.on_received((now - unit.sent_at) * 1e6 - compute_us, compute_us, n)
             if first or not m.counting:
                 m.advance(self._stepping_n, ledger.received, now)
             elif m.done(now):
                 self._close_measure(now)
-        if self._async:
-            del self._outstanding[unit]
-            if host:
-                self.world.move_many(unit.slots[unit.pending_idx], msg.actions)
-            else:
-                self.world.move(unit.slot, msg.action)
-            unit.tick += 1
-            self._send_observation(unit, unit.tick, now)
-        else:
-            if host:
-                self._host_moves.append((unit, unit.pending_idx, msg.actions))
-            else:
-                self._moves[unit.slot] = msg.action
-            self._expected.discard(unit)
-            if not self._expected:
-                self._close_tick(now)
+
+    def _late_or_stale(self, unit: Unit, tick: int, now: float) -> None:
+        """An answer that is not for the outstanding observation: late if its
+        observation expired recently, else refused."""
+        for i, (expired, n, window) in enumerate(unit.overdue):
+            if expired == tick:
+                del unit.overdue[i]
+                self.ledger.missing -= n
+                self.ledger.late += n
+                if window is not None and window is self._measure:
+                    window.on_late(n)
+                return
+        current = f"current {unit.pending}" if unit.state is AgentState.STEPPING else "none is"
+        self._reject(unit.peer, ErrorCode.STALE_TICK, f"no observation for tick {tick} is outstanding ({current})", now)
 
     # --- output -------------------------------------------------------------------
 

@@ -226,8 +226,26 @@ class GridWorld:
         return out
 
     def move(self, slot: int, action: int) -> None:
-        """Apply one agent's action now (asynchronous mode)."""
-        self._move_few([slot], [action])
+        """Apply one agent's action now (asynchronous mode): :meth:`_move_few` for one
+        agent, without its array indexing (this is the per-step path of async agents)."""
+        cell, arena = int(self.cell[slot]), int(self.arena[slot])
+        target = self._next_list[cell][action if 0 <= action < len(MOVES) else STAY]
+        if target < 0:
+            found = WALL
+        elif target == cell:
+            found = self._outcome_list[cell]
+        elif self._obstacle_list[target]:
+            found = OBSTACLE
+        elif self._occupant[arena, target] >= 0:
+            found = AGENT
+        else:
+            self._occupant[arena, cell] = -1
+            self._occupant[arena, target] = slot
+            self.cell[slot] = target
+            found = self._outcome_list[target]
+        if found == GOAL:
+            self.goal_visits += 1
+        self.found[slot] = found
 
     def _move_few(self, slots: list[int], actions: list[int]) -> None:
         """The rule of :meth:`move_many` in plain Python, for a few agents (an array

@@ -121,6 +121,22 @@ def test_vectorised_and_one_by_one_moves_agree(batch, dtype):
 
 
 @pytest.mark.unit
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(-1, 6)), min_size=1, max_size=60))
+def test_a_single_move_is_a_batch_of_one(moves):
+    """``move`` (the async path) applies the batch rule to one agent."""
+    a, b = (GridWorld(WorldConfig(width=3, height=3, obstacles=1, goals=2, seed=5)) for _ in range(2))
+    for w in (a, b):
+        for i in range(6):
+            w.place(f"a{i}")
+    for slot, action in moves:
+        a.move(slot, action)
+        b._move_few([slot], [action])
+        assert a.positions() == b.positions() and a.found.tolist() == b.found.tolist()
+    assert a.goal_visits == b.goal_visits
+
+
+@pytest.mark.unit
 def test_a_full_world_refuses_another_agent_and_a_freed_cell_is_reused():
     w = GridWorld(WorldConfig(width=2, height=2, obstacles=1, goals=0, max_arenas=1))
     for i in range(3):
