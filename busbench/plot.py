@@ -45,11 +45,14 @@ def plot(result: dict, path: str) -> None:
     ax2.set(xlabel="agents N", ylabel="efficiency (%)", title="Coordination efficiency", ylim=(0, 110))
     ax2.legend(loc="lower left", fontsize=8)
     for ax in (ax1, ax2):
-        ax.set_xticks(n)
+        if max(n) > 20 * min(n):  # counts over decades: a log axis keeps the small ones apart
+            ax.set_xscale("log")
+        ax.set_xticks(n, [f"{k:,}" for k in n])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     kind = cfg["kind"] + (f"/{cfg['backend']}" if cfg["kind"] == "explorer" else "")
-    kind += "" if str(cfg.get("per_host", "1")) == "1" else f" in hosts ({cfg['per_host']} a host)"
-    fig.suptitle(f"busbench: {kind} agents, {cfg['mode']}, {c} cores, r1 = {r1:.0f} steps/s", fontsize=11)
+    layout = "" if str(cfg.get("per_host", "1")) == "1" else f" in agent hosts (--per-host {cfg['per_host']})"
+    fig.suptitle(f"busbench: {kind} agents{layout}, {cfg['mode']}, {c} cores, r1 = {r1:.0f} steps/s", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
