@@ -82,7 +82,7 @@ class Host:
         members = msg.members.tolist()
         failed: list[int] = []
         reason = ""
-        if self.agents[members[0]].batched if members else False:
+        if members and self.agents[members[0]].batched:
             try:
                 actions = np.asarray(self.cls.step_batch([self.agents[i] for i in members], msg.obs))
                 if actions.shape != (len(members),):

@@ -32,6 +32,8 @@ def _worker(kind: str, options: dict, world: dict, first: int, count: int, warmu
     """One process of the pool: ``count`` agents (a host's worth, or one), their own world."""
     import numpy as np
 
+    set_batch_scheduling()  # as the launcher's agent processes are
+
     from agentbus_zmq.agents.host import Host
     from agentbus_zmq.agents.kinds import create
     from agentbus_zmq.bus import protocol as P
@@ -80,7 +82,6 @@ def pool_rate(kind: str, options: dict, world: dict, agents: int, per_host: int,
     if getattr(template, "forkable", True):
         template.prepare()  # import once, fork after, as the launcher does
     layout = host_layout(agents, per_host) if per_host > 1 else [(i, 1) for i in range(1, agents + 1)]
-    set_batch_scheduling()
     go_r, go_w = os.pipe()
     children = []
     try:

@@ -220,3 +220,12 @@ def test_spin_auto_only_where_every_spinner_has_a_core():
     assert spin_plan("off", 1, 16) == (0, 0)
     assert spin_plan("agents", 20, 2) == (SPIN_US, 0)
     assert spin_plan("all", 20, 2) == (SPIN_US, SPIN_US)
+
+
+def test_the_no_bus_pool_runs_the_same_layout_as_the_bus_run():
+    from agentbus_zmq.busbench.pool import pool_rate
+
+    hosts = pool_rate("null", {}, {}, agents=5, per_host=2, warmup=5, duration=0.2)
+    singles = pool_rate("null", {}, {}, agents=3, per_host=1, warmup=5, duration=0.2)
+    assert (hosts["processes"], hosts["per_host"], singles["processes"]) == (3, 2, 3)
+    assert hosts["steps"] > 0 and singles["steps"] > 0 and hosts["rate"] == hosts["steps"] / hosts["elapsed_s"]
