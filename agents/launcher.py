@@ -10,10 +10,13 @@ thread of its own before it forks; every child creates its context itself (see
 ``bus.sockets.context``).  JAX starts thread pools when it initialises, so the ``jax``
 backend is imported by each child after the fork instead.
 
+With ``--per-host K`` each child is an agent host of K agents (``agents.host``) instead
+of a single agent: the same ids, fewer processes.
+
 The parent supervises: it forwards SIGINT/SIGTERM to its children, reaps them, and
-exits non-zero if any child failed.  With ``--restart`` it forks a dead agent again,
-backing off and giving up as ``agents.supervisor`` decides.  Children die with the parent (PR_SET_PDEATHSIG),
-so a SIGKILLed launcher leaves nothing behind.
+exits non-zero if any child failed.  With ``--restart`` it forks a dead agent (or host)
+again, backing off and giving up as ``agents.supervisor`` decides.  Children die with the
+parent (PR_SET_PDEATHSIG), so a SIGKILLed launcher leaves nothing behind.
 """
 
 from __future__ import annotations

@@ -6,17 +6,21 @@ it frames and the current time, and sends what :meth:`~CoordinatorCore.take_outb
 hands back (a list of ``(peer routing id, frame)``).  Tests drive it the same way with a
 fake clock and no sockets.
 
-Each registered agent is in one :class:`AgentState`; :data:`TRANSITIONS` is the whole
-table of legal moves, and a move outside it raises :class:`IllegalTransition` (a bug,
-which the driver counts as UNEXPECTED), as h11's state tables do.
+The schedule's unit is a :class:`Unit`: an agent with a connection of its own
+(:class:`AgentEntry`), or an agent host (:class:`HostEntry`) whose members travel in one
+frame per tick (HOST_OBSERVATION / HOST_ACTION); each member keeps its own registration
+(:class:`Member`), world slot and ledger counts.  Each unit is in one :class:`AgentState`;
+:data:`TRANSITIONS` is the whole table of legal moves, and a move outside it raises
+:class:`IllegalTransition` (a bug, which the driver counts as UNEXPECTED), as h11's state
+tables do.
 
 Schedules
 ---------
-``lockstep``: tick *t* sends an OBSERVATION to every ready agent; it closes when all of
-them answered or its deadline passed; the world then applies the tick's actions and
-tick *t+1* starts.  Agents that join during a tick take part from the next one.
+``lockstep``: tick *t* sends an observation to every ready unit; it closes when all of
+them answered or its deadline passed; the world then applies the tick's actions at once
+and tick *t+1* starts.  Units that become ready during a tick take part from the next one.
 
-``async``: each agent gets its next OBSERVATION as soon as its ACTION is applied; an
+``async``: each unit gets its next observation as soon as its action(s) are applied; an
 observation unanswered after the deadline is counted missing and replaced by a new one
 (with the next tick number).
 
