@@ -689,9 +689,8 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     obj = unpack(data)
     # Fast paths for the two messages of every step, with the same checks as from_wire;
     # anything unusual falls through to the general path and its precise error.
-    if (type(obj) is list and len(obj) > 1 and type(obj[0]) is int and obj[0] == PROTOCOL_VERSION
-            and type(obj[1]) is int):
-        n = len(obj)
+    n = len(obj) if type(obj) is list else 0
+    if n > 3 and obj[0] == PROTOCOL_VERSION and type(obj[0]) is int and type(obj[1]) is int:
         if n == 5 and obj[1] == _ACTION:
             tick, action, compute_us = obj[2], obj[3], obj[4]
             if (type(tick) is int and type(action) is int and type(compute_us) is int

@@ -216,7 +216,7 @@ class GridWorld:
 
     def observe(self, slot: int) -> list[int]:
         """One agent's observation, ``[cell, found]``."""
-        return [int(self.cell[slot]), int(self.found[slot])]
+        return [self.cell.item(slot), self.found.item(slot)]
 
     def observe_many(self, slots: np.ndarray) -> np.ndarray:
         """Observations of several agents, an ``(n, 2)`` array in the order of ``slots``."""
@@ -228,7 +228,7 @@ class GridWorld:
     def move(self, slot: int, action: int) -> None:
         """Apply one agent's action now (asynchronous mode): :meth:`_move_few` for one
         agent, without its array indexing (this is the per-step path of async agents)."""
-        cell, arena = int(self.cell[slot]), int(self.arena[slot])
+        cell, arena = self.cell.item(slot), self.arena.item(slot)
         target = self._next_list[cell][action if 0 <= action < len(MOVES) else STAY]
         if target < 0:
             found = WALL
@@ -276,12 +276,14 @@ class GridWorld:
         found_out[slots] = found_all
         self.goal_visits += found_all.count(GOAL)
 
-    def move_many(self, slots: np.ndarray, actions: np.ndarray) -> None:
+    def move_many(self, slots: np.ndarray | list[int], actions: np.ndarray | list[int]) -> None:
         """Apply the actions of ``slots`` at once (see the module docstring); an action
-        out of range is ``stay``."""
+        out of range is ``stay``.  Arrays or lists."""
         if len(slots) <= _SCALAR_BATCH:  # the same rule, cheaper for a few agents
-            self._move_few(slots.tolist(), np.asarray(actions).tolist())
+            self._move_few(slots if type(slots) is list else slots.tolist(),
+                           actions if type(actions) is list else np.asarray(actions).tolist())
             return
+        slots = np.asarray(slots, dtype=np.int64)
         actions = np.asarray(actions)
         if actions.dtype.kind == "u":
             actions = np.minimum(actions, STAY)  # not negative; beyond the last action: stay
