@@ -15,7 +15,6 @@ import json
 import os
 import select
 import signal
-import sys
 import time
 
 import click

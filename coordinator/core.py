@@ -670,8 +670,7 @@ class CoordinatorCore:
             if not self._outstanding:
                 self._due = now + self.settings.deadline
             self._outstanding[unit] = None
-        unit.last_sent = now
-        self._outbox.append((unit.peer, frame))
+        self._send(unit, frame, now)
 
     def _on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
         if entry.state is not STEPPING or msg.tick != entry.pending:
