@@ -32,7 +32,7 @@ class ControlFailed(RuntimeError):
 class ControlClient:
     def __init__(self, endpoint: str, curve: ClientKeys | None = None):
         self.endpoint = endpoint
-        self._sock = sockets.dealer(endpoint, curve=curve)
+        self._sock = sockets.dealer(endpoint, curve=curve, immediate=True)
         self._curve = curve is not None
         self._issued = 0
         #: requests sent and not yet answered or given up on; only their replies are kept
@@ -49,11 +49,27 @@ class ControlClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def send(self, command: str, args: dict | None = None) -> int:
-        """Send one CONTROL request; returns its id for :meth:`wait`."""
+    def send(self, command: str, args: dict | None = None, timeout: float = 5.0) -> int:
+        """Send one CONTROL request; returns its id for :meth:`wait`.
+
+        A DEALER with no completed connection (the coordinator is not up yet, or refused
+        this client's CURVE key and is being retried) has nowhere to queue: the send waits
+        at most ``timeout`` s for one, then raises :class:`BusUnavailable`.
+        """
         self._issued += 1
         request_id = self._issued
-        self._sock.send(P.encode(P.Control(request_id, command, args or {})))
+        frame = P.encode(P.Control(request_id, command, args or {}))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.send(frame, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(left * 1000, zmq.POLLOUT):
+                    raise BusUnavailable(self._unavailable(
+                        f"no connection to the coordinator at {self.endpoint} to send {command!r}",
+                        timeout)) from None
         self._awaited.add(request_id)
         return request_id
 
@@ -70,9 +86,7 @@ class ControlClient:
             if left <= 0:
                 # Given up: a reply that comes later is dropped, not kept for ever.
                 self._awaited.discard(request_id)
-                raise BusUnavailable(f"no reply to {command!r} from the coordinator at {self.endpoint} within "
-                                     f"{timeout:.1f} s: is bus-coordinator running and bound there"
-                                     + (", and is this client's CURVE key on its allow-list?" if self._curve else "?"))
+                raise BusUnavailable(self._unavailable(f"no reply to {command!r} from the coordinator at {self.endpoint}", timeout))
             if self._sock.poll(min(left, 0.1) * 1000, zmq.POLLIN):
                 try:
                     msg = P.decode(self._sock.recv(zmq.NOBLOCK))
@@ -91,8 +105,15 @@ class ControlClient:
 
     def request(self, command: str, args: dict | None = None, timeout: float = 5.0,
                 idle: Callable[[], None] | None = None) -> dict:
-        """Send one CONTROL request and wait up to ``timeout`` s for its REPLY."""
-        return self.wait(self.send(command, args), timeout, idle, command)
+        """Send one CONTROL request and wait up to ``timeout`` s in all for its REPLY."""
+        start = time.monotonic()
+        request_id = self.send(command, args, timeout)
+        return self.wait(request_id, max(0.0, timeout - (time.monotonic() - start)), idle, command)
+
+    def _unavailable(self, what: str, timeout: float) -> str:
+        return (f"{what} within {timeout:.1f} s: "
+                "is bus-coordinator running and bound there"
+                + (", and is this client's CURVE key on its allow-list?" if self._curve else "?"))
 
     def wait_ready(self, timeout: float = 10.0) -> dict:
         """Ping until the coordinator answers (it may still be starting)."""

@@ -62,10 +62,17 @@ def router(endpoint: str, hwm: int = DEFAULT_HWM, max_bytes: int = MAX_MESSAGE_B
 
 
 def dealer(endpoint: str, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
-           max_bytes: int = MAX_MESSAGE_BYTES, curve: ClientKeys | None = None) -> zmq.Socket:
-    """An agent's (or a client's) DEALER, connected to ``endpoint``."""
+           max_bytes: int = MAX_MESSAGE_BYTES, curve: ClientKeys | None = None,
+           immediate: bool = False) -> zmq.Socket:
+    """An agent's (or a client's) DEALER, connected to ``endpoint``.
+
+    ``immediate`` queues messages only on a completed connection (a sender then sees at
+    once that nobody is there, rather than filling a queue for a peer that may never come).
+    """
     sock = context().socket(zmq.DEALER)
     _common(sock, hwm, max_bytes)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
     if curve is not None:
         curve.apply(sock)
     if identity:

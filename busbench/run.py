@@ -252,11 +252,17 @@ def _agent_processes(launcher: Child | None) -> list[psutil.Process]:
         return []
 
 
-def _pids(client: ControlClient) -> set[int]:
-    """Every pid the coordinator lists for its agents (all pages of ``stats``)."""
+def _roster(client: ControlClient) -> dict:
+    """``stats`` with every page's agents merged (``agent_pids``, ``ready_ids``)."""
     first = client.request("stats", {"page": 0}, timeout=5)
     pages = [first] + [client.request("stats", {"page": k}, timeout=5) for k in range(1, first["pages"])]
-    return {pid for page in pages for pid in page["agent_pids"].values()}
+    return {**first, "agent_pids": {a: p for page in pages for a, p in page["agent_pids"].items()},
+            "ready_ids": [a for page in pages for a in page["ready_ids"]]}
+
+
+def _pids(client: ControlClient) -> set[int]:
+    """Every pid the coordinator lists for its agents (all pages of ``stats``)."""
+    return set(_roster(client)["agent_pids"].values())
 
 
 def _local(pids) -> list[psutil.Process]:
@@ -342,9 +348,17 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 if sampler.due(now):
                     sampler.sample(now, _agent_processes(launcher) if launcher else _local(_pids(client)))
                 if chaos is not None:
-                    chaos.step(now, stats, {p.pid for p in _agent_processes(launcher)})
+                    roster = stats if "agent_pids" in stats else _roster(client)
+                    chaos.step(now, roster, {p.pid for p in _agent_processes(launcher)})
 
             window = client.wait(request, max(cfg.timeout, cfg.duration + 120) + 5, idle, "measure")
+            if chaos is not None:  # the window closed: no more kills; wait (bounded) for the last recoveries
+                settle_until = time.monotonic() + CHAOS_SETTLE_S
+                while chaos.pending and time.monotonic() < settle_until:
+                    for child in checks:
+                        child.check()
+                    chaos.observe(time.monotonic(), _roster(client))
+                    time.sleep(0.05)
             procs = _agent_processes(launcher) if launcher else _local(_pids(client))
         record["memory_mb"] = _memory(procs, n) if procs else None
         record["memory_growth"] = (sampler.growth(window["opened_at"], window["closed_at"], window["rate"])
@@ -398,6 +412,10 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
     return record
 
 
+#: After the window, how long busbench waits for agents it killed to be back.
+CHAOS_SETTLE_S = 30.0
+
+
 class Chaos:
     """Kill random agent processes (a Poisson process of ``rate`` kills per second) and
     time each one's recovery: until every agent id that process carried (one, or a
@@ -414,12 +432,18 @@ class Chaos:
         self.recoveries: list[float] = []
         self.kills = 0
 
-    def step(self, now: float, stats: dict, ours: set[int]) -> None:
+    def observe(self, now: float, stats: dict) -> None:
+        """Note the recoveries that ``stats`` shows."""
         pids, ready = stats.get("agent_pids", {}), set(stats.get("ready_ids", ()))
         for old_pid, (ids, killed_at) in list(self.pending.items()):
             if all(a in ready and pids.get(a) != old_pid for a in ids):
                 self.recoveries.append(now - killed_at)
                 del self.pending[old_pid]
+
+    def step(self, now: float, stats: dict, ours: set[int]) -> None:
+        """Note recoveries, then perhaps kill one of ``ours``."""
+        self.observe(now, stats)
+        pids, ready = stats.get("agent_pids", {}), set(stats.get("ready_ids", ()))
         dt, self.last = (now - self.last if self.last is not None else 0.0), now
         if self.rng.random() >= 1 - math.exp(-self.rate * dt):
             return

@@ -31,8 +31,11 @@ def _requests(router: zmq.Socket, n: int) -> list[tuple[bytes, P.Control]]:
 
 def test_replies_to_abandoned_requests_never_crowd_out_a_live_one(router, tmp_path):
     with ControlClient(f"ipc://{tmp_path}/r.ipc") as client:
-        for _ in range(100):                       # a coordinator that is not answering yet
-            with pytest.raises(BusUnavailable):
+        first = client.send("ping", timeout=10)    # waits for the connection
+        with pytest.raises(BusUnavailable, match="no reply"):
+            client.wait(first, timeout=0.001)
+        for _ in range(99):                        # a coordinator that is not answering yet
+            with pytest.raises(BusUnavailable, match="no reply"):
                 client.request("ping", timeout=0.001)
         old = _requests(router, 100)
         for peer, req in old:                     # ... then answers every one of them late
@@ -53,3 +56,12 @@ def test_a_refusal_carries_its_code(router, tmp_path):
         with pytest.raises(ControlFailed) as info:
             client.wait(rid, timeout=10, command="measure")
         assert info.value.code == P.ErrorCode.BAD_FIELD and str(tmp_path) in str(info.value)
+
+
+def test_with_nobody_listening_a_request_fails_within_its_timeout(tmp_path):
+    # The socket queues only on a completed connection: nothing piles up for a
+    # coordinator that is not there, and the send itself is bounded.
+    with ControlClient(f"ipc://{tmp_path}/nobody.ipc") as client:
+        with pytest.raises(BusUnavailable, match=r"no connection to the coordinator at ipc://.*nobody\.ipc to send 'stats'"):
+            client.request("stats", timeout=0.2)
+        assert client._awaited == set()
