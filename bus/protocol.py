@@ -70,6 +70,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 EXT_NDARRAY = 1
 #: Agents one host may register (its frames then stay well under MAX_MESSAGE_BYTES).
 MAX_HOST_AGENTS = 4096
+#: Longest registration token (WELCOME params ``token``; HELLO's optional last field).
+MAX_TOKEN_LEN = 64
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _U32_MAX = 2**32 - 1
@@ -117,6 +119,10 @@ class ErrorCode(enum.IntEnum):
     UNEXPECTED = 12
     BUSY = 13
     TIMED_OUT = 14
+    ID_TAKEN = 15
+    REPLACED = 16
+    NOT_ALLOWED = 17
+    DROPPED = 18
 
 
 #: What the receiver of each error should do about it.  Part of the protocol.
@@ -133,8 +139,13 @@ ERROR_HINTS: dict[ErrorCode, str] = {
     ErrorCode.SHUTTING_DOWN: "reconnect with HELLO once the coordinator is back",
     ErrorCode.UNKNOWN_COMMAND: "use a CONTROL command listed in docs/protocol.md",
     ErrorCode.UNEXPECTED: "report this as a bug, with the coordinator's log",
-    ErrorCode.BUSY: "a measurement is already running: retry once it has replied",
+    ErrorCode.BUSY: "the coordinator is at a limit (pending registrations, queued measurements): retry later",
     ErrorCode.TIMED_OUT: "the request's timeout_s passed first: check that the agents it waits for are running",
+    ErrorCode.ID_TAKEN: ("the id is registered by a live connection: give this agent another id, stop the other "
+                         "process, or present the token its WELCOME carried"),
+    ErrorCode.REPLACED: "another connection took this registration over with its token: stop, or start with a new id",
+    ErrorCode.NOT_ALLOWED: "this CURVE key may not use that id: see the key's `agents` patterns in the allow-list",
+    ErrorCode.DROPPED: "this agent kept missing its deadline and was dropped from the schedule: HELLO to rejoin",
 }
 
 
@@ -206,9 +217,16 @@ def _is_array(value: Any) -> bool:
     return np is not None and type(value) is np.ndarray
 
 
-def _arity(fields: list, n: int, name: str) -> None:
-    if len(fields) != n:
+def _arity(fields: list, n: int | tuple[int, int], name: str) -> None:
+    if isinstance(n, tuple):
+        if not n[0] <= len(fields) <= n[1]:
+            raise _bad(f"{name} takes {n[0]} to {n[1]} fields after [version, type], got {len(fields)}")
+    elif len(fields) != n:
         raise _bad(f"{name} takes {n} fields after [version, type], got {len(fields)}")
+
+
+def _token(value: Any) -> str:
+    return _text(value, "token", MAX_TOKEN_LEN)
 
 
 @dataclasses.dataclass(slots=True)
@@ -218,21 +236,30 @@ class Hello:
     agent_id: stable name of the agent; a HELLO with an id already registered replaces
         that registration (the agent restarted).
     kind: free-form agent kind, e.g. ``"explorer"``; reported in metrics.
-    pid: the agent's OS process id, or 0 if it has none to report.
+    pid: the agent's OS process id, or 0 if it has none to report (informative only:
+        nobody acts on a pid a peer claims).
+    token: optional; the ``token`` of this agent's last WELCOME.  It lets a new connection
+        of the same agent take over its registration while the old one may still look
+        alive; without it, a HELLO for an id held by a live connection is refused
+        (ID_TAKEN).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.HELLO
     agent_id: str
     kind: str
     pid: int = 0
+    token: str = ""
 
     def wire(self) -> tuple:
+        if self.token:
+            return (self.agent_id, self.kind, self.pid, self.token)
         return (self.agent_id, self.kind, self.pid)
 
     @classmethod
     def from_wire(cls, f: list) -> Hello:
-        _arity(f, 3, "HELLO")
-        return cls(_ident(f[0], "agent_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX))
+        _arity(f, (3, 4), "HELLO")
+        token = _token(f[3]) if len(f) == 4 else ""
+        return cls(_ident(f[0], "agent_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX), token)
 
 
 @dataclasses.dataclass(slots=True)
@@ -448,6 +475,7 @@ class HostHello(_ArrayRecord):
     kind: the agents' kind.
     pid: the host's OS process id, or 0.
     prefix, first, count: the members, in the order every later host frame uses.
+    token: optional; the ``token`` of this host's last HOST_WELCOME (see HELLO).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.HOST_HELLO
@@ -457,21 +485,25 @@ class HostHello(_ArrayRecord):
     prefix: str
     first: int
     count: int
+    token: str = ""
 
     def wire(self) -> tuple:
-        return (self.host_id, self.kind, self.pid, self.prefix, self.first, self.count)
+        fields = (self.host_id, self.kind, self.pid, self.prefix, self.first, self.count)
+        return (*fields, self.token) if self.token else fields
 
     def member_ids(self) -> list[str]:
         return [f"{self.prefix}{self.first + i}" for i in range(self.count)]
 
     @classmethod
     def from_wire(cls, f: list) -> HostHello:
-        _arity(f, 6, "HOST_HELLO")
+        _arity(f, (6, 7), "HOST_HELLO")
         prefix = _text(f[3], "prefix", 100)
         first, count = _int(f[4], "first", 0, _U32_MAX), _int(f[5], "count", 1, MAX_HOST_AGENTS)
         _ident(f"{prefix}{first}", "the first member id")
         _ident(f"{prefix}{first + count - 1}", "the last member id")
-        return cls(_ident(f[0], "host_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX), prefix, first, count)
+        token = _token(f[6]) if len(f) == 7 else ""
+        return cls(_ident(f[0], "host_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX), prefix, first,
+                   count, token)
 
 
 @dataclasses.dataclass(slots=True, eq=False)

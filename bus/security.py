@@ -15,14 +15,17 @@ the endpoint.  See docs/security.md.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.utils import z85
 
-__all__ = ["ServerKeys", "ClientKeys", "generate", "load_allow_list", "zap_verdict", "ZAP_ENDPOINT"]
+__all__ = ["ZAP_ENDPOINT", "ClientKeys", "ServerKeys", "generate", "id_allowed", "load_allow_list", "zap_verdict"]
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_VERSION = b"1.0"
@@ -30,11 +33,12 @@ _ZAP_VERSION = b"1.0"
 
 @dataclasses.dataclass(frozen=True)
 class ServerKeys:
-    """The coordinator's side: its key pair and the allowed client public keys (Z85)."""
+    """The coordinator's side: its key pair and the allowed client public keys (Z85),
+    each with the agent id patterns it may register (None: any id)."""
 
     public: bytes
     secret: bytes
-    allowed: frozenset[bytes]
+    allowed: Mapping[bytes, tuple[str, ...] | None]
     allow_dir: str
 
     @classmethod
@@ -87,28 +91,68 @@ def _load_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def generate(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """Write ``NAME.key`` (public, to share) and ``NAME.key_secret`` (keep private)."""
+#: Characters an id pattern may hold: an agent id's (docs/protocol.md) and fnmatch's.
+_PATTERN_RE = re.compile(r"[A-Za-z0-9._:@/+*?\[\]!-]{1,128}\Z")
+_AGENTS_LINE = re.compile(r'^\s+agents\s*=\s*"([^"]*)"\s*$')
+
+
+def generate(directory: str | os.PathLike, name: str, agents: Iterable[str] | None = None) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public, to share) and ``NAME.key_secret`` (keep private).
+
+    ``agents``: id patterns (``fnmatch``: ``host1-*``) this key may register; they are
+    written in the certificate's metadata section, which the coordinator reads from its
+    allow-list.  Without them the key may register any id.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(str(directory), name)
     os.chmod(secret, 0o600)
+    if agents:
+        patterns = [_check_pattern(p) for p in agents]
+        for path in (public, secret):
+            text = Path(path).read_text()
+            Path(path).write_text(text.replace("\nmetadata\n", f'\nmetadata\n    agents = "{" ".join(patterns)}"\n', 1))
     return Path(public), Path(secret)
 
 
-def load_allow_list(directory: str | os.PathLike) -> frozenset[bytes]:
-    """The Z85 public keys of every ``*.key`` file in ``directory``."""
+def _check_pattern(pattern: str) -> str:
+    if not _PATTERN_RE.match(pattern):
+        raise ValueError(f"agent id pattern {pattern!r}: use the characters of agent ids and * ? [ ] (fnmatch)")
+    return pattern
+
+
+def load_allow_list(directory: str | os.PathLike) -> dict[bytes, tuple[str, ...] | None]:
+    """Every ``*.key`` file in ``directory``: its Z85 public key -> the agent id patterns
+    its metadata allows (``agents = "a-* b-*"``), or None when it names none (any id)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"the CURVE allow-list {directory} is not a directory of client .key files")
-    keys = set()
+    keys: dict[bytes, tuple[str, ...] | None] = {}
     for path in sorted(directory.glob("*.key")):
         public, _ = _load_public(path)
-        keys.add(public)
-    return frozenset(keys)
+        keys[public] = _patterns(path)
+    return keys
 
 
-def zap_verdict(request: list[bytes], allowed: frozenset[bytes]) -> tuple[list[bytes], bool, str]:
+def _patterns(path: Path) -> tuple[str, ...] | None:
+    section = None
+    for line in path.read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            section = line.strip()
+        elif section == "metadata" and (m := _AGENTS_LINE.match(line)):
+            try:
+                return tuple(_check_pattern(p) for p in m.group(1).split())
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+    return None
+
+
+def id_allowed(patterns: tuple[str, ...] | None, agent_id: str) -> bool:
+    """Whether a key with these patterns (None: any) may register ``agent_id``."""
+    return patterns is None or any(fnmatch.fnmatchcase(agent_id, p) for p in patterns)
+
+
+def zap_verdict(request: list[bytes], allowed: Mapping[bytes, object] | frozenset[bytes]) -> tuple[list[bytes], bool, str]:
     """Answer one ZAP request: ``(reply frames, allowed?, client description)``.
 
     Only CURVE with a key on the allow-list is accepted; anything else (NULL or PLAIN
@@ -126,5 +170,7 @@ def zap_verdict(request: list[bytes], allowed: frozenset[bytes]) -> tuple[list[b
     key = z85.encode(request[6])
     who = f"{peer} key {key.decode()}"
     if key in allowed:
+        # The key is the connection's User-Id: the coordinator reads it from every message
+        # and so knows which key registered which agent.
         return [version, request_id, b"200", b"OK", key, b""], True, who
     return [version, request_id, b"400", b"key not on the allow-list", b"", b""], False, who

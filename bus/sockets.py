@@ -21,6 +21,12 @@ __all__ = ["context", "router", "dealer", "endpoint_is_public", "check_endpoint"
 #: headroom; past it ROUTER_MANDATORY makes sends fail loudly (EAGAIN) instead of
 #: dropping silently.
 DEFAULT_HWM = 1000
+#: The coordinator's queues per peer, in messages.  An agent or host never has more than
+#: an OBSERVATION, a heartbeat and an ERROR or two in flight, so 64 is ample; what it
+#: bounds is what a peer that never reads can park in the coordinator (64 messages of at
+#: most MAX_MESSAGE_BYTES, against 1000 before) and what one that floods can queue
+#: inbound before libzmq stops reading its connection.
+ROUTER_HWM = 64
 
 _ctx: zmq.Context | None = None
 _ctx_pid: int | None = None
@@ -44,7 +50,7 @@ def _common(sock: zmq.Socket, hwm: int, max_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 1024)
 
 
-def router(endpoint: str, hwm: int = DEFAULT_HWM, max_bytes: int = MAX_MESSAGE_BYTES,
+def router(endpoint: str, hwm: int = ROUTER_HWM, max_bytes: int = MAX_MESSAGE_BYTES,
            curve: ServerKeys | None = None) -> zmq.Socket:
     """The coordinator's ROUTER, bound to ``endpoint`` (encrypted and authenticated with
     ``curve``; a ZAP handler must be bound first, see ``coordinator.driver``)."""
@@ -55,8 +61,9 @@ def router(endpoint: str, hwm: int = DEFAULT_HWM, max_bytes: int = MAX_MESSAGE_B
     # A message to a peer that is gone, or whose queue is full, raises instead of
     # vanishing: the coordinator counts every one.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    # An agent that reconnects with the same routing id takes it over (restarts).
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # No ROUTER_HANDOVER: with it, a peer that sets another connection's routing id
+    # (libzmq's are a predictable counter) would take that connection's place.  Without
+    # it, a second connection claiming a routing id in use is ignored.
     sock.bind(endpoint)
     return sock
 

@@ -10,7 +10,7 @@ import zmq
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
-from agentbus_zmq.coordinator.core import MODES, Settings
+from agentbus_zmq.coordinator.core import MODES, ConfigError, Settings
 from agentbus_zmq.coordinator.world import WorldConfig
 
 _ENV = {
@@ -29,6 +29,9 @@ _ENV = {
     "curve_secret": "BUS_CURVE_SECRET",
     "curve_clients": "BUS_CURVE_CLIENTS",
     "spin_us": "BUS_COORDINATOR_SPIN_US",
+    "setup_grace": "BUS_SETUP_GRACE",
+    "max_pending": "BUS_MAX_PENDING",
+    "drop_after": "BUS_DROP_AFTER",
 }
 
 _WORLD = WorldConfig()
@@ -63,16 +66,27 @@ _WORLD = WorldConfig()
 @click.option("--spin-us", envvar=_ENV["spin_us"], type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="After each message, busy-poll this many microseconds before sleeping: answers sooner "
                    "when the coordinator has a core to itself; costs CPU otherwise (0: never).")
+@click.option("--setup-grace", envvar=_ENV["setup_grace"], type=click.FloatRange(min=0, min_open=True),
+              default=Settings.setup_grace, show_default=True,
+              help="Seconds from HELLO until a registration must say it is ready; past it, it is dropped and "
+                   "its cells freed (repeating HELLO does not extend it).")
+@click.option("--max-pending", envvar=_ENV["max_pending"], type=click.IntRange(1), default=Settings.max_pending,
+              show_default=True, help="Registrations (agents or hosts) not yet ready, at most; more are refused "
+                                      "with BUSY and retried by the agents.")
+@click.option("--drop-after", envvar=_ENV["drop_after"], type=click.IntRange(0), default=Settings.drop_after,
+              show_default=True, help="Drop an agent (or host) from the schedule after this many deadlines in a "
+                                      "row that it missed or answered late or slowly (after 80%% of the "
+                                      "deadline); it may rejoin. 0: never.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
 def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, arena_agents, max_arenas,
-        endpoint_file, curve_secret,
-        curve_clients, spin_us, log_level):
+        endpoint_file, curve_secret, curve_clients, spin_us, setup_grace, max_pending, drop_after, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
     configure_logging(log_level)
     from agentbus_zmq.coordinator.driver import serve
 
     try:
-        settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat)
+        settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat, setup_grace=setup_grace,
+                            max_pending=max_pending, drop_after=drop_after)
         world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed,
                             arena_agents=arena_agents, max_arenas=max_arenas)
         check_endpoint(bind)
@@ -85,6 +99,8 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
         raise click.UsageError(str(exc)) from None
     try:
         serve(bind, settings, world, endpoint_file=endpoint_file, curve=curve, spin=spin_us / 1e6)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     except zmq.ZMQError as exc:
         hint = (" Another coordinator (or program) holds it: stop that one, or choose another --bind."
                 if exc.errno == zmq.EADDRINUSE else "")

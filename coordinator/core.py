@@ -33,16 +33,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import hmac
 import logging
 import math
+import secrets
 import time
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from agentbus_zmq.bus import config
 from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.logs import PeerLog
 from agentbus_zmq.bus.protocol import ErrorCode
+from agentbus_zmq.bus.security import id_allowed
 from agentbus_zmq.coordinator.measure import ControlError, MeasureRequest, Measurement
 from agentbus_zmq.coordinator.metrics import Ledger
 from agentbus_zmq.coordinator.world import GridWorld, WorldFull
@@ -53,16 +57,29 @@ __all__ = ["Settings", "AgentState", "TickPhase", "Unit", "AgentEntry", "HostEnt
 log = logging.getLogger(__name__)
 
 MODES = config.MODES
-#: Warnings about misbehaving peers logged per second at most (the rest are counted).
+#: Lines about what peers do (registrations, refusals, errors they report) logged per
+#: second at most, per kind of line; the rest are counted.
 WARNINGS_PER_S = 20
-#: Seconds a registered agent may take to build its model before its first message
-#: (the HEARTBEAT that says it is ready); a jitted JAX model compiles for seconds.
-SETUP_GRACE_S = 30.0
 #: Agent ids whose registrations are counted for ``restarts`` in stats (bounded memory).
 MAX_TRACKED_IDS = 65_536
 #: ``stats`` lists agents (ids, pids, hosts) when there are at most this many, else a
-#: page of them on request: the reply must fit in a message.
-STATS_DETAIL_MAX = 512
+#: page of them on request: the reply must fit in a message, and a client that never
+#: reads may park up to ROUTER_HWM of them in the coordinator (about 9 KB a page).
+STATS_DETAIL_MAX = 128
+#: Measurements that may wait behind the running one; more are refused (BUSY).
+MAX_QUEUED_MEASURES = 8
+#: Units that have been quiet this long get a HEARTBEAT when a connection closes, so that
+#: the one whose connection it was is found gone (the send fails) and dropped at once.
+PROBE_QUIET_S = 0.05
+#: Units listed in ``stats["stragglers"]`` (the worst first).
+MAX_STRAGGLERS_LISTED = 16
+#: How far an agent's compute_us may exceed the time the coordinator waited for its
+#: answer (clock granularity) before it is counted as a bad report and clamped.
+COMPUTE_SLACK_US = 1000
+
+
+class ConfigError(ValueError):
+    """The coordinator cannot run with these settings; the message says what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +93,28 @@ class Settings:
     heartbeat: float = config.DEFAULTS.heartbeat
     liveness: int = config.DEFAULTS.liveness
     max_message_bytes: int = P.MAX_MESSAGE_BYTES
+    #: Seconds from HELLO until a registration must say it is ready (its first message
+    #: after WELCOME); past it, it is dropped and its cells freed.  Repeating HELLO does
+    #: not extend it.  A jitted JAX host compiles for seconds.
+    setup_grace: float = 30.0
+    #: Connections (agents or hosts) registered and not yet ready, at most; more HELLOs
+    #: are refused with BUSY and retried by the agent.
+    max_pending: int = 1024
+    #: An answer after this fraction of its deadline is counted slow.
+    slow_fraction: float = 0.8
+    #: Drop a unit from the schedule after this many deadlines in a row that it missed,
+    #: answered late or answered slowly (0: never); it may HELLO again.
+    drop_after: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (self.deadline > 0 and self.heartbeat > 0 and self.liveness >= 1):
             raise ValueError("deadline and heartbeat must be positive and liveness at least 1")
+        if not (self.setup_grace > 0 and self.max_pending >= 1 and 0 < self.slow_fraction <= 1
+                and self.drop_after >= 0):
+            raise ValueError("setup_grace must be positive, max_pending at least 1, slow_fraction in (0, 1] "
+                             "and drop_after at least 0")
 
     @property
     def expiry(self) -> float:
@@ -150,6 +183,16 @@ class Unit:
     #: recently expired (tick, agent-steps, the measurement window it expired in, or
     #: None) whose answer would count as late rather than stray
     overdue: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=4))
+    #: the secret its WELCOME carried: a new connection presenting it may take over
+    token: str = ""
+    #: the CURVE key (Z85) its connection authenticated with, or None
+    key: bytes | None = None
+    #: deadlines it missed, answers it sent late or slowly (see Settings.slow_fraction)
+    missed: int = 0
+    late: int = 0
+    slow: int = 0
+    #: missed, late or slow answers in a row (Settings.drop_after)
+    strikes: int = 0
 
     def move(self, event: str) -> None:
         try:
@@ -218,7 +261,11 @@ class CoordinatorCore:
         world: GridWorld | None = None,
         session: str = "s0",
         cpu_clock: Callable[[], tuple[float, float]] = lambda: (time.process_time(), time.thread_time()),
+        key_patterns: Mapping[bytes, tuple[str, ...] | None] | None = None,
+        token: Callable[[], str] = lambda: secrets.token_hex(16),
     ):
+        """``key_patterns``: with CURVE, each allowed key's agent id patterns (None: any
+        id); ``token``: makes each registration's secret (tests pass a predictable one)."""
         self.settings = settings
         self.world = world if world is not None else GridWorld()
         self.session = session
@@ -245,9 +292,19 @@ class CoordinatorCore:
         self._due = math.inf
         self._next_sweep = 0.0
         self._measure: Measurement | None = None
+        #: measurements waiting for the running one: (peer, request id, request, received at)
+        self._measure_queue: collections.deque = collections.deque()
         self.started_at: float | None = None
-        self._warn_window = 0.0
-        self._warned: collections.Counter = collections.Counter()  # warnings this second, by kind
+        self._plog = PeerLog(log, WARNINGS_PER_S)
+        self._key_patterns = key_patterns
+        self._token = token
+        #: units registered and not yet ready (Settings.max_pending)
+        self._joining = 0
+        #: a connection closed: probe the quiet units at the next timer
+        self._probe_due = False
+        #: units to drop at the next timer (Settings.drop_after)
+        self._stragglers: dict[Unit, None] = {}
+        self._slow_after = settings.deadline * settings.slow_fraction
         self.connections: collections.Counter = collections.Counter()
         #: registrations per agent id this session (restarts = registrations - 1)
         self._registrations: collections.Counter = collections.Counter()
@@ -264,6 +321,7 @@ class CoordinatorCore:
             "liveness": settings.liveness,
             "world": self.world.params(),
         }
+        self._check_welcome_fits()
         self._commands: dict[str, Callable[[bytes, P.Control, float], dict | None]] = {
             "ping": self._cmd_ping,
             "stats": self._cmd_stats,
@@ -272,8 +330,9 @@ class CoordinatorCore:
 
     # --- input ------------------------------------------------------------------
 
-    def on_frames(self, peer: bytes, frames: list[bytes], now: float) -> None:
-        """One multipart message from ``peer`` (routing id already stripped)."""
+    def on_frames(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None = None) -> None:
+        """One multipart message from ``peer`` (routing id already stripped); ``key``: the
+        CURVE key its connection authenticated with (None without CURVE)."""
         if len(frames) != 1:
             self._reject(peer, ErrorCode.BAD_FRAMING, f"expected 1 frame, got {len(frames)}", now)
             return
@@ -282,9 +341,9 @@ class CoordinatorCore:
         except P.ProtocolError as exc:
             self._reject(peer, exc.code, exc.reason, now)
             return
-        self.on_message(peer, msg, now)
+        self.on_message(peer, msg, now, key)
 
-    def on_message(self, peer: bytes, msg: P.Message, now: float) -> None:
+    def on_message(self, peer: bytes, msg: P.Message, now: float, key: bytes | None = None) -> None:
         unit = self._by_peer.get(peer)
         mtype = type(msg)
         if unit is not None:
@@ -309,12 +368,12 @@ class CoordinatorCore:
             if unit is None:
                 self._reject(peer, ErrorCode.NOT_REGISTERED, "HEARTBEAT from an unregistered peer", now)
         elif mtype is P.Hello:
-            self._on_hello(peer, msg, now)
+            self._on_hello(peer, msg, now, key)
         elif mtype is P.HostHello:
-            self._on_host_hello(peer, msg, now)
+            self._on_host_hello(peer, msg, now, key)
         elif mtype is P.Bye:
             if unit is not None:
-                log.info("%s left: %s", unit.name, msg.reason or "bye")
+                self._plog.info(now, "%s left: %s", unit.name, msg.reason or "bye")
                 self._drop(unit, now)
         elif mtype is P.HostBye:
             if type(unit) is HostEntry:
@@ -325,7 +384,7 @@ class CoordinatorCore:
             self._on_control(peer, msg, now)
         elif mtype is P.Error:
             self.ledger.errors["received"] += 1
-            self._warn(now, "peer %s reported error %s: %s", _peer_name(peer, unit), msg.code, msg.reason)
+            self._plog.warning(now, "peer %s reported error %s: %s", _peer_name(peer, unit), msg.code, msg.reason[:200])
         else:  # WELCOME, OBSERVATION, REPLY and the host twins travel the other way only
             self._reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} is not accepted by the coordinator", now)
 
@@ -340,21 +399,35 @@ class CoordinatorCore:
             self.started_at = now
         if now >= self._due:
             self._expire_due(now)
+        if self._probe_due:
+            self._probe(now)
+        if self._stragglers:
+            self._drop_stragglers(now)
         if now >= self._next_sweep:
             self._next_sweep = now + self.settings.heartbeat / 4
             self._sweep(now)
-            self._roll_warnings(now)
+            self._plog.roll(now)
         m = self._measure
         if m is not None:
             if m.done(now):
                 self._close_measure(now)
             elif now >= m.deadline:
                 self._finish_measure(False, _refusal(ErrorCode.TIMED_OUT, f"measure timed out in phase "
-                                                     f"{m.phase.value!r} with {len(self.agents)} agents registered"))
+                                                     f"{m.phase.value!r} with {len(self.agents)} agents registered"),
+                                     now)
+        if self._measure_queue:
+            self._expire_queued_measures(now)
 
-    def on_connection_event(self, name: str) -> None:
-        """A transport-level event on the ROUTER (the driver's socket monitor)."""
+    def on_connection_event(self, name: str, now: float = 0.0, value: int = 0) -> None:
+        """A transport-level event on the ROUTER (the driver's socket monitor).  A closed
+        connection makes the next timer probe the quiet units, so that a registration
+        whose connection it was is dropped at once rather than after liveness."""
         self.connections[name] += 1
+        if name == "disconnected":
+            self._probe_due = True
+        elif name == "accept_failed":
+            self._plog.warning(now, "cannot accept a connection: %s (out of file descriptors? raise `ulimit -n`)",
+                               _errno_name(value))
 
     def on_handshake(self, who: str, allowed: bool, now: float) -> None:
         """A CURVE handshake was decided (the driver answers ZAP with bus.security)."""
@@ -362,19 +435,26 @@ class CoordinatorCore:
             log.debug("CURVE: accepted %s", who)
         else:
             self.ledger.errors["unauthorized"] += 1
-            self._warn(now, "CURVE: refused %s: not on the allow-list", who)
+            self._plog.warning(now, "CURVE: refused %s: not on the allow-list", who)
 
     def on_unexpected(self, peer: bytes) -> None:
         """Handling a message from ``peer`` raised: a bug.  Tell the peer; keep serving."""
         self.ledger.errors[ErrorCode.UNEXPECTED.name] += 1
         self._outbox.append((peer, P.encode(P.Error(ErrorCode.UNEXPECTED, P.ERROR_HINTS[ErrorCode.UNEXPECTED]))))
 
-    def on_undeliverable(self, peer: bytes, why: str, now: float) -> None:
-        """The driver could not hand a frame for ``peer`` to the socket."""
+    def on_undeliverable(self, peer: bytes, why: str, now: float, gone: bool = False) -> None:
+        """The driver could not hand a frame for ``peer`` to the socket; ``gone``: because
+        its connection no longer exists (then whatever it held goes at once)."""
         self.ledger.undeliverable += 1
         if self._measure is not None:
             self._measure.on_undeliverable()
-        self._warn(now, "message to %s counted undeliverable: %s", _peer_name(peer, self._by_peer.get(peer)), why)
+        unit = self._by_peer.get(peer)
+        self._plog.warning(now, "message to %s counted undeliverable: %s", _peer_name(peer, unit), why)
+        if gone:
+            if unit is not None:
+                self._plog.info(now, "%s: its connection is gone; dropped", unit.name)
+                self._drop(unit, now)
+            self._cancel_measures(peer, now)
 
     def next_timeout(self, now: float) -> float:
         """Seconds until :meth:`on_timer` has something to do: the next deadline, sweep
@@ -401,78 +481,136 @@ class CoordinatorCore:
             self._outbox.append((unit.peer, bye))
             self._drop(unit, now)
         if self._measure is not None:
-            self._finish_measure(False, _refusal(ErrorCode.SHUTTING_DOWN, "coordinator shutting down"))
+            self._finish_measure(False, _refusal(ErrorCode.SHUTTING_DOWN, "coordinator shutting down"), now)
+        while self._measure_queue:
+            peer, request_id, _, _ = self._measure_queue.popleft()
+            self._reply(peer, request_id, False, _refusal(ErrorCode.SHUTTING_DOWN, "coordinator shutting down"))
 
     # --- registration and liveness ----------------------------------------------
 
-    def _on_hello(self, peer: bytes, msg: P.Hello, now: float) -> None:
-        if self.stopping:
-            self._reject(peer, ErrorCode.SHUTTING_DOWN, "coordinator is shutting down", now)
-            return
-        old = self.agents.get(msg.agent_id)
+    def _on_hello(self, peer: bytes, msg: P.Hello, now: float, key: bytes | None = None) -> None:
+        agent_id = msg.agent_id
+        old = self.agents.get(agent_id)
         if type(old) is AgentEntry and old.peer == peer:
             # A repeated HELLO (the agent has not seen our WELCOME yet): answer it again.
+            # It does not extend the setup grace.
             self._send(old, self._welcome(old), now)
+            return
+        if not self._admit(peer, [agent_id], agent_id, msg.token, key, now):
             return
         other = self._by_peer.get(peer)
         if other is not None:
             self._drop(other, now)
         if old is not None:
-            # Same agent id again: it restarted, or re-announced itself.  Replace.
-            log.info("agent %s re-registered (peer %s)", msg.agent_id, peer.hex())
+            # The same agent, from a new connection (it restarted, or reconnected).
+            self._plog.info(now, "agent %s re-registered (peer %s)", agent_id, peer.hex())
             self._forget_agent(old, now, keep_position=True)
         try:
-            slot = self.world.place(msg.agent_id)
+            slot = self.world.place(agent_id)
         except WorldFull as exc:
             self._reject(peer, ErrorCode.WORLD_FULL, str(exc), now)
             return
-        entry = AgentEntry(peer, msg.kind, msg.pid, now, now, now, agent_id=msg.agent_id, slot=slot)
-        self.agents[msg.agent_id] = entry
+        entry = AgentEntry(peer, msg.kind, msg.pid, now, now, now, agent_id=agent_id, slot=slot,
+                           token=self._token(), key=key)
+        self.agents[agent_id] = entry
         self._by_peer[peer] = entry
-        self._count_registration(msg.agent_id)
-        log.info("agent %s registered (kind %s, pid %d); %d agents", msg.agent_id, msg.kind, msg.pid, len(self.agents))
+        self._joining += 1
+        self._count_registration(agent_id)
+        self._plog.info(now, "agent %s registered (kind %s, pid %d); %d agents", agent_id, msg.kind, msg.pid,
+                        len(self.agents))
         self._send(entry, self._welcome(entry), now)
 
-    def _on_host_hello(self, peer: bytes, msg: P.HostHello, now: float) -> None:
-        if self.stopping:
-            self._reject(peer, ErrorCode.SHUTTING_DOWN, "coordinator is shutting down", now)
-            return
+    def _on_host_hello(self, peer: bytes, msg: P.HostHello, now: float, key: bytes | None = None) -> None:
         ids = msg.member_ids()
         unit = self._by_peer.get(peer)
         if type(unit) is HostEntry and unit.host_id == msg.host_id and unit.ids == ids:
             self._send(unit, self._host_welcome(unit), now)  # a repeated HOST_HELLO
             return
-        if unit is not None:
-            self._drop(unit, now)
-        old_host = self.hosts.get(msg.host_id)
-        if old_host is not None:
-            log.info("host %s re-registered (peer %s)", msg.host_id, peer.hex())
-            self._drop(old_host, now, keep_position=True)
         free = self.world.config.capacity - len(self.world) + sum(1 for i in ids if i in self.world)
         if len(ids) > free:
             self._reject(peer, ErrorCode.WORLD_FULL, f"{len(ids)} agents do not fit: the world has room for "
                                                      f"{free} more", now)
             return
+        if not self._admit(peer, ids, f"host {msg.host_id}", msg.token, key, now, host_id=msg.host_id):
+            return
+        if unit is not None:
+            self._drop(unit, now)
+        old_host = self.hosts.get(msg.host_id)
+        if old_host is not None:
+            self._plog.info(now, "host %s re-registered (peer %s)", msg.host_id, peer.hex())
+            self._drop(old_host, now, keep_position=True)
         for agent_id in ids:
             old = self.agents.get(agent_id)
             if old is not None:
                 self._forget_agent(old, now, keep_position=True)
         host = HostEntry(peer, msg.kind, msg.pid, now, now, now, host_id=msg.host_id, ids=ids,
                          slots=np.array([self.world.place(i) for i in ids], dtype=np.int64),
-                         live=np.ones(len(ids), dtype=bool))
+                         live=np.ones(len(ids), dtype=bool), token=self._token(), key=key)
         host.refresh()
         for index, agent_id in enumerate(ids):
             self.agents[agent_id] = Member(agent_id, host, index, int(host.slots[index]))
             self._count_registration(agent_id)
         self.hosts[msg.host_id] = host
         self._by_peer[peer] = host
+        self._joining += 1
         if old_host is not None:  # members the restarted host no longer carries leave the world
             for agent_id in old_host.ids:
                 if agent_id not in self.agents:
                     self.world.remove(agent_id)
-        log.info("host %s registered %d %s agents (%s .. %s, pid %d); %d agents", msg.host_id, len(ids), msg.kind,
-                 ids[0], ids[-1], msg.pid, len(self.agents))
+        self._plog.info(now, "host %s registered %d %s agents (%s .. %s, pid %d); %d agents", msg.host_id, len(ids),
+                        msg.kind, ids[0], ids[-1], msg.pid, len(self.agents))
         self._send(host, self._host_welcome(host), now)
+
+    def _admit(self, peer: bytes, ids: list[str], who: str, token: str, key: bytes | None, now: float,
+               host_id: str | None = None) -> bool:
+        """May ``peer`` register ``ids`` (and ``host_id``)?  Refuses, and says why, when
+        the coordinator is stopping, the key may not use an id, an id is held by another
+        live connection that this one cannot prove to be, or too many are pending."""
+        if self.stopping:
+            self._reject(peer, ErrorCode.SHUTTING_DOWN, "coordinator is shutting down", now)
+            return False
+        if key is not None and self._key_patterns is not None:
+            patterns = self._key_patterns.get(key)
+            for name in ([host_id] if host_id is not None else []) + ids:
+                if not id_allowed(patterns, name):
+                    self.ledger.errors["id_not_allowed"] += 1
+                    self._reject(peer, ErrorCode.NOT_ALLOWED, f"{who}: this connection's CURVE key may not use id "
+                                                              f"{name!r} (allowed: {' '.join(patterns or ())})", now)
+                    return False
+        holders = {}
+        if host_id is not None and host_id in self.hosts:
+            holders[self.hosts[host_id]] = host_id
+        for agent_id in ids:
+            old = self.agents.get(agent_id)
+            if old is not None:
+                holder = old if type(old) is AgentEntry else old.host
+                holders.setdefault(holder, agent_id)
+        for holder, name in holders.items():
+            if holder.peer == peer or self._may_replace(holder, token, key, now):
+                continue
+            self._probe_unit(holder, now)  # if its connection is in fact gone, the next HELLO gets in
+            self._reject(peer, ErrorCode.ID_TAKEN, f"{who}: id {name!r} is registered by {holder.name}, whose "
+                                                   f"connection is alive", now)
+            return False
+        taking_over = [h for h in holders if h.peer != peer]
+        if self._joining - sum(1 for h in taking_over if h.state is JOINING) >= self.settings.max_pending:
+            self._reject(peer, ErrorCode.BUSY, f"{who}: {self._joining} registrations are waiting to say they are "
+                                               f"ready (at most {self.settings.max_pending})", now)
+            return False
+        for holder in taking_over:
+            if now - holder.last_seen <= self.settings.expiry:  # it may still be listening: tell it
+                self._outbox.append((holder.peer, P.encode(P.Error(ErrorCode.REPLACED, (
+                    f"{holder.name}: taken over by another connection that presented its token or key; "
+                    f"{P.ERROR_HINTS[ErrorCode.REPLACED]}")))))
+        return True
+
+    def _may_replace(self, holder: Unit, token: str, key: bytes | None, now: float) -> bool:
+        """A new connection may take ``holder``'s registration when the old connection is
+        silent past liveness, or when the new one proves it is the same agent: it presents
+        the token of the old WELCOME, or authenticated with the same CURVE key."""
+        return (now - holder.last_seen > self.settings.expiry
+                or (bool(token) and hmac.compare_digest(token.encode(), holder.token.encode()))
+                or (key is not None and key == holder.key))
 
     def _count_registration(self, agent_id: str) -> None:
         if agent_id in self._registrations or len(self._registrations) < MAX_TRACKED_IDS:
@@ -483,21 +621,41 @@ class CoordinatorCore:
     def _on_ready(self, unit: Unit, now: float) -> None:
         """The unit's first message after WELCOME: its models are built; schedule it."""
         unit.move("ready")
+        self._joining -= 1
         if self._async:
             self._send_observation(unit, unit.tick, now)
         elif self.phase is TICK_IDLE:
             self._open_tick(now)
 
     def _welcome(self, entry: AgentEntry) -> bytes:
-        params = {**self._welcome_params, "arena": int(self.world.arena[entry.slot])}
+        params = {**self._welcome_params, "arena": int(self.world.arena[entry.slot]), "token": entry.token}
         return P.encode(P.Welcome(self.session, entry.agent_id, params))
 
     def _host_welcome(self, host: HostEntry) -> bytes:
         arenas = self.world.arena[host.slots].astype(np.uint32)
-        return P.encode(P.HostWelcome(self.session, host.host_id, self._welcome_params, arenas))
+        return P.encode(P.HostWelcome(self.session, host.host_id, {**self._welcome_params, "token": host.token},
+                                      arenas))
+
+    def _check_welcome_fits(self) -> None:
+        """Refuse to start with a world whose WELCOME no agent could receive."""
+        longest = "x" * 128
+        worst = max(
+            len(P.encode(P.Welcome(self.session, longest, {**self._welcome_params, "arena": 2**32 - 1,
+                                                            "token": "x" * P.MAX_TOKEN_LEN}))),
+            len(P.encode(P.HostWelcome(self.session, longest, {**self._welcome_params, "token": "x" * P.MAX_TOKEN_LEN},
+                                       np.zeros(P.MAX_HOST_AGENTS, np.uint32)))))
+        if worst > self.settings.max_message_bytes:
+            w = self.world.config
+            raise ConfigError(
+                f"this world's WELCOME would be {worst} bytes, over the {self.settings.max_message_bytes}-byte message "
+                f"limit, so no agent could join: the {w.width}x{w.height} map's obstacles and goals travel in it; use "
+                f"fewer obstacles (--obstacles) or goals, or a smaller map")
 
     def _drop(self, unit: Unit, now: float, keep_position: bool = False) -> None:
         """Forget a unit and its agents; an observation it still owed counts missing."""
+        if self._by_peer.get(unit.peer) is unit and unit.state is JOINING:
+            self._joining -= 1
+        self._stragglers.pop(unit, None)
         if unit.state is STEPPING:
             self._count_missing(self._owed(unit))
             self._outstanding.pop(unit, None)
@@ -554,18 +712,61 @@ class CoordinatorCore:
             self._close_tick(now)
 
     def _sweep(self, now: float) -> None:
-        """Liveness and heartbeats (deadlines are :meth:`_expire_due`'s)."""
+        """Liveness, setup grace and heartbeats (deadlines are :meth:`_expire_due`'s)."""
         s = self.settings
         hb = None
         for unit in list(self._by_peer.values()):
-            limit = max(s.expiry, SETUP_GRACE_S) if unit.state is JOINING else s.expiry
-            if now - unit.last_seen > limit:
-                log.warning("%s silent for %.2f s: declared dead", unit.name, now - unit.last_seen)
+            if unit.state is JOINING:
+                if now - unit.joined_at > s.setup_grace:
+                    self._plog.warning(now, "%s did not say it was ready within %.1f s of HELLO: dropped", unit.name,
+                                       s.setup_grace)
+                    self.ledger.errors["setup_expired"] += 1
+                    self._drop(unit, now)
+                    continue
+            elif now - unit.last_seen > s.expiry:
+                self._plog.warning(now, "%s silent for %.2f s: declared dead", unit.name, now - unit.last_seen)
                 self.ledger.errors["expired"] += 1
                 self._drop(unit, now)
-            elif now - unit.last_sent >= s.heartbeat:
+                continue
+            if now - unit.last_sent >= s.heartbeat:
                 hb = hb or P.encode(P.Heartbeat())
                 self._send(unit, hb, now)
+
+    def _probe(self, now: float) -> None:
+        """A connection closed: a HEARTBEAT to every quiet unit and to clients waiting for
+        measurements.  The one whose connection it was cannot be sent to, and the driver
+        reports it gone (:meth:`on_undeliverable`).  Busy units are probed by their traffic."""
+        self._probe_due = False
+        hb = P.encode(P.Heartbeat())
+        for unit in self._by_peer.values():
+            if now - unit.last_sent >= PROBE_QUIET_S:
+                self._send(unit, hb, now)
+        for peer in {m[0] for m in self._measure_queue} | ({self._measure.peer} if self._measure else set()):
+            self._outbox.append((peer, hb))
+
+    def _probe_unit(self, unit: Unit, now: float) -> None:
+        self._send(unit, P.encode(P.Heartbeat()), now)
+
+    def _strike(self, unit: Unit) -> None:
+        unit.strikes += 1
+        if unit.strikes >= self.settings.drop_after > 0:
+            self._stragglers[unit] = None
+
+    def _drop_stragglers(self, now: float) -> None:
+        """Settings.drop_after: units that kept missing, or nearly missing, their deadlines
+        leave the schedule (they may HELLO again)."""
+        stragglers, self._stragglers = self._stragglers, {}
+        for unit in stragglers:
+            if self._by_peer.get(unit.peer) is not unit:
+                continue
+            self.ledger.errors["dropped_stragglers"] += 1
+            self._plog.warning(now, "%s dropped from the schedule: %d deadlines in a row missed, late or slow "
+                                    "(missed %d, late %d, slow %d in all)", unit.name, unit.strikes, unit.missed,
+                               unit.late, unit.slow)
+            self._outbox.append((unit.peer, P.encode(P.Error(ErrorCode.DROPPED, (
+                f"{unit.name}: {unit.strikes} deadlines in a row missed, late or slow; "
+                f"{P.ERROR_HINTS[ErrorCode.DROPPED]}")))))
+            self._drop(unit, now)
 
     # --- deadlines ----------------------------------------------------------------
 
@@ -591,6 +792,8 @@ class CoordinatorCore:
     def _expire(self, unit: Unit) -> None:
         n = self._owed(unit)
         unit.move("expire")
+        unit.missed += 1
+        self._strike(unit)
         m = self._measure
         unit.overdue.append((unit.pending, n, m if m is not None and m.counting else None))
         self._outstanding.pop(unit, None)
@@ -713,6 +916,18 @@ class CoordinatorCore:
         """``n`` agent-steps answered in time: the ledger, the unit, the measurement."""
         unit.state = IDLE  # the table's (STEPPING, "answer"): the caller checked STEPPING
         unit.steps += n
+        waited = now - unit.sent_at
+        if compute_us > waited * 1e6 + COMPUTE_SLACK_US:  # it cannot have computed for longer than we waited
+            self.ledger.errors["bad_compute_us"] += 1
+            self._plog.warning(now, "%s reported compute_us %d for an answer that took %.0f us: counted as %.0f",
+                               unit.name, compute_us, waited * 1e6, waited * 1e6)
+            compute_us = int(waited * 1e6)
+        if waited > self._slow_after:
+            unit.slow += 1
+            self.ledger.slow += n
+            self._strike(unit)
+        elif unit.strikes:
+            unit.strikes = 0
         first = unit.first_step_at is None
         if first:
             unit.first_step_at = now
@@ -722,7 +937,7 @@ class CoordinatorCore:
         ledger.received += n
         m = self._measure
         if m is not None:
-            m.on_received((now - unit.sent_at) * 1e6 - compute_us, compute_us, n)
+            m.on_received(waited * 1e6 - compute_us, compute_us, n)
             if first or not m.counting:
                 m.advance(self._stepping_n, ledger.received, now)
             elif m.done(now):
@@ -734,6 +949,7 @@ class CoordinatorCore:
         for i, (expired, n, window) in enumerate(unit.overdue):
             if expired == tick:
                 del unit.overdue[i]
+                unit.late += 1
                 self.ledger.missing -= n
                 self.ledger.late += n
                 if window is not None and window is self._measure:
@@ -751,27 +967,10 @@ class CoordinatorCore:
     def _reject(self, peer: bytes, code: ErrorCode, reason: str, now: float) -> None:
         """Count, log and answer a refused message.  Never raises."""
         self.ledger.errors[code.name] += 1
-        self._warn(now, "refused message from %s: %s: %s", _peer_name(peer, self._by_peer.get(peer)), code.name, reason)
+        self._plog.warning(now, "refused message from %s: %s: %s", _peer_name(peer, self._by_peer.get(peer)), code.name,
+                           reason)
         hint = P.ERROR_HINTS.get(code, "")
         self._outbox.append((peer, P.encode(P.Error(code, f"{reason}; {hint}" if hint else reason))))
-
-    def _warn(self, now: float, fmt: str, *args) -> None:
-        """Log a warning about a peer, at most WARNINGS_PER_S a second of each kind
-        (``fmt``): a flood of bad input must not become a flood of log lines, nor hide
-        a different problem.  Every event is still counted in the ledger."""
-        self._roll_warnings(now)
-        self._warned[fmt] += 1
-        if self._warned[fmt] <= WARNINGS_PER_S:
-            log.warning(fmt, *args)
-
-    def _roll_warnings(self, now: float) -> None:
-        if now >= self._warn_window:
-            for fmt, n in self._warned.items():
-                if n > WARNINGS_PER_S:
-                    log.warning("... %d more warnings like %r in the last second (counted in stats)",
-                                n - WARNINGS_PER_S, fmt.split(":")[0])
-            self._warn_window = now + 1.0
-            self._warned.clear()
 
     # --- control: a table of commands, each answered ok() or with a coded refusal ----
 
@@ -799,11 +998,44 @@ class CoordinatorCore:
         return self.stats(now, page)
 
     def _cmd_measure(self, peer: bytes, msg: P.Control, now: float) -> None:
+        """Start a measurement, or queue it behind the running one (its ``timeout_s``
+        counts from now); answered when it closes."""
         request = MeasureRequest.parse(msg.args)
-        if self._measure is not None:
-            raise ControlError(ErrorCode.BUSY, "a measurement is already running")
-        self._measure = Measurement(peer, msg.request_id, request, now, self._cpu_clock)
+        if self._measure is None:
+            self._start_measure(peer, msg.request_id, request, now, now)
+        elif len(self._measure_queue) < MAX_QUEUED_MEASURES:
+            self._measure_queue.append((peer, msg.request_id, request, now))
+        else:
+            raise ControlError(ErrorCode.BUSY, f"a measurement is running and {len(self._measure_queue)} are queued "
+                                               f"(at most {MAX_QUEUED_MEASURES})")
+
+    def _start_measure(self, peer: bytes, request_id: int, request: MeasureRequest, received_at: float,
+                       now: float) -> None:
+        self._measure = Measurement(peer, request_id, request, now, self._cpu_clock)
+        self._measure.deadline = received_at + request.timeout_s
         self._measure.advance(self._stepping_n, self.ledger.received, now)
+
+    def _expire_queued_measures(self, now: float) -> None:
+        for item in [q for q in self._measure_queue if now >= q[3] + q[2].timeout_s]:
+            self._measure_queue.remove(item)
+            self._reply(item[0], item[1], False, _refusal(ErrorCode.TIMED_OUT, "measure timed out while queued "
+                                                                                "behind other measurements"))
+
+    def _cancel_measures(self, peer: bytes, now: float) -> None:
+        """The client ``peer`` is gone: its measurements, running or queued, are dropped."""
+        for item in [q for q in self._measure_queue if q[0] == peer]:
+            self._measure_queue.remove(item)
+            self.ledger.errors["measures_cancelled"] += 1
+        if self._measure is not None and self._measure.peer == peer:
+            self._measure = None
+            self.ledger.errors["measures_cancelled"] += 1
+            self._plog.info(now, "measurement cancelled: its client (peer %s) is gone", peer.hex())
+            self._next_measure(now)
+
+    def _next_measure(self, now: float) -> None:
+        if self._measure_queue and not self.stopping:
+            peer, request_id, request, received_at = self._measure_queue.popleft()
+            self._start_measure(peer, request_id, request, received_at, now)
 
     def _reply(self, peer: bytes, request_id: int, ok: bool, result: dict) -> None:
         self._outbox.append((peer, P.encode(P.Reply(request_id, ok, result))))
@@ -825,6 +1057,9 @@ class CoordinatorCore:
             "goal_visits": self.world.goal_visits,
             "connections": {**self.connections,
                             "open": self.connections["accepted"] - self.connections["disconnected"]},
+            "pending": self._joining,
+            "measurements": {"running": self._measure is not None, "queued": len(self._measure_queue)},
+            "stragglers": self._straggler_table(),
         }
         pages = max(1, -(-len(self.agents) // STATS_DETAIL_MAX))
         if page is None and len(self.agents) > STATS_DETAIL_MAX:
@@ -844,13 +1079,29 @@ class CoordinatorCore:
         })
         return out
 
+    def _straggler_table(self) -> dict:
+        """The units that missed, answered late or slowly most often (at most
+        MAX_STRAGGLERS_LISTED, worst first): their name -> counts."""
+        units = [u for u in self._by_peer.values() if u.missed or u.late or u.slow]
+        units.sort(key=lambda u: (u.missed + u.late + u.slow), reverse=True)
+        return {u.name: {"missed": u.missed, "late": u.late, "slow": u.slow, "in_a_row": u.strikes}
+                for u in units[:MAX_STRAGGLERS_LISTED]}
+
     def _close_measure(self, now: float) -> None:
         m = self._measure
-        self._finish_measure(True, m.result(now, len(self.agents), self.ledger.snapshot(), self.settings.mode))
+        self._finish_measure(True, m.result(now, len(self.agents), self.ledger.snapshot(), self.settings.mode), now)
 
-    def _finish_measure(self, ok: bool, result: dict) -> None:
+    def _finish_measure(self, ok: bool, result: dict, now: float) -> None:
         m, self._measure = self._measure, None
         self._reply(m.peer, m.request_id, ok, result)
+        self._next_measure(now)
+
+
+def _errno_name(value: int) -> str:
+    import errno
+    import os
+
+    return f"{errno.errorcode.get(value, value)} ({os.strerror(value)})" if value else "unknown error"
 
 
 def _refusal(code: ErrorCode, reason: str) -> dict:

@@ -44,6 +44,7 @@ _EVENT_NAMES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed",
+    zmq.EVENT_ACCEPT_FAILED: "accept_failed",
 }
 MONITORED = 0
 for _event in _EVENT_NAMES:
@@ -70,7 +71,7 @@ def flush(sock: zmq.Socket, core: CoordinatorCore) -> None:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            core.on_undeliverable(peer, "it is gone", time.monotonic())
+            core.on_undeliverable(peer, "its connection is gone", time.monotonic(), gone=True)
 
 
 def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | None = None,
@@ -85,7 +86,8 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
     if sockets.endpoint_is_public(endpoint) and curve is None:
         log.warning("binding %s beyond loopback without CURVE: anyone who can reach it can join and read the "
                     "traffic (docs/security.md)", endpoint)
-    core = CoordinatorCore(settings, GridWorld(world), session or uuid.uuid4().hex[:12])
+    core = CoordinatorCore(settings, GridWorld(world), session or uuid.uuid4().hex[:12],
+                           key_patterns=curve.allowed if curve is not None else None)
     zap = None
     if curve is not None:
         # The ZAP handler must exist before the ROUTER accepts its first connection.
@@ -114,6 +116,10 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
             poller.register(monitor, zmq.POLLIN)
             recv = sock.recv
             getsockopt = sock.getsockopt
+            # With CURVE, each message carries the key its connection authenticated with
+            # (the User-Id our ZAP answer gave it): the core binds registrations to keys.
+            keyed = curve is not None
+            key = None
             spin_until = 0.0
             while stop.requested is None:
                 now = clock()
@@ -132,7 +138,12 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                             peer = recv(NOBLOCK)
                         except zmq.Again:
                             break
-                        frames = [recv(NOBLOCK)]  # a ROUTER always has a frame after the routing id
+                        if keyed:
+                            first = recv(NOBLOCK, copy=False)
+                            frames = [first.bytes]
+                            key = first.get("User-Id").encode()
+                        else:
+                            frames = [recv(NOBLOCK)]  # a ROUTER always has a frame after the routing id
                         while getsockopt(RCVMORE):  # a protocol violation: keep a few, count the rest
                             frame = recv(NOBLOCK)
                             if len(frames) < MAX_FRAMES_KEPT:
@@ -140,7 +151,7 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                             else:
                                 frames[-1] = b""
                         try:
-                            core.on_frames(peer, frames, clock())
+                            core.on_frames(peer, frames, clock(), key)
                         except Exception:  # a bug must not take the bus down: count, log, answer
                             log.exception("unexpected error handling a message from peer %s", peer.hex())
                             core.on_unexpected(peer)
@@ -151,7 +162,8 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                 if monitor in ready:
                     while monitor.poll(0):
                         event = recv_monitor_message(monitor)
-                        core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])))
+                        core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])), clock(),
+                                                 event["value"] if event["event"] == zmq.EVENT_ACCEPT_FAILED else 0)
                 if zap is not None and zap in ready:
                     reply, allowed, who = zap_verdict(zap.recv_multipart(), curve.allowed)
                     zap.send_multipart(reply)

@@ -16,8 +16,7 @@ import collections
 import dataclasses
 import math
 
-__all__ = ["Ledger", "Histogram"]
-
+__all__ = ["Histogram", "Ledger"]
 
 
 @dataclasses.dataclass
@@ -28,6 +27,8 @@ class Ledger:
     missing: int = 0
     outstanding: int = 0
     undeliverable: int = 0
+    #: answers in time, but after ``slow_fraction`` of their deadline (not in the invariant)
+    slow: int = 0
     ticks: int = 0
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -42,6 +43,7 @@ class Ledger:
             "missing": self.missing,
             "outstanding": self.outstanding,
             "undeliverable": self.undeliverable,
+            "slow": self.slow,
             "ticks": self.ticks,
             "balanced": self.balanced(),
             "errors": {str(k): v for k, v in sorted(self.errors.items())},

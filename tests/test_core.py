@@ -21,9 +21,9 @@ pytestmark = pytest.mark.unit
 class Harness:
     """A core plus helpers that speak to it as agents would."""
 
-    def __init__(self, **kw):
+    def __init__(self, world: WorldConfig | None = None, **kw):
         self.now = 0.0
-        self.core = CoordinatorCore(Settings(**kw), GridWorld(WorldConfig(seed=1)), "test",
+        self.core = CoordinatorCore(Settings(**kw), GridWorld(world or WorldConfig(seed=1)), "test",
                                     cpu_clock=lambda: (0.0, 0.0))
 
     def send(self, peer: bytes, msg) -> list:
@@ -134,18 +134,114 @@ def test_heartbeats_go_to_idle_agents():
     assert any(type(m) is P.Heartbeat for _, m in out)
 
 
-def test_same_id_from_a_new_peer_replaces_the_registration():
+def test_a_new_connection_with_the_welcome_token_takes_the_registration_over():
     h = Harness()
-    h.hello(b"old", "a1")
+    token = h.hello(b"old", "a1")[0][1].params["token"]
     cell = h.core.world.positions()["a1"]
-    out = h.hello(b"new", "a1")
+    out = h.send(b"new", P.Hello("a1", "test", 2, token)) + h.send(b"new", P.Heartbeat())
     assert h.core.agents["a1"].peer == b"new" and len(h.core.agents) == 1
     assert h.core.world.positions()["a1"] == cell  # the same agent, where it was
-    assert type(out[0][1]) is P.Welcome
+    told = [m for p, m in out if p == b"old"]
+    assert [m.code for m in told] == [ErrorCode.REPLACED]  # the old connection is told, once
+    assert type([m for p, m in out if p == b"new"][0]) is P.Welcome
     assert h.ledger.missing == 1                # the old registration's observation
     out = h.send(b"old", P.Action(0, 4, 0))
     assert out[0][1].code == ErrorCode.NOT_REGISTERED
     assert h.ledger.balanced()
+
+
+def test_a_live_id_cannot_be_taken_without_its_token():
+    h = Harness()
+    h.hello(b"victim", "a1")
+    for token in ("", "0" * 32, "not-the-token"):
+        out = h.send(b"thief", P.Hello("a1", "test", 1, token))
+        assert [(p, m.code) for p, m in out if type(m) is P.Error] == [(b"thief", ErrorCode.ID_TAKEN)]
+        assert [p for p, m in out if type(m) is P.Heartbeat] == [b"victim"]  # probed: is it really alive?
+    assert h.core.agents["a1"].peer == b"victim"
+    out = h.send(b"victim", P.Action(0, 3, 0))               # the victim is never interrupted
+    assert observations(out, b"victim") and h.ledger.received == 1
+    assert h.ledger.errors["ID_TAKEN"] == 3
+
+
+def test_an_id_whose_connection_went_silent_may_be_taken():
+    h = Harness(heartbeat=0.5, liveness=3, deadline=100.0)
+    h.hello(b"old", "a1")
+    h.now += 1.6                                          # silent past 1.5 s, before the sweep ran
+    out = h.send(b"new", P.Hello("a1", "test", 1))
+    assert h.core.agents["a1"].peer == b"new"
+    assert not [m for p, m in out if p == b"old"]         # nobody to tell
+
+
+def test_a_connection_found_gone_frees_its_registration_at_once():
+    h = Harness(deadline=100.0)
+    h.hello(b"p1", "a1")
+    h.hello(b"p2", "a2")
+    h.now += 0.1
+    h.core.on_connection_event("disconnected", h.now)
+    out = h.advance(0.0)                                  # the quiet units are probed ...
+    assert {p for p, m in out if type(m) is P.Heartbeat} == {b"p1", b"p2"}
+    h.core.on_undeliverable(b"p1", "its connection is gone", h.now, gone=True)  # ... p1's send fails
+    assert "a1" not in h.core.agents and "a1" not in h.core.world.positions()
+    assert h.ledger.missing == 1 and h.ledger.balanced()  # its outstanding observation
+    out = h.hello(b"p3", "a1")                            # and its id is free for the next process
+    assert h.core.agents["a1"].peer == b"p3"
+
+
+def test_same_curve_key_takes_over_and_patterns_bind_keys_to_ids():
+    h = Harness()
+    h.core._key_patterns = {b"K1": ("host1-*",), b"K2": None}
+    h.core.on_message(b"a", P.Hello("host1-0", "test", 1), h.now, key=b"K1")
+    h.core.on_message(b"a", P.Heartbeat(), h.now, key=b"K1")
+    h.take()
+    h.core.on_message(b"b", P.Hello("host1-0", "test", 1), h.now, key=b"K2")   # another allowed key
+    assert [m.code for _, m in h.take() if type(m) is P.Error] == [ErrorCode.ID_TAKEN]
+    h.core.on_message(b"c", P.Hello("host1-0", "test", 1), h.now, key=b"K1")   # the same key: its restart
+    out = h.take()
+    assert h.core.agents["host1-0"].peer == b"c" and (b"a", ErrorCode.REPLACED) in [
+        (p, m.code) for p, m in out if type(m) is P.Error]
+    h.core.on_message(b"d", P.Hello("host2-0", "test", 1), h.now, key=b"K1")   # outside its patterns
+    assert [m.code for _, m in h.take() if type(m) is P.Error] == [ErrorCode.NOT_ALLOWED]
+    h.core.on_message(b"e", P.HostHello("host2", "test", 1, "host1-", 5, 2), h.now, key=b"K1")
+    assert [m.code for _, m in h.take() if type(m) is P.Error] == [ErrorCode.NOT_ALLOWED]  # the host id too
+    assert "host2-0" not in h.core.agents and "host2" not in h.core.hosts
+
+
+def test_a_host_cannot_take_members_held_by_a_live_connection():
+    h = Harness()
+    h.hello(b"single", "h1")
+    out = h.send(b"host", P.HostHello("hx", "test", 1, "h", 0, 3))
+    assert [m.code for _, m in out if type(m) is P.Error] == [ErrorCode.ID_TAKEN]
+    assert not h.core.hosts and h.core.agents["h1"].peer == b"single"
+
+
+def test_registrations_that_never_get_ready_expire_and_free_their_cells():
+    h = Harness(WorldConfig(seed=1, max_arenas=1), setup_grace=5.0, heartbeat=0.5)
+    capacity = h.core.world.config.capacity
+    assert capacity < 30
+    for i in range(capacity):
+        h.send(f"p{i}".encode(), P.Hello(f"squatter{i}", "test", 1))
+    out = h.send(b"legit", P.Hello("legit", "test", 1))
+    assert [m.code for _, m in out] == [ErrorCode.WORLD_FULL]
+    for _ in range(9):                                    # repeating HELLO does not extend the grace
+        h.now += 0.5
+        for i in range(capacity):
+            h.send(f"p{i}".encode(), P.Hello(f"squatter{i}", "test", 1))
+        h.core.on_timer(h.now)
+    h.advance(0.6)
+    assert not h.core.agents and len(h.core.world) == 0
+    assert h.ledger.errors["setup_expired"] == capacity
+    assert type(h.hello(b"legit", "legit")[0][1]) is P.Welcome
+
+
+def test_pending_registrations_are_bounded():
+    h = Harness(max_pending=3)
+    for i in range(3):
+        h.send(f"p{i}".encode(), P.Hello(f"a{i}", "test", 1))
+    out = h.send(b"p3", P.Hello("a3", "test", 1))
+    assert [m.code for _, m in out] == [ErrorCode.BUSY] and "a3" not in h.core.agents
+    h.send(b"p0", P.Heartbeat())                          # one becomes ready: room for one more
+    assert type(h.send(b"p3", P.Hello("a3", "test", 1))[0][1]) is P.Welcome
+    assert h.core.stats(h.now)["pending"] == 3
 
 
 def test_repeated_hello_from_the_same_peer_is_idempotent():
@@ -245,11 +341,41 @@ def test_measure_arguments_are_validated(args):
     assert h.core._measure is None
 
 
-def test_a_second_measurement_is_refused_as_busy():
+def test_measurements_queue_behind_the_running_one_and_the_queue_is_bounded():
+    from agentbus_zmq.coordinator.core import MAX_QUEUED_MEASURES
+
     h = Harness()
-    assert h.send(b"c", P.Control(1, "measure", {"agents": 1, "steps": 5})) == []
-    (reply,) = [m for _, m in h.send(b"d", P.Control(2, "measure", {"agents": 1, "steps": 5}))]
-    assert reply.result["code"] == ErrorCode.BUSY
+    h.hello(b"p1", "a1")
+    assert h.send(b"c", P.Control(1, "measure", {"agents": 1, "steps": 2})) == []
+    for i in range(MAX_QUEUED_MEASURES):                   # queued, not refused
+        assert h.send(b"d", P.Control(10 + i, "measure", {"agents": 1, "steps": 2, "timeout_s": 100})) == []
+    (reply,) = [m for _, m in h.send(b"e", P.Control(2, "measure", {"agents": 1, "steps": 5}))]
+    assert reply.result["code"] == ErrorCode.BUSY and h.core.stats(h.now)["measurements"]["queued"] == MAX_QUEUED_MEASURES
+    replies = []
+    for tick in range(2 * (MAX_QUEUED_MEASURES + 1) + 2):  # each window closes after 2 steps; the next starts
+        replies += [(p, m) for p, m in h.send(b"p1", P.Action(tick, 4, 0)) if type(m) is P.Reply]
+    assert [(p, m.request_id) for p, m in replies] == [(b"c", 1)] + [(b"d", 10 + i) for i in range(MAX_QUEUED_MEASURES)]
+    assert all(m.ok and m.result["steps"] == 2 for _, m in replies)
+
+
+def test_a_measurement_is_cancelled_when_its_client_is_gone():
+    h = Harness()
+    h.send(b"gone", P.Control(1, "measure", {"agents": 5, "steps": 5, "timeout_s": 3600}))
+    h.send(b"next", P.Control(2, "measure", {"agents": 5, "steps": 5, "timeout_s": 3600}))
+    h.core.on_connection_event("disconnected", h.now)
+    out = h.advance(0.0)
+    assert {p for p, m in out if type(m) is P.Heartbeat} >= {b"gone", b"next"}   # clients are probed too
+    h.core.on_undeliverable(b"gone", "its connection is gone", h.now, gone=True)
+    assert h.core._measure is not None and h.core._measure.peer == b"next"  # the slot is not held for ever
+    assert h.ledger.errors["measures_cancelled"] == 1
+
+
+def test_a_queued_measurement_times_out_from_when_it_was_asked():
+    h = Harness()
+    h.send(b"c", P.Control(1, "measure", {"agents": 5, "steps": 5, "timeout_s": 100}))
+    h.send(b"d", P.Control(2, "measure", {"agents": 5, "steps": 5, "timeout_s": 2}))
+    out = [m for p, m in h.advance(2.5) if type(m) is P.Reply]
+    assert [(m.request_id, m.result["code"]) for m in out] == [(2, ErrorCode.TIMED_OUT)]
 
 
 def test_states_move_only_as_the_table_allows():
@@ -305,8 +431,9 @@ def test_a_window_counts_only_what_happened_inside_it():
 def test_restarts_are_counted_per_agent_in_stats():
     h = Harness()
     h.hello(b"p1", "a1")
+    h.send(b"p1", P.Bye("restarting"))
     h.hello(b"p2", "a1")
-    h.send(b"p2", P.Bye("gone"))
+    h.core.on_undeliverable(b"p2", "its connection is gone", h.now, gone=True)  # killed
     h.hello(b"p3", "a1")
     h.hello(b"p4", "a2")
     stats = [m for _, m in h.send(b"c", P.Control(1, "stats", {}))][0].result
@@ -418,8 +545,9 @@ def test_latency_histogram_is_within_two_percent_of_exact_percentiles(samples):
 # --- agent hosts: one frame per host per tick ----------------------------------------
 
 
-def host_hello(h: Harness, peer: bytes, host_id: str = "h1", first: int = 1, count: int = 3, ready=True) -> list:
-    out = h.send(peer, P.HostHello(host_id, "test", 7, "m", first, count))
+def host_hello(h: Harness, peer: bytes, host_id: str = "h1", first: int = 1, count: int = 3, ready=True,
+               token: str = "") -> list:
+    out = h.send(peer, P.HostHello(host_id, "test", 7, "m", first, count, token))
     return out + (h.send(peer, P.Heartbeat()) if ready else [])
 
 
@@ -505,9 +633,9 @@ def test_agent_and_host_messages_do_not_mix():
 
 def test_a_restarted_host_takes_its_agents_back_where_they_were():
     h = Harness()
-    host_hello(h, b"old")
+    token = host_hello(h, b"old")[0][1].params["token"]
     before = h.core.world.positions()
-    out = host_hello(h, b"new")
+    out = [(p, m) for p, m in host_hello(h, b"new", token=token) if p == b"new"]
     assert type(out[0][1]) is P.HostWelcome and h.core.hosts["h1"].peer == b"new"
     assert h.core.world.positions() == before and h.core.stats(h.now)["restarts"] == {"m1": 1, "m2": 1, "m3": 1}
     assert h.ledger.balanced()
@@ -515,8 +643,8 @@ def test_a_restarted_host_takes_its_agents_back_where_they_were():
 
 def test_an_agent_taking_a_members_id_leaves_the_host_the_others():
     h = Harness()
-    host_hello(h, b"hp")
-    h.hello(b"p1", "m2")
+    token = host_hello(h, b"hp")[0][1].params["token"]
+    h.send(b"p1", P.Hello("m2", "test", 1, token))   # a member moved to a process of its own
     assert type(h.core.agents["m2"]) is AgentEntry and h.core.hosts["h1"].live.tolist() == [True, False, True]
     assert h.ledger.missing == 1 and h.ledger.balanced()
 
@@ -535,16 +663,89 @@ def test_stats_page_large_registries():
     for k in range(3):
         host_hello(h, f"hp{k}".encode(), f"h{k}", first=k * 1000, count=400, ready=False)
     stats = h.core.stats(h.now)
-    assert stats["agents"] == 1200 and "agent_ids" not in stats and stats["pages"] == 3
-    pages = [h.core.stats(h.now, page) for page in range(3)]
+    assert stats["agents"] == 1200 and "agent_ids" not in stats and stats["pages"] == -(-1200 // STATS_DETAIL_MAX)
+    pages = [h.core.stats(h.now, page) for page in range(stats["pages"])]
     ids = [a for page in pages for a in page["agent_ids"]]
     assert ids == sorted(h.core.agents) and all(len(p["agent_ids"]) <= STATS_DETAIL_MAX for p in pages)
-    assert pages[0]["agent_hosts"]["m0"] == "h0" and len(P.encode(P.Reply(1, True, pages[0]))) < P.MAX_MESSAGE_BYTES
+    assert pages[0]["agent_hosts"]["m0"] == "h0" and len(P.encode(P.Reply(1, True, pages[0]))) < 16 * 1024
 
 
 def test_a_host_back_with_fewer_members_frees_the_others_cells():
     h = Harness()
-    host_hello(h, b"old", count=4)
-    host_hello(h, b"new", count=2)
+    token = host_hello(h, b"old", count=4)[0][1].params["token"]
+    host_hello(h, b"new", count=2, token=token)
     assert sorted(h.core.agents) == ["m1", "m2"] and sorted(h.core.world.positions()) == ["m1", "m2"]
     assert h.ledger.balanced()
+
+
+def test_compute_us_longer_than_the_wait_is_counted_and_clamped():
+    h = Harness()
+    h.hello(b"p1", "a1")
+    h.send(b"c", P.Control(1, "measure", {"agents": 1, "steps": 1}))
+    h.now += 0.002
+    h.send(b"p1", P.Action(0, 4, 10**9))                  # "I computed for 1000 s" after 2 ms
+    assert h.ledger.errors["bad_compute_us"] == 1
+    h.now += 0.002
+    (reply,) = [m for _, m in h.send(b"p1", P.Action(1, 4, 10**9)) if type(m) is P.Reply]
+    assert reply.result["compute_s"] <= 0.0025
+
+
+def test_slow_answers_are_counted_and_a_straggler_can_be_dropped():
+    h = Harness(deadline=1.0, drop_after=3)
+    h.hello(b"fast", "a1")
+    h.hello(b"slow", "a2")                                # ready during tick 0: in from tick 1
+    h.send(b"fast", P.Action(0, 4, 0))
+    tick = 1
+    for _ in range(3):                                    # a2 answers at 95 % of the deadline
+        h.send(b"fast", P.Action(tick, 4, 0))
+        h.now += 0.95
+        h.send(b"slow", P.Action(tick, 4, 0))
+        tick += 1
+    assert h.ledger.slow == 3 and h.core.stats(h.now)["stragglers"]["a2"] == {
+        "missed": 0, "late": 0, "slow": 3, "in_a_row": 3}
+    out = h.advance(0.0)
+    assert (b"slow", ErrorCode.DROPPED) in [(p, m.code) for p, m in out if type(m) is P.Error]
+    assert "a2" not in h.core.agents and "a1" in h.core.agents
+    assert h.ledger.errors["dropped_stragglers"] == 1 and h.ledger.balanced()
+
+
+def test_an_agent_that_heartbeats_but_never_answers_is_dropped_by_the_policy():
+    h = Harness(deadline=0.2, heartbeat=0.1, drop_after=5)
+    h.hello(b"mute", "a1")
+    for _ in range(30):
+        h.send(b"mute", P.Heartbeat())                    # alive, never answering
+        h.advance(0.1)
+    assert "a1" not in h.core.agents and h.ledger.errors["dropped_stragglers"] == 1
+    assert h.ledger.missing >= 5 and h.ledger.balanced()
+
+
+def test_without_the_policy_stragglers_stay_and_a_prompt_answer_resets_the_count():
+    h = Harness(deadline=1.0)
+    h.hello(b"p1", "a1")
+    h.now += 0.9
+    h.send(b"p1", P.Action(0, 4, 0))
+    assert h.core.agents["a1"].strikes == 1
+    h.send(b"p1", P.Action(1, 4, 0))
+    assert h.core.agents["a1"].strikes == 0 and h.core.agents["a1"].slow == 1
+
+
+def test_a_world_whose_welcome_cannot_fit_is_refused_at_start():
+    from agentbus_zmq.coordinator.core import ConfigError
+
+    with pytest.raises(ConfigError, match=r"WELCOME would be \d+ bytes, over the 65536-byte message limit.*obstacles"):
+        CoordinatorCore(Settings(), GridWorld(WorldConfig(width=300, height=100, obstacles=23_000, seed=1)))
+
+
+def test_log_lines_a_peer_can_cause_are_bounded(caplog):
+    import logging
+
+    h = Harness()
+    with caplog.at_level(logging.INFO, logger="agentbus_zmq.coordinator.core"):
+        for i in range(2000):                             # garbage, ERRORs and registrations, all in one second
+            h.raw(b"x", [b"\xc1"])
+            h.send(b"y", P.Error(ErrorCode.UNEXPECTED, "x" * 1000))
+            h.send(f"r{i}".encode(), P.Hello(f"r{i}", "test", 1))
+        h.advance(1.0)
+    assert len(caplog.records) <= 3 * 21 + 3
+    assert h.ledger.errors["MALFORMED"] == 2000 and h.ledger.errors["received"] == 2000
+    assert all(len(r.getMessage()) < 600 for r in caplog.records)
