@@ -25,8 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.agents.sdk import Agent, BadObservation
 from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.logs import PeerLog
 
 __all__ = ["Host", "FrameResult"]
 
@@ -59,6 +60,7 @@ class Host:
         self.cls = type(self.agents[0])
         self.kind = self.agents[0].kind
         self.alive = np.ones(count, dtype=bool)
+        self._plog = PeerLog(log)
 
     @property
     def forkable(self) -> bool:
@@ -79,6 +81,7 @@ class Host:
         """Step the members ``msg`` lists; ``keepalive`` is called every KEEPALIVE_EVERY
         members, so a long frame can still send heartbeats."""
         t0 = time.perf_counter_ns()
+        self.check(msg)
         members = msg.members.tolist()
         failed: list[int] = []
         reason = ""
@@ -87,6 +90,8 @@ class Host:
                 actions = np.asarray(self.cls.step_batch([self.agents[i] for i in members], msg.obs))
                 if actions.shape != (len(members),):
                     raise ValueError(f"step_batch returned shape {actions.shape}, expected ({len(members)},)")
+            except BadObservation:
+                raise
             except Exception as exc:  # noqa: BLE001 - the kind's code: report it, drop who it affects
                 log.exception("host: %s.step_batch raised; dropping the %d agents it stepped", self.cls.__name__,
                               len(members))
@@ -99,8 +104,11 @@ class Host:
                     keepalive()
                 try:
                     out.append(agents[i].step(row))
+                except BadObservation:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - one agent's failure is its own
-                    log.exception("agent %s: step raised; it leaves, its host-mates go on", self.ids[i])
+                    self._plog.log(logging.ERROR, time.monotonic(), "agent %s: step raised %s: %s; it leaves, its "
+                                   "host-mates go on", self.ids[i], type(exc).__name__, exc)
                     failed.append(i)
                     reason = f"step raised {type(exc).__name__}: {exc}"
             actions = np.asarray(out, dtype=np.int64)
@@ -113,6 +121,18 @@ class Host:
         small = actions.size == 0 or (actions.min() >= 0 and actions.max() < 256)
         return FrameResult(actions.astype(np.uint8) if small else actions, failed, reason,
                            (time.perf_counter_ns() - t0) // 1000)
+
+    def check(self, msg: P.HostObservation) -> None:
+        """A frame from the coordinator must list live members of this host, once each,
+        with one row of observations per member; else :class:`BadObservation`."""
+        members, obs = msg.members, msg.obs
+        count = len(self.agents)
+        if obs.ndim != 2 or obs.shape[0] != len(members):
+            raise BadObservation(f"HOST_OBSERVATION has {obs.shape} observations for {len(members)} members")
+        if len(members) and (members.max() >= count or not self.alive[members].all()
+                             or len(np.unique(members)) != len(members)):
+            raise BadObservation(f"HOST_OBSERVATION lists members that are not this host's {count} live agents, "
+                                 f"or lists one twice")
 
     def on_stop(self) -> None:
         for agent in self.agents:

@@ -31,7 +31,7 @@ from typing import Callable
 
 from agentbus_zmq.agents.host import Host
 from agentbus_zmq.bus import protocol as P
-from agentbus_zmq.agents.runtime import Runtime
+from agentbus_zmq.agents.runtime import EXIT_REPLACED, Runtime
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.supervisor import Restart, RestartPolicy, Supervisor
 from agentbus_zmq.bus.config import set_batch_scheduling
@@ -181,6 +181,10 @@ def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor
                 code = os.waitstatus_to_exitcode(status)
                 stopping = stop.requested is not None or gave_up is not None
                 if code == 0 or (stopping and code in (-signal.SIGTERM, -signal.SIGKILL)):
+                    continue
+                if code == EXIT_REPLACED:  # another process holds its id: restarting would fight it
+                    log.error("agent %s (pid %d): another connection took its id over; not restarted", agent_id, pid)
+                    failed.append(agent_id)
                     continue
                 if supervisor is not None and not stopping:
                     decision = supervisor.on_exit(agent_id, clock())

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Model", "build_model"]
+from agentbus_zmq.agents.sdk import BadWelcome
+
+__all__ = ["MAX_MODEL_BYTES", "MAX_SIDE", "Model", "build_model", "check_world", "model_bytes"]
 
 EMPTY, OBSTACLE, GOAL, AGENT, WALL = range(5)
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0), (0, 0))
@@ -38,12 +40,51 @@ class Model:
         return self.B[0].shape[0]
 
 
-def build_model(world: dict) -> Model:
-    width, height = int(world["width"]), int(world["height"])
-    obstacles, goals = set(world["obstacles"]), set(world["goals"])
+#: Longest side of a world the explorer accepts.
+MAX_SIDE = 4096
+#: Memory the explorer's model may take (estimated before anything is allocated): B is
+#: ``S x S x 5`` float64 for S cells, and pymdp holds about three copies while it builds.
+MAX_MODEL_BYTES = 1 << 30
+
+
+def model_bytes(width: int, height: int) -> int:
+    """Estimated peak bytes of the model (and pymdp's copies) for a world this size."""
+    S = width * height
+    return 3 * 8 * S * S * (len(MOVES) + 1)
+
+
+def check_world(world: object, max_bytes: int = MAX_MODEL_BYTES) -> tuple[int, int, set, set]:
+    """Validate WELCOME's ``world`` before building anything from it: ``(width, height,
+    obstacles, goals)``, or :class:`BadWelcome` naming the field and what was expected."""
+    if not isinstance(world, dict):
+        raise BadWelcome(f"WELCOME params 'world' must be a map, got {type(world).__name__}")
+    missing = [k for k in ("width", "height", "obstacles", "goals", "outcomes", "actions") if k not in world]
+    if missing:
+        raise BadWelcome(f"WELCOME params 'world' lacks {', '.join(missing)}")
+    width, height = world["width"], world["height"]
+    for name, v in (("width", width), ("height", height)):
+        if type(v) is not int or not 1 <= v <= MAX_SIDE:
+            raise BadWelcome(f"world {name} must be an integer in [1, {MAX_SIDE}], got {v!r:.40}")
+    if model_bytes(width, height) > max_bytes:
+        raise BadWelcome(f"a {width}x{height} world needs about {model_bytes(width, height) / 2**20:,.0f} MB for the "
+                         f"explorer's model, over the {max_bytes / 2**20:,.0f} MB it allows: use a smaller world (or "
+                         f"arenas: --arena-agents) for explorers")
+    S = width * height
+    cells = {}
+    for name in ("obstacles", "goals"):
+        v = world[name]
+        if not isinstance(v, list) or len(v) > S or not all(type(c) is int and 0 <= c < S for c in v):
+            raise BadWelcome(f"world {name} must be a list of cell indices in [0, {S}), at most {S} of them")
+        cells[name] = set(v)
+    for name in ("outcomes", "actions"):
+        if not isinstance(world[name], list) or len(world[name]) != 5:
+            raise BadWelcome(f"the explorer models 5 {name}, the world has {world[name]!r:.60}")
+    return width, height, cells["obstacles"], cells["goals"]
+
+
+def build_model(world: dict, max_bytes: int = MAX_MODEL_BYTES) -> Model:
+    width, height, obstacles, goals = check_world(world, max_bytes)
     n_obs, n_actions = len(world["outcomes"]), len(world["actions"])
-    if n_obs != 5 or n_actions != len(MOVES):
-        raise ValueError(f"explorer models 5 outcomes and 5 actions, the world has {n_obs} and {n_actions}")
     S = width * height
 
     def target(cell: int, action: int) -> int | None:

@@ -14,6 +14,14 @@ of many agents) and the clock:
 * it calls the agent's hooks: ``on_start`` on a new session, ``step`` on every
   OBSERVATION, ``on_stop`` once at the end;
 * SIGINT/SIGTERM: BYE, close, ``on_stop``, exit 0.
+
+It trusts nothing the coordinator sends: an observation the agent refuses
+(:class:`~agentbus_zmq.agents.sdk.BadObservation`) is reported and skipped; a WELCOME it
+cannot build a model from, or a ``step`` that raises, makes it say BYE with the reason
+and exit with status :data:`EXIT_AGENT_FAILED` (a supervising launcher restarts it, with
+back-off); a coordinator saying another connection took its id over (REPLACED) makes it
+exit with :data:`EXIT_REPLACED`, which is not restarted.  Every line a coordinator can
+cause is rate-limited.
 """
 
 from __future__ import annotations
@@ -26,22 +34,29 @@ import time
 import zmq
 
 from agentbus_zmq.agents.host import Host
-from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.agents.sdk import Agent, BadObservation
 from agentbus_zmq.agents.session import AgentSession, BadFrame, Left, Refused, SessionState, Welcomed
 from agentbus_zmq.bus import config
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.logs import PeerLog
 from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.security import ClientKeys
 from agentbus_zmq.bus.signals import StopSignal
 
-__all__ = ["Runtime"]
+__all__ = ["EXIT_AGENT_FAILED", "EXIT_REPLACED", "Runtime"]
 
 log = logging.getLogger(__name__)
 
 NOBLOCK = int(zmq.NOBLOCK)  # a plain int: IntFlag arithmetic costs on every message
 #: Longest the loop sleeps, so every wait stays bounded whatever the session says.
 MAX_POLL_S = 1.0
+#: Exit statuses: every agent of a host failed, or the agent's own code (``on_start``,
+#: ``step``) raised; another connection took this agent's id over (do not restart).
+EXIT_AGENT_FAILED = 3
+EXIT_REPLACED = 4
+#: stop.requested values the loop itself sets (signals are positive)
+_DONE, _FAILED, _REPLACED = -1, -2, -3
 
 
 class Runtime:
@@ -61,6 +76,9 @@ class Runtime:
         # a bad id raises ProtocolError here, not on the wire
         self.session = AgentSession(agent_id, agent.kind, os.getpid(), heartbeat, liveness, backoff_min, backoff_max,
                                     members=agent.members if isinstance(agent, Host) else None)
+        self._plog = PeerLog(log)
+        #: why the agent stopped on its own (its BYE's reason)
+        self.failure = ""
 
     @property
     def steps(self) -> int:
@@ -109,14 +127,14 @@ class Runtime:
                                  " (is this agent's CURVE key on the coordinator's allow-list?)",
                                  session.reconnect_at - clock())
             finally:
-                session.stop(clock())
+                session.stop(clock(), self.failure or "agent stopping")
                 if sock is not None:
                     bye = session.take_outbox()
                     self._flush_frames(sock, bye)
                     sock.close(linger=100 if bye else 0)
                 self.agent.on_stop()
         log.info("%s stopped after %d steps", self.agent_id, session.steps)
-        return 1 if stop.requested == -2 else 0
+        return {_FAILED: EXIT_AGENT_FAILED, _REPLACED: EXIT_REPLACED}.get(stop.requested, 0)
 
     def _drain(self, sock: zmq.Socket, stop: StopSignal) -> float:
         """Handle what the socket holds; after a step, return to poll (cheaper than a
@@ -134,15 +152,26 @@ class Runtime:
             etype = type(event)
             if etype is P.Observation:
                 t0 = time.perf_counter_ns()
-                action = self.agent.step(event.obs)
+                try:
+                    action = int(self.agent.step(event.obs))
+                except BadObservation as exc:
+                    self._refuse_observation(sock, event.tick, exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - the agent's own code: stop, say why
+                    self._fail(stop, "step", exc)
+                    return 0.0
                 compute_us = (time.perf_counter_ns() - t0) // 1000
-                session.act(event.tick, int(action), compute_us, time.monotonic())
+                session.act(event.tick, action, compute_us, time.monotonic())
                 self._flush(sock)
                 if self.max_steps and session.steps >= self.max_steps:
-                    stop.requested = -1
+                    stop.requested = _DONE
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is P.HostObservation:
-                result = self.agent.step(event, lambda: self._keepalive(sock))
+                try:
+                    result = self.agent.step(event, lambda: self._keepalive(sock))
+                except BadObservation as exc:
+                    self._refuse_observation(sock, event.tick, exc)
+                    continue
                 now = time.monotonic()
                 if result.failed:
                     session.leave(result.failed, result.reason, now)
@@ -150,30 +179,56 @@ class Runtime:
                 self._flush(sock)
                 if not self.agent.alive.any():
                     log.error("%s: every agent of this host has failed; stopping", self.agent_id)
-                    stop.requested = -2
+                    self.failure = "every agent of this host failed"
+                    stop.requested = _FAILED
                 elif self.max_steps and session.steps >= self.max_steps:
-                    stop.requested = -1
+                    stop.requested = _DONE
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is Welcomed:
                 if event.new_session:
                     log.info("%s registered with coordinator session %s at %s", self.agent_id,
                              event.welcome.session, self.endpoint)
-                    self.agent.on_start(event.welcome)
+                    try:
+                        self.agent.on_start(event.welcome)
+                    except Exception as exc:  # noqa: BLE001 - BadWelcome, or the agent's own bug
+                        self._fail(stop, "on_start", exc)
+                        return 0.0
                     session.ready(time.monotonic())  # building a model may take seconds
                 self._flush(sock)
             elif etype is Refused:
+                if event.fatal:
+                    log.error("%s: %s; stopping (exit status %d)", self.agent_id, event.error.reason[:300],
+                              EXIT_REPLACED)
+                    stop.requested = _REPLACED
+                    return 0.0
                 if event.rehello:
-                    log.info("%s: coordinator says %s; saying HELLO again", self.agent_id,
-                             ErrorCode(event.error.code).name)
+                    self._plog.info(now, "%s: coordinator says %s; saying HELLO again", self.agent_id,
+                                    ErrorCode(event.error.code).name)
                     self._flush(sock)
                 else:
-                    log.warning("%s: coordinator refused a message: %s", self.agent_id, event.error.reason)
+                    self._plog.warning(now, "%s: coordinator refused a message: %s", self.agent_id,
+                                       event.error.reason[:300])
             elif etype is Left:
-                log.info("%s: coordinator left (%s); reconnecting in %.2f s", self.agent_id, event.reason,
+                log.info("%s: coordinator left (%s); reconnecting in %.2f s", self.agent_id, event.reason[:300],
                          session.reconnect_at - now)
                 return 0.0
             elif etype is BadFrame:
-                log.warning("dropped a bad message from %s: %s", self.endpoint, event.error)
+                self._plog.warning(now, "dropped a bad message from %s: %s", self.endpoint, event.error)
+
+    def _refuse_observation(self, sock: zmq.Socket, tick: int, exc: BadObservation) -> None:
+        """Not answered (the coordinator counts it missing); reported to it, logged."""
+        now = time.monotonic()
+        self._plog.warning(now, "%s: refused the observation for tick %d: %s", self.agent_id, tick, exc)
+        self.session.report(ErrorCode.BAD_FIELD, f"observation for tick {tick} refused: {exc}", now)
+        self._flush(sock)
+
+    def _fail(self, stop: StopSignal, hook: str, exc: Exception) -> None:
+        """The agent's own code raised: one line (the traceback at DEBUG), BYE with the
+        reason, exit EXIT_AGENT_FAILED."""
+        self.failure = f"{hook} raised {type(exc).__name__}: {exc}"
+        log.error("%s: %s; stopping (exit status %d)", self.agent_id, self.failure[:500], EXIT_AGENT_FAILED)
+        log.debug("%s: %s traceback", self.agent_id, hook, exc_info=exc)
+        stop.requested = _FAILED
 
     def _keepalive(self, sock: zmq.Socket) -> None:
         self.session.keepalive(time.monotonic())

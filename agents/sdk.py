@@ -19,7 +19,19 @@ from __future__ import annotations
 
 from agentbus_zmq.bus.protocol import Welcome
 
-__all__ = ["Agent", "run"]
+__all__ = ["Agent", "BadObservation", "BadWelcome", "run"]
+
+
+class BadWelcome(ValueError):
+    """WELCOME describes a world this agent cannot (or will not) model: raise it from
+    :meth:`Agent.on_start`.  The runtime logs it in one line, says BYE with the reason
+    and exits with status 3; a supervising launcher restarts it only with back-off."""
+
+
+class BadObservation(ValueError):
+    """An observation outside what WELCOME described: raise it from :meth:`Agent.step`.
+    The runtime does not answer it, reports it to the coordinator (ERROR BAD_FIELD) and
+    goes on; any other exception from ``step`` stops the agent as BadWelcome does."""
 
 
 class Agent:

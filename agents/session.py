@@ -15,6 +15,7 @@ States (:data:`TRANSITIONS` is the whole table)::
     REGISTERED --NOT_REGISTERED / SHUTTING_DOWN error--> HELLO_SENT   (coordinator restarted)
     REGISTERED --BYE from the coordinator--> BACKING_OFF
     BACKING_OFF --backoff elapsed--> CONNECTING                        (a fresh socket)
+    HELLO_SENT / REGISTERED --REPLACED error--> STOPPED              (another process has our id)
     any --stop--> STOPPED
 
 * Until WELCOME, HELLO is repeated every ``heartbeat`` (it is idempotent).
@@ -25,6 +26,10 @@ States (:data:`TRANSITIONS` is the whole table)::
 * OBSERVATIONs outside REGISTERED are stale (an old session's): they are dropped.
 * Back-off doubles from ``backoff_min`` to ``backoff_max`` with each reconnection in a
   row, and resets when a WELCOME arrives.
+* Every HELLO after the first WELCOME presents that WELCOME's ``token``: a reconnection
+  (a fresh socket) then takes its own registration over at once, even while the
+  coordinator still sees the old connection.  Another process without the token gets
+  ID_TAKEN; one that has it takes over, and this session, told REPLACED, stops.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ __all__ = ["AgentSession", "SessionState", "Welcomed", "Refused", "Left", "BadFr
            "IllegalTransition"]
 
 #: Errors after which the coordinator has forgotten us: say HELLO again at once.
-REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN})
+REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN, ErrorCode.DROPPED})
+#: Errors after which this session must stop: another connection holds our registration.
+FATAL = frozenset({ErrorCode.REPLACED})
 
 
 class SessionState(enum.Enum):
@@ -70,6 +77,8 @@ TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
     (_R, "bye"): _B,
     (_H, "bye"): _B,
     (_B, "retry"): _C,
+    (_H, "replaced"): SessionState.STOPPED,
+    (_R, "replaced"): SessionState.STOPPED,
 }
 
 
@@ -83,10 +92,12 @@ class Welcomed:
 
 @dataclasses.dataclass(slots=True)
 class Refused:
-    """The coordinator refused something we sent (``rehello``: it had forgotten us)."""
+    """The coordinator refused something we sent (``rehello``: it had forgotten us;
+    ``fatal``: another connection took our registration over, and the session stopped)."""
 
     error: P.Error
     rehello: bool
+    fatal: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -133,12 +144,16 @@ class AgentSession:
         self._last_recv = self._last_send = 0.0
         self._outbox: list[bytes] = []
         # a bad id raises ProtocolError here, not on the wire
+        self._hello_fields = [agent_id, kind, pid] if members is None else [agent_id, kind, pid, *members]
         if members is None:
-            self._hello = P.encode(P.Hello.from_wire([agent_id, kind, pid]))
+            self._hello = P.encode(P.Hello.from_wire(self._hello_fields))
             self._welcome_type, self._observation_type = P.Welcome, P.Observation
         else:
-            self._hello = P.encode(P.HostHello.from_wire([agent_id, kind, pid, *members]))
+            self._hello = P.encode(P.HostHello.from_wire(self._hello_fields))
             self._welcome_type, self._observation_type = P.HostWelcome, P.HostObservation
+        #: the secret of our registration (WELCOME params ``token``), presented by every
+        #: later HELLO
+        self.token = ""
         self.members = members
         #: a host's members' arenas, from HOST_WELCOME
         self.arenas = None
@@ -179,16 +194,23 @@ class AgentSession:
                 ours, arenas = msg.host_id == self.agent_id and len(msg.arenas) == self.members[2], msg.arenas
             if self.state not in (SessionState.HELLO_SENT, _REGISTERED) or not ours:
                 return None
-            new = (msg.session != self.session or msg.params != self.params
+            params = {k: v for k, v in msg.params.items() if k != "token"}  # the token is not the world
+            new = (msg.session != self.session or params != self.params
                    or (arenas is not None and (self.arenas is None or arenas.tolist() != self.arenas.tolist())))
             self._move("welcome")
-            self.session, self.params, self.arenas = msg.session, msg.params, arenas
+            self.session, self.params, self.arenas = msg.session, params, arenas
+            self._take_token(msg.params.get("token"))
             self.reconnects = 0
             if not new:
                 self.ready(now)  # the answer to a repeated HELLO: ready again, nothing to rebuild
             return Welcomed(msg, new)
         if mtype is P.Error:
-            rehello = msg.code in REHELLO and self.state in (SessionState.HELLO_SENT, _REGISTERED)
+            live = self.state in (SessionState.HELLO_SENT, _REGISTERED)
+            if live and msg.code in FATAL:
+                self._move("replaced")
+                self._outbox.clear()
+                return Refused(msg, False, True)
+            rehello = live and msg.code in REHELLO
             if rehello:
                 self._move("forgotten")
                 self._send(self._hello, now)
@@ -259,10 +281,16 @@ class AgentSession:
             t = math.inf
         return max(0.0, t - now)
 
-    def stop(self, now: float) -> None:
+    def report(self, code: ErrorCode, reason: str, now: float) -> None:
+        """Tell the coordinator that something it sent was refused (an observation the
+        agent cannot use, say)."""
+        if self.state is _REGISTERED:
+            self._send(P.encode(P.Error(code, reason[:P.MAX_TEXT])), now)
+
+    def stop(self, now: float, reason: str = "agent stopping") -> None:
         """Leaving for good: BYE if registered.  Nothing is sent after this."""
         if self.state is _REGISTERED:
-            self._send(P.encode(P.Bye("agent stopping")), now)
+            self._send(P.encode(P.Bye(reason[:P.MAX_TEXT])), now)
         self.state = SessionState.STOPPED
 
     def take_outbox(self) -> list[bytes]:
@@ -283,6 +311,12 @@ class AgentSession:
     def _send(self, frame: bytes, now: float) -> None:
         self._outbox.append(frame)
         self._last_send = now
+
+    def _take_token(self, token: object) -> None:
+        if isinstance(token, str) and token != self.token and 0 < len(token) <= P.MAX_TOKEN_LEN:
+            self.token = token
+            cls = P.Hello if self.members is None else P.HostHello
+            self._hello = P.encode(cls.from_wire([*self._hello_fields, token]))
 
     def _back_off(self, now: float, event: str) -> None:
         self.reconnect_at = now + self.backoff

@@ -33,6 +33,8 @@ import msgpack
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_MESSAGE_BYTES",
+    "MAX_TEXT",
+    "MAX_TOKEN_LEN",
     "EXT_NDARRAY",
     "MsgType",
     "ErrorCode",
@@ -76,7 +78,8 @@ MAX_TOKEN_LEN = 64
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _U32_MAX = 2**32 - 1
 _ID_RE = re.compile(r"[A-Za-z0-9._:@/+-]{1,128}\Z")
-_MAX_TEXT = 1024
+#: Longest free text (reasons, kinds' names are ids) a message may carry.
+MAX_TEXT = _MAX_TEXT = 1024
 _MAX_MODALITIES = 32
 # numpy dtype kinds allowed on the wire: bool, signed, unsigned, float, complex.
 _ARRAY_KINDS = frozenset("biufc")

@@ -174,6 +174,9 @@ def test_any_script_keeps_the_session_consistent(script):
             if type(event) is Welcomed and event.new_session:
                 h.s.ready(h.now)
             out = h.out()
+        if h.s.state is SessionState.STOPPED:         # only REPLACED stops a session on its own
+            assert type(item) is P.Error and item.code == ErrorCode.REPLACED and out == []
+            break
         if h.s.state in (SessionState.BACKING_OFF, SessionState.CONNECTING):
             assert out == [] or all(type(m) is not P.Action for m in out)
         assert 0 <= h.s.next_timeout(h.now) <= 3.0
@@ -211,3 +214,39 @@ def test_a_host_session_speaks_the_host_messages():
     s.leave([1], "failed", 0.0)
     s.act_many(0, np.array([4, 4], np.uint8), 10, 0.1)
     assert [type(P.decode(f)) for f in s.take_outbox()] == [P.HostBye, P.HostAction] and s.steps == 2
+
+
+def test_every_hello_after_welcome_presents_its_token_and_the_token_is_not_a_new_world():
+    h = Harness()
+    h.register(params={**PARAMS, "token": "t1"})
+    h.out()
+    h.advance(1.6)                                           # silence: back off, reconnect
+    h.advance(1.0)
+    h.s.connect(h.now)
+    assert h.out() == [P.Hello("a1", "test", 7, "t1")]      # takes its own registration back at once
+    event = h.recv(P.Welcome("s1", "a1", {**PARAMS, "token": "t2"}))
+    assert event.new_session is False and h.s.token == "t2"  # a new token, the same world: no rebuild
+    assert h.out() == [P.Heartbeat()]
+
+
+def test_replaced_stops_the_session_and_dropped_says_hello_again():
+    h = Harness()
+    h.register()
+    h.out()
+    event = h.recv(P.Error(ErrorCode.DROPPED, "too slow"))
+    assert event.rehello and h.out() == [P.Hello("a1", "test", 7)]
+    h.register()
+    h.out()
+    event = h.recv(P.Error(ErrorCode.REPLACED, "taken over"))
+    assert event.fatal and h.s.state is SessionState.STOPPED and h.out() == []
+    h.s.stop(h.now)
+    assert h.out() == []                                     # no BYE: the registration is not ours
+
+
+def test_id_taken_before_welcome_keeps_saying_hello():
+    h = Harness()
+    h.s.connect(0.0)
+    h.out()
+    event = h.recv(P.Error(ErrorCode.ID_TAKEN, "held"))
+    assert not event.rehello and not event.fatal and h.s.state is SessionState.HELLO_SENT
+    assert h.advance(0.5) == [P.Hello("a1", "test", 7)]

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import zlib
 
-from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.agents.sdk import Agent, BadObservation
 from agentbus_zmq.bus.protocol import Welcome
 
 __all__ = ["Explorer", "BACKENDS"]
 
 BACKENDS = ("numpy", "jax")
 GAMMA = ALPHA = 8.0
+#: outcomes of the second modality (empty, obstacle, goal, agent, wall)
+N_FOUND = 5
 
 
 class Explorer(Agent):
@@ -40,6 +42,8 @@ class Explorer(Agent):
         self.policy_len = policy_len
         self.seed = seed
         self._impl = None
+        #: cells of the world it models (an observed location must be one of them)
+        self._states = 0
 
     @property
     def forkable(self) -> bool:
@@ -61,13 +65,17 @@ class Explorer(Agent):
         from agentbus_zmq.agents.model import build_model  # numpy: not at import (limit_threads first)
 
         seed = zlib.crc32(agent_id.encode()) ^ self.seed
-        model = build_model(world)
+        model = build_model(world)  # validates the world first (BadWelcome)
+        self._states = model.num_states
         self._impl = (_NumpyImpl if self.backend == "numpy" else _JaxImpl)(model, self.policy_len, seed)
 
     def on_start(self, welcome: Welcome) -> None:
         self.configure(welcome.params["world"], welcome.agent_id)
 
     def step(self, obs: list[int]) -> int:
+        if len(obs) != 2 or not (0 <= obs[0] < self._states and 0 <= obs[1] < N_FOUND):
+            raise BadObservation(f"explorer observations are [cell in [0, {self._states}), outcome in "
+                                 f"[0, {N_FOUND})], got {obs!r:.60}")
         return self._impl.step(obs)
 
     # --- in an agent host -------------------------------------------------------------
@@ -79,6 +87,8 @@ class Explorer(Agent):
         from agentbus_zmq.agents.model import build_model
 
         model = build_model(welcomes[0].params["world"])
+        for agent in agents:
+            agent._states = model.num_states
         seeds = [zlib.crc32(w.agent_id.encode()) ^ a.seed for a, w in zip(agents, welcomes)]
         if agents[0].backend == "jax" and len(agents) > 1:
             batch = _JaxBatch(model, agents[0].policy_len, seeds)
@@ -90,6 +100,10 @@ class Explorer(Agent):
 
     @classmethod
     def step_batch(cls, agents: list[Explorer], obs) -> object:
+        states = agents[0]._states
+        if obs.ndim != 2 or obs.shape[1] != 2 or (len(obs) and (obs.min() < 0 or obs[:, 0].max() >= states
+                                                                   or obs[:, 1].max() >= N_FOUND)):
+            raise BadObservation(f"explorer observations are rows [cell in [0, {states}), outcome in [0, {N_FOUND})]")
         return agents[0]._impl.step_rows([a._row for a in agents], obs)
 
 
