@@ -68,9 +68,10 @@ MAX_TRACKED_IDS = 65_536
 STATS_DETAIL_MAX = 128
 #: Measurements that may wait behind the running one; more are refused (BUSY).
 MAX_QUEUED_MEASURES = 8
-#: Units that have been quiet this long get a HEARTBEAT when a connection closes, so that
-#: the one whose connection it was is found gone (the send fails) and dropped at once.
-PROBE_QUIET_S = 0.05
+#: When a connection closes, every unit gets a HEARTBEAT, so that the one whose connection
+#: it was is found gone (the send fails) and dropped at once; at most one such probe
+#: every PROBE_INTERVAL_S, however fast connections come and go.
+PROBE_INTERVAL_S = 0.25
 #: Units listed in ``stats["stragglers"]`` (the worst first).
 MAX_STRAGGLERS_LISTED = 16
 #: How far an agent's compute_us may exceed the time the coordinator waited for its
@@ -302,6 +303,7 @@ class CoordinatorCore:
         self._joining = 0
         #: a connection closed: probe the quiet units at the next timer
         self._probe_due = False
+        self._next_probe = 0.0
         #: units to drop at the next timer (Settings.drop_after)
         self._stragglers: dict[Unit, None] = {}
         self._slow_after = settings.deadline * settings.slow_fraction
@@ -399,7 +401,7 @@ class CoordinatorCore:
             self.started_at = now
         if now >= self._due:
             self._expire_due(now)
-        if self._probe_due:
+        if self._probe_due and now >= self._next_probe:
             self._probe(now)
         if self._stragglers:
             self._drop_stragglers(now)
@@ -457,9 +459,11 @@ class CoordinatorCore:
             self._cancel_measures(peer, now)
 
     def next_timeout(self, now: float) -> float:
-        """Seconds until :meth:`on_timer` has something to do: the next deadline, sweep
-        or measurement event, whichever is first."""
+        """Seconds until :meth:`on_timer` has something to do: the next deadline, sweep,
+        probe or measurement event, whichever is first."""
         t = min(self._next_sweep, self._due)
+        if self._probe_due or self._stragglers:
+            t = min(t, self._next_probe if self._probe_due else now)
         if self._measure is not None:
             t = min(t, self._measure.next_timeout(now))
         return max(0.0, t - now)
@@ -733,14 +737,14 @@ class CoordinatorCore:
                 self._send(unit, hb, now)
 
     def _probe(self, now: float) -> None:
-        """A connection closed: a HEARTBEAT to every quiet unit and to clients waiting for
+        """A connection closed: a HEARTBEAT to every unit and to clients waiting for
         measurements.  The one whose connection it was cannot be sent to, and the driver
-        reports it gone (:meth:`on_undeliverable`).  Busy units are probed by their traffic."""
+        reports it gone (:meth:`on_undeliverable`)."""
         self._probe_due = False
+        self._next_probe = now + PROBE_INTERVAL_S
         hb = P.encode(P.Heartbeat())
         for unit in self._by_peer.values():
-            if now - unit.last_sent >= PROBE_QUIET_S:
-                self._send(unit, hb, now)
+            self._send(unit, hb, now)
         for peer in {m[0] for m in self._measure_queue} | ({self._measure.peer} if self._measure else set()):
             self._outbox.append((peer, hb))
 

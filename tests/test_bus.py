@@ -46,24 +46,21 @@ def _agent_pids(launcher) -> list[int]:
     return [p.pid for p in psutil.Process(launcher.pid).children()]
 
 
-def test_sigkilled_agent_expires_and_the_others_go_on(bus):
+def test_a_sigkilled_agent_is_dropped_when_its_connection_closes_and_the_others_go_on(bus):
     bus.coordinator()
     launcher = bus.agents(3, "--kind", "null")
     bus.wait_agents(3)
     victim = wait_until(lambda: len(_agent_pids(launcher)) == 3 and _agent_pids(launcher)[0], 10, "3 agent pids")
     os.kill(victim, signal.SIGKILL)
     bus.wait_agents(2, timeout=10)
-    # Declared dead by liveness (not by a BYE it could not send), after heartbeat 0.5 s x
-    # liveness 3 of silence by the coordinator's own clock; the exact timing is
-    # test_core's, against a fake clock.
-    assert bus.stats()["ledger"]["errors"]["expired"] == 1
-    log = bus.coordinator_child.log_path.read_text()
-    (silent,) = re.findall(r"silent for ([0-9.]+) s: declared dead", log)
-    assert float(silent) >= 1.5
+    # Not by liveness (that is for a peer whose connection stays open: test_faults' hung
+    # agent): the kernel closed its connection, and the probe that followed found it gone.
+    stats = bus.stats()
+    assert "expired" not in stats["ledger"]["errors"] and stats["connections"]["disconnected"] >= 1
+    assert "its connection is gone; dropped" in bus.coordinator_child.log_path.read_text()
     tick = bus.stats()["tick"]
     wait_until(lambda: bus.stats()["tick"] > tick + 50, 10, "ticks to go on without the dead agent")
-    ledger = bus.stats()["ledger"]
-    assert ledger["balanced"] and ledger["errors"].get("expired") == 1
+    assert bus.stats()["ledger"]["balanced"]
 
 
 def test_sigterm_makes_an_agent_say_bye_at_once(bus):

@@ -178,7 +178,7 @@ def test_a_connection_found_gone_frees_its_registration_at_once():
     h.hello(b"p2", "a2")
     h.now += 0.1
     h.core.on_connection_event("disconnected", h.now)
-    out = h.advance(0.0)                                  # the quiet units are probed ...
+    out = h.advance(0.0)                                  # every unit is probed ...
     assert {p for p, m in out if type(m) is P.Heartbeat} == {b"p1", b"p2"}
     h.core.on_undeliverable(b"p1", "its connection is gone", h.now, gone=True)  # ... p1's send fails
     assert "a1" not in h.core.agents and "a1" not in h.core.world.positions()

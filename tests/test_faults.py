@@ -96,7 +96,7 @@ def test_a_flood_from_one_peer_is_counted_and_costs_no_memory(live, evil):
     assert growth_mb < 20, f"coordinator RSS grew {growth_mb:.1f} MB during the flood"
     # The log is rate-limited (a summary line when each second rolls over), not flooded,
     # and names the peer.
-    log = wait_until(lambda: "more warnings like 'refused message from %s' in the last second" in (t := live.coordinator_child.log_path
+    log = wait_until(lambda: "more lines like 'refused message from %s' in the last second" in (t := live.coordinator_child.log_path
                                                                           .read_text()) and t, 5, "the summary")
     assert "refused message from peer" in log
     assert log.count("\n") < sent / 10

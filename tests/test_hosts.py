@@ -131,8 +131,8 @@ def test_a_host_killed_mid_tick_takes_its_agents_and_the_rest_go_on(bus):
     victim = stats["agent_pids"]["t-1"]
     assert stats["agent_pids"]["t-2"] == stats["agent_pids"]["t-3"] == victim  # one host, three agents
     os.kill(victim, signal.SIGKILL)
-    stats = bus.wait_agents(3, timeout=20)  # declared dead together, by liveness
-    assert sorted(stats["agent_ids"]) == ["t-4", "t-5", "t-6"] and stats["ledger"]["errors"]["expired"] == 1
+    stats = bus.wait_agents(3, timeout=20)  # dropped together, when its connection is found gone
+    assert sorted(stats["agent_ids"]) == ["t-4", "t-5", "t-6"] and "expired" not in stats["ledger"]["errors"]
     assert stats["ledger"]["balanced"] and stats["hosts"] == 1
     tick = stats["tick"]
     wait_until(lambda: bus.stats()["tick"] > tick + 50, 10, "the other host to go on stepping")
@@ -190,8 +190,7 @@ def test_a_member_whose_step_raises_is_dropped_and_its_host_mates_keep_stepping(
         proc.wait(10)
         log.close()
     text = (tmp_path / "flaky.log").read_text()
-    assert "agent flaky-2: step raised; it leaves, its host-mates go on" in text
-    assert "ValueError: member 1 trips on its 20th step" in text
+    assert "agent flaky-2: step raised ValueError: member 1 trips on its 20th step; it leaves, its host-mates go on" in text
     assert "host flaky-host: agent flaky-2 left: step raised ValueError" in bus.coordinator_child.log_path.read_text()
 
 
