@@ -1,0 +1,419 @@
+"""Peers that follow the protocol with bad intent, and a hostile coordinator (issue #11).
+
+Each test plays one finding of docs/security.md's threat model as an attacker would, with
+only the documented protocol, over real sockets against real processes, in bounded time,
+and checks that the bus held.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import zmq
+
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.client import ControlClient
+from agentbus_zmq.busbench.procs import Child
+from tests.conftest import cli_env, wait_until
+
+WORLD = {"width": 5, "height": 5, "obstacles": [], "goals": [], "outcomes": ["e"] * 5, "actions": ["a"] * 5}
+
+
+def _recv(sock: zmq.Socket, timeout_ms: int = 3000):
+    assert sock.poll(timeout_ms), "no answer in time"
+    return P.decode(sock.recv())
+
+
+def _next(sock: zmq.Socket, mtype: type, timeout: float = 5.0):
+    """The next message of ``mtype`` (heartbeats and the rest skipped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            msg = P.decode(sock.recv())
+            if type(msg) is mtype:
+                return msg
+    pytest.fail(f"no {mtype.__name__} within {timeout} s")
+
+
+def _drain(sock: zmq.Socket) -> list:
+    out = []
+    while sock.poll(0):
+        out.append(P.decode(sock.recv()))
+    return out
+
+
+# --- identity ----------------------------------------------------------------------------
+
+
+def test_a_hello_flood_with_a_live_agents_id_never_takes_it(bus):
+    bus.coordinator()
+    bus.agents(1, "--kind", "null", agent_id="victim")
+    stats = bus.wait_agents(1)
+    victim_pid = stats["agent_pids"]["victim"]
+    thief = sockets.dealer(bus.endpoint)
+    try:
+        got = []
+        steps_before = bus.stats()["ledger"]["received"]
+        for _ in range(100):                               # HELLO every 10 ms for a second
+            thief.send(P.encode(P.Hello("victim", "null", os.getpid())))
+            time.sleep(0.01)
+            got += _drain(thief)
+        got += _drain(thief) if thief.poll(500) else []
+        assert got and all(type(m) is P.Error and m.code == P.ErrorCode.ID_TAKEN for m in got)
+        stats = bus.stats()
+        assert stats["agent_pids"]["victim"] == victim_pid and stats["restarts"] == {}
+        assert stats["ledger"]["received"] > steps_before + 100  # the victim stepped on throughout
+    finally:
+        thief.close(linger=0)
+
+
+def test_a_second_connection_with_a_routing_id_in_use_is_ignored(bus):
+    bus.coordinator()
+    first, second = sockets.dealer(bus.endpoint, identity=b"same"), None
+    try:
+        first.send(P.encode(P.Hello("first", "null", 0)))
+        assert type(_recv(first)) is P.Welcome
+        second = sockets.dealer(bus.endpoint, identity=b"same")
+        second.send(P.encode(P.Hello("second", "null", 0)))
+        assert not second.poll(1000)                      # no handover: never attached
+        first.send(P.encode(P.Heartbeat()))               # the first connection is still the one served
+        _next(first, P.Observation)
+        assert "second" not in bus.stats().get("agent_ids", [])
+    finally:
+        first.close(linger=0)
+        if second is not None:
+            second.close(linger=0)
+
+
+def test_an_agent_restarted_in_a_new_process_gets_its_id_back(bus):
+    """The other side of refusing takeovers: a real restart is never locked out."""
+    bus.coordinator()
+    bus.agents(1, "--kind", "null", "--restart", "--restart-backoff", "0.05")
+    old = bus.wait_agents(1)["agent_pids"]["t"]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: (s := bus.stats())["ready"] == 1 and s["agent_pids"].get("t") not in (None, old), 20,
+               "the restarted agent to step under its id")
+
+
+# --- admission ---------------------------------------------------------------------------
+
+
+def test_squatters_neither_lock_out_agents_nor_hold_cells_once_gone(bus):
+    # 5x5, 3 obstacles, one arena: 22 cells; a setup grace long enough that only the closed
+    # connections can free them within the test.
+    bus.coordinator(None, "--max-arenas", "1", "--obstacles", "3", "--setup-grace", "120")
+    squatters = [sockets.dealer(bus.endpoint) for _ in range(23)]
+    try:
+        for i, s in enumerate(squatters):
+            s.send(P.encode(P.Hello(f"squat-{i}", "null", 0)))
+        replies = [type(_recv(s)) for s in squatters]
+        assert replies.count(P.Welcome) == 22 and replies.count(P.Error) == 1  # the world is full
+        assert bus.stats()["pending"] == 22
+        for s in squatters:
+            s.close(linger=0)
+        squatters = []
+        wait_until(lambda: bus.stats()["agents"] == 0, 10, "closed connections to free their registrations")
+        bus.agents(2, "--kind", "null")
+        bus.wait_agents(2, timeout=20)
+    finally:
+        for s in squatters:
+            s.close(linger=0)
+
+
+def test_a_measurement_whose_client_left_does_not_hold_the_slot(bus):
+    bus.coordinator()
+    bus.agents(1, "--kind", "null")
+    bus.wait_agents(1)
+    with ControlClient(bus.endpoint) as gone:
+        gone.send("measure", {"agents": 1000, "steps": 10, "timeout_s": 7 * 86_400})
+        wait_until(lambda: bus.stats()["measurements"]["running"], 5, "the first measurement to start")
+    # its connection is closed: the next client is served, within its own timeout
+    r = bus.client.request("measure", {"agents": 1, "steps": 50}, timeout=20)
+    assert r["steps"] == 50 and bus.stats()["ledger"]["errors"]["measures_cancelled"] == 1
+
+
+@pytest.mark.parametrize("args", [{"agents": float("inf"), "steps": 1}, {"agents": 1, "steps": 1, "timeout_s": 1e9},
+                                  {"agents": 1, "steps": 1, "timeout_s": float("nan")}])
+def test_unbounded_measure_arguments_are_refused_not_crashed_on(bus, args):
+    bus.coordinator()
+    from agentbus_zmq.bus.client import ControlFailed
+
+    with pytest.raises(ControlFailed) as info:
+        bus.client.request("measure", args, timeout=5)
+    assert info.value.code == P.ErrorCode.BAD_FIELD
+    log = bus.coordinator_child.log_path.read_text()
+    assert "Traceback" not in log and "UNEXPECTED" not in log
+
+
+# --- memory and log amplification ----------------------------------------------------------
+
+
+def test_clients_that_never_read_cannot_park_unbounded_replies(bus):
+    bus.coordinator()
+    host = sockets.dealer(bus.endpoint)                   # 1,000 registered agents: big stats pages
+    host.send(P.encode(P.HostHello("big", "null", 0, "big-", 0, 1000)))
+    assert type(_recv(host)) is P.HostWelcome
+    coord = psutil.Process(bus.coordinator_child.pid)
+    rss_before = coord.memory_info().rss
+    page = bus.client.request("stats", {"page": 0})
+    page_bytes = len(P.encode(P.Reply(1, True, page)))
+    # Clients that keep one reply at most on their side: the rest stays in the coordinator.
+    clients = [sockets.dealer(bus.endpoint, hwm=1) for _ in range(20)]
+    try:
+        request = P.encode(P.Control(1, "stats", {"page": 0}))
+        for c in clients:
+            c.setsockopt(zmq.SNDHWM, 1000)
+        for _ in range(300):                               # 6,000 pages asked for, none read
+            for c in clients:
+                try:
+                    c.send(request, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        asked = 20 * 300
+        wait_until(lambda: bus.stats()["ledger"]["undeliverable"] > asked // 2, 60,
+                   "the coordinator to answer, and drop what nobody reads")
+        growth = (coord.memory_info().rss - rss_before) / 2**20
+        # Parked, a queue of 1,000 a peer would hold 20 x 300 pages (~50 MB of these, and
+        # 4x that with the former 512-agent pages); 64 a peer hold ~11 MB.
+        assert growth < 40, f"RSS grew {growth:.0f} MB (pages of {page_bytes} B)"
+        assert bus.stats()["agents"] == 1000               # and it is still serving
+    finally:
+        for c in clients:
+            c.close(linger=0)
+        host.close(linger=0)
+
+
+def test_the_log_a_peer_can_cause_is_bounded(bus):
+    bus.coordinator()
+    log_path = bus.coordinator_child.log_path
+    size_before = log_path.stat().st_size
+    evil = sockets.dealer(bus.endpoint)
+    try:
+        sent, deadline = 0, time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for frame in (b"\xc1", P.encode(P.Error(P.ErrorCode.UNEXPECTED, "x" * 1000)),
+                          P.encode(P.Hello(f"r{sent}", "null", 0)), P.encode(P.Bye("bye"))):
+                try:
+                    evil.send(frame, zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    evil.poll(10, zmq.POLLOUT)
+            _drain(evil)
+        assert sent > 2000
+        wait_until(lambda: sum(bus.stats()["ledger"]["errors"].values()) > 500, 10, "the flood to be counted")
+        grown = log_path.stat().st_size - size_before
+        # at most 20 lines a second of each kind, each short: ~100 KB for 3-4 s, whatever was sent
+        assert grown < 250_000, f"the log grew {grown} bytes for {sent} hostile messages"
+    finally:
+        evil.close(linger=0)
+
+
+def test_a_world_whose_welcome_would_not_fit_is_refused_at_start(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.coordinator", "--bind", f"ipc://{tmp_path}/c.ipc",
+                        "--width", "300", "--height", "100", "--obstacles", "23000"],
+                       capture_output=True, text=True, env=cli_env(), timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "WELCOME would be" in r.stderr and "--obstacles" in r.stderr
+
+
+# --- stragglers ----------------------------------------------------------------------------
+
+
+def test_a_mute_agent_is_dropped_by_the_policy_and_the_others_go_on(bus):
+    bus.coordinator(None, "--deadline", "0.1", "--drop-after", "5")
+    bus.agents(2, "--kind", "null")
+    bus.wait_agents(2)
+    mute = sockets.dealer(bus.endpoint)
+    try:
+        mute.send(P.encode(P.Hello("mute", "null", 0)))
+        assert type(_recv(mute)) is P.Welcome
+        mute.send(P.encode(P.Heartbeat()))                # ready; then only heartbeats, never an answer
+        dropped = None
+        deadline = time.monotonic() + 20
+        while dropped is None and time.monotonic() < deadline:
+            if mute.poll(200):
+                msg = P.decode(mute.recv())
+                if type(msg) is P.Error and msg.code == P.ErrorCode.DROPPED:
+                    dropped = msg
+            mute.send(P.encode(P.Heartbeat()))
+        assert dropped is not None, "the mute agent was never dropped"
+        stats = bus.stats()
+        assert "mute" not in stats["agent_ids"] and stats["ledger"]["errors"]["dropped_stragglers"] == 1
+        tick = stats["tick"]
+        wait_until(lambda: bus.stats()["tick"] > tick + 50, 10, "the others to step at full speed")
+    finally:
+        mute.close(linger=0)
+
+
+def test_a_slow_agent_is_visible_in_stats(bus):
+    bus.coordinator(None, "--deadline", "1.0")
+    slow = sockets.dealer(bus.endpoint)
+    try:
+        slow.send(P.encode(P.Hello("slowpoke", "null", 0)))
+        assert type(_recv(slow)) is P.Welcome
+        slow.send(P.encode(P.Heartbeat()))
+        for _ in range(3):
+            obs = _next(slow, P.Observation)
+            time.sleep(0.9)                               # 90 % of the deadline (slow: past 80 %)
+            slow.send(P.encode(P.Action(obs.tick, 4, 0)))
+        stats = wait_until(lambda: (s := bus.stats())["ledger"]["slow"] >= 2 and s, 5, "slow answers to count")
+        assert stats["stragglers"]["slowpoke"]["slow"] >= 2
+    finally:
+        slow.close(linger=0)
+
+
+# --- busbench kills only what it started ---------------------------------------------------
+
+
+def test_chaos_never_kills_a_pid_a_peer_claimed():
+    from agentbus_zmq.busbench.run import Chaos
+
+    bystander = subprocess.Popen(["sleep", "60"])
+    ours = subprocess.Popen(["sleep", "60"])
+    try:
+        chaos = Chaos(rate=1e9)                           # kill at every chance
+        claimed = {"agent_pids": {"liar": bystander.pid, "zero": 0, "self": os.getpid(), "ours": ours.pid},
+                   "ready_ids": ["liar", "zero", "self", "ours"]}
+        for t in range(20):
+            chaos.step(float(t), claimed, {ours.pid})
+        assert bystander.poll() is None and chaos.kills == 1
+        assert ours.wait(5) == -signal.SIGKILL
+    finally:
+        for p in (bystander, ours):
+            p.kill()
+            p.wait()
+
+
+# --- a hostile coordinator -----------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_coordinator(tmp_path):
+    endpoint = f"ipc://{tmp_path}/fake.ipc"
+    router = sockets.router(endpoint)
+    children: list[Child] = []
+
+    def start(*args: str, name: str = "agent") -> Child:
+        child = Child(name, "agentbus_zmq.agents", ["--endpoint", endpoint, "--id", "a1", "--log-level", "INFO",
+                                                    *args], log_path=str(tmp_path / f"{name}.log"))
+        children.append(child)
+        return child
+
+    try:
+        yield router, start
+    finally:
+        for c in children:
+            c.stop()
+        router.close(linger=0)
+
+
+def _hello(router: zmq.Socket, timeout_ms: int = 30_000) -> bytes:
+    deadline = time.monotonic() + timeout_ms / 1000
+    while time.monotonic() < deadline:
+        if router.poll(200):
+            peer, frame = router.recv_multipart()
+            if type(P.decode(frame)) is P.Hello:
+                return peer
+    pytest.fail("no HELLO from the agent")
+
+
+@pytest.mark.parametrize("world, expect", [
+    ({**WORLD, "width": 0}, "width must be an integer"),
+    ({**WORLD, "width": -5}, "width must be an integer"),
+    ({**WORLD, "width": 10**9}, "width must be an integer"),
+    ({**WORLD, "width": 300, "height": 300}, "MB for the explorer's model"),
+    ({**WORLD, "obstacles": [10**6]}, "obstacles must be a list of cell indices"),
+    ({k: v for k, v in WORLD.items() if k != "goals"}, "lacks goals"),
+    ("not a map", "must be a map"),
+])
+def test_a_crafted_welcome_stops_the_explorer_cleanly(fake_coordinator, world, expect):
+    pytest.importorskip("pymdp")
+    router, start = fake_coordinator
+    agent = start("--kind", "explorer")
+    peer = _hello(router)
+    router.send_multipart([peer, P.encode(P.Welcome("evil", "a1", {"world": world}))])
+    proc = psutil.Process(agent.pid)
+    peak = 0
+    deadline = time.monotonic() + 30
+    while agent.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    assert agent.proc.wait(5) == 3                        # EXIT_AGENT_FAILED, not a crash
+    assert peak < 1 << 30, f"the agent reached {peak / 2**20:.0f} MB"
+    bye = None
+    while router.poll(500):
+        msg = P.decode(router.recv_multipart()[1])
+        bye = msg if type(msg) is P.Bye else bye
+    assert bye is not None and expect in bye.reason      # it said why, as it left
+    log = open(agent.log_path).read()
+    assert expect in log and "Traceback" not in log
+
+
+def test_an_out_of_range_observation_is_reported_and_skipped(fake_coordinator):
+    pytest.importorskip("pymdp")
+    router, start = fake_coordinator
+    agent = start("--kind", "explorer")
+    peer = _hello(router)
+    router.send_multipart([peer, P.encode(P.Welcome("evil", "a1", {"world": WORLD}))])
+    for tick, obs in enumerate(([25, 0], [0, 9], [2**31, 0], [1], [3, 0])):  # 25 cells: 0..24; 5 outcomes
+        router.send_multipart([peer, P.encode(P.Observation(tick, obs))])
+    got, deadline = [], time.monotonic() + 30
+    while not any(type(m) is P.Action for m in got) and time.monotonic() < deadline:
+        if router.poll(200):
+            got.append(P.decode(router.recv_multipart()[1]))
+    errors = [m for m in got if type(m) is P.Error]
+    actions = [m for m in got if type(m) is P.Action]
+    assert [a.tick for a in actions] == [4] and len(errors) == 4
+    assert all(e.code == P.ErrorCode.BAD_FIELD and "refused" in e.reason for e in errors)
+    assert agent.proc.poll() is None
+
+
+def test_an_agent_that_cannot_start_is_restarted_only_with_back_off(fake_coordinator):
+    pytest.importorskip("pymdp")
+    router, start = fake_coordinator
+    start("--kind", "explorer", "--restart", "--max-restarts", "100")
+    hellos: list[float] = []
+    deadline = time.monotonic() + 30
+    while len(hellos) < 3 and time.monotonic() < deadline:
+        if router.poll(100):
+            peer, frame = router.recv_multipart()
+            if type(P.decode(frame)) is P.Hello:
+                hellos.append(time.monotonic())
+                router.send_multipart([peer, P.encode(P.Welcome("evil", "a1", {"world": "x"}))])  # it exits 3
+    assert len(hellos) == 3, "the agent was not restarted"
+    gaps = [b - a for a, b in zip(hellos, hellos[1:])]
+    assert min(gaps) >= 0.5 and gaps[1] > gaps[0], f"restarts {gaps} s apart: no back-off"
+
+
+def test_an_agent_whose_id_was_taken_over_stops_and_is_not_restarted(fake_coordinator):
+    router, start = fake_coordinator
+    launcher = start("--kind", "null", "--restart", "--restart-backoff", "0.05")
+    peer = _hello(router)
+    router.send_multipart([peer, P.encode(P.Welcome("s", "a1", {"world": WORLD, "token": "t"}))])
+    router.send_multipart([peer, P.encode(P.Error(P.ErrorCode.REPLACED, "taken over"))])
+    assert launcher.proc.wait(20) == 1                    # it reports it; it does not fight for the id
+    log = open(launcher.log_path).read()
+    assert "not restarted" in log and "taken over" in log
+    hellos = [m for m in _drain(router_frames(router)) if type(m) is P.Hello]
+    assert hellos == []
+
+
+def router_frames(router: zmq.Socket):
+    """What the fake coordinator still holds, as a socket-like for _drain."""
+    class Frames:
+        def poll(self, timeout=0):
+            return router.poll(timeout)
+
+        def recv(self):
+            return router.recv_multipart()[1]
+
+    return Frames()
