@@ -70,8 +70,10 @@ STATS_DETAIL_MAX = 128
 MAX_QUEUED_MEASURES = 8
 #: When a connection closes, every unit gets a HEARTBEAT, so that the one whose connection
 #: it was is found gone (the send fails) and dropped at once; at most one such probe
-#: every PROBE_INTERVAL_S, however fast connections come and go.
+#: every PROBE_INTERVAL_S, however fast connections come and go.  The socket may learn of
+#: the closed pipe a moment after the monitor does, so each closing is probed twice.
 PROBE_INTERVAL_S = 0.25
+PROBES_PER_CLOSE = 2
 #: Units listed in ``stats["stragglers"]`` (the worst first).
 MAX_STRAGGLERS_LISTED = 16
 #: How far an agent's compute_us may exceed the time the coordinator waited for its
@@ -301,8 +303,8 @@ class CoordinatorCore:
         self._token = token
         #: units registered and not yet ready (Settings.max_pending)
         self._joining = 0
-        #: a connection closed: probe the quiet units at the next timer
-        self._probe_due = False
+        #: a connection closed: probes still to run (PROBES_PER_CLOSE)
+        self._probe_due = 0
         self._next_probe = 0.0
         #: units to drop at the next timer (Settings.drop_after)
         self._stragglers: dict[Unit, None] = {}
@@ -426,7 +428,7 @@ class CoordinatorCore:
         whose connection it was is dropped at once rather than after liveness."""
         self.connections[name] += 1
         if name == "disconnected":
-            self._probe_due = True
+            self._probe_due = PROBES_PER_CLOSE
         elif name == "accept_failed":
             self._plog.warning(now, "cannot accept a connection: %s (out of file descriptors? raise `ulimit -n`)",
                                _errno_name(value))
@@ -462,8 +464,10 @@ class CoordinatorCore:
         """Seconds until :meth:`on_timer` has something to do: the next deadline, sweep,
         probe or measurement event, whichever is first."""
         t = min(self._next_sweep, self._due)
-        if self._probe_due or self._stragglers:
-            t = min(t, self._next_probe if self._probe_due else now)
+        if self._stragglers:
+            t = now
+        elif self._probe_due:
+            t = min(t, self._next_probe)
         if self._measure is not None:
             t = min(t, self._measure.next_timeout(now))
         return max(0.0, t - now)
@@ -740,7 +744,7 @@ class CoordinatorCore:
         """A connection closed: a HEARTBEAT to every unit and to clients waiting for
         measurements.  The one whose connection it was cannot be sent to, and the driver
         reports it gone (:meth:`on_undeliverable`)."""
-        self._probe_due = False
+        self._probe_due -= 1
         self._next_probe = now + PROBE_INTERVAL_S
         hb = P.encode(P.Heartbeat())
         for unit in self._by_peer.values():

@@ -749,3 +749,21 @@ def test_log_lines_a_peer_can_cause_are_bounded(caplog):
     assert len(caplog.records) <= 3 * 21 + 3
     assert h.ledger.errors["MALFORMED"] == 2000 and h.ledger.errors["received"] == 2000
     assert all(len(r.getMessage()) < 600 for r in caplog.records)
+
+
+def test_each_closed_connection_is_probed_twice_and_probes_are_rate_limited():
+    from agentbus_zmq.coordinator.core import PROBE_INTERVAL_S
+
+    h = Harness(deadline=100.0, heartbeat=100.0)
+    h.hello(b"p1", "a1")
+
+    def probes(out):
+        return [p for p, m in out if type(m) is P.Heartbeat]
+
+    for _ in range(50):                                   # a storm of connections closing
+        h.core.on_connection_event("disconnected", h.now)
+    assert probes(h.advance(0.0)) == [b"p1"]
+    assert probes(h.advance(PROBE_INTERVAL_S / 2)) == []  # not before the interval
+    assert h.core.next_timeout(h.now) == pytest.approx(PROBE_INTERVAL_S / 2)
+    assert probes(h.advance(PROBE_INTERVAL_S / 2)) == [b"p1"]  # the second look
+    assert probes(h.advance(PROBE_INTERVAL_S)) == []      # and then no more
