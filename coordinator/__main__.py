@@ -97,6 +97,7 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
             curve = ServerKeys.load(curve_secret, curve_clients)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _raise_fd_limit()
     try:
         serve(bind, settings, world, endpoint_file=endpoint_file, curve=curve, spin=spin_us / 1e6)
     except ConfigError as exc:
@@ -105,6 +106,21 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
         hint = (" Another coordinator (or program) holds it: stop that one, or choose another --bind."
                 if exc.errno == zmq.EADDRINUSE else "")
         raise click.ClickException(f"cannot bind {bind}: {exc.strerror}.{hint}") from None
+
+
+def _raise_fd_limit() -> None:
+    """Each agent or host connection takes a file descriptor: use all the process may."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger(__name__).debug("cannot raise the file descriptor limit to %s: %s", hard, exc)
+            return
+    logging.getLogger(__name__).debug("file descriptors: up to %s", hard)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -160,7 +160,9 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                         if not getsockopt(EVENTS) & POLLIN:  # 1.5 us, against 3.3 for an Again
                             break
                 if monitor in ready:
-                    while monitor.poll(0):
+                    for _ in range(DRAIN_BUDGET):  # bounded: libzmq repeats a failing accept (EMFILE) at once
+                        if not monitor.poll(0):
+                            break
                         event = recv_monitor_message(monitor)
                         core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])), clock(),
                                                  event["value"] if event["event"] == zmq.EVENT_ACCEPT_FAILED else 0)

@@ -222,6 +222,36 @@ def test_a_world_whose_welcome_would_not_fit_is_refused_at_start(tmp_path):
     assert r.returncode == 2 and "WELCOME would be" in r.stderr and "--obstacles" in r.stderr
 
 
+def test_running_out_of_file_descriptors_is_counted_and_logged_and_serving_goes_on(tmp_path):
+    endpoint_file = tmp_path / "endpoint"
+    log_path = tmp_path / "coordinator.log"
+    with open(log_path, "wb") as log:
+        # a hard limit of 48 descriptors (the coordinator raises only its soft limit)
+        coord = subprocess.Popen(["bash", "-c", f"ulimit -n 48 && exec {sys.executable} -m agentbus_zmq.coordinator "
+                                  f"--bind tcp://127.0.0.1:* --endpoint-file {endpoint_file}"],
+                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=cli_env(), start_new_session=True)
+    socks = []
+    try:
+        endpoint = wait_until(lambda: endpoint_file.exists() and endpoint_file.read_text().strip(), 20, "the bind")
+        with ControlClient(endpoint) as client:
+            client.wait_ready(10)
+            socks = [sockets.dealer(endpoint) for _ in range(60)]   # more than it has descriptors for
+            stats = wait_until(lambda: (s := client.request("stats"))["connections"].get("accept_failed") and s, 10,
+                               "accept failures to be counted")
+            for s in socks:
+                s.close(linger=0)
+            socks = []
+            assert client.request("ping")["session"] == stats["session"]     # still serving
+        text = log_path.read_text()
+        assert "cannot accept a connection: EMFILE" in text
+        assert text.count("cannot accept a connection") <= 21 * 15           # rate-limited, whatever libzmq retries
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        os.killpg(coord.pid, signal.SIGKILL)
+        coord.wait(10)
+
+
 # --- stragglers ----------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ def curve_bus(bus, tmp_path):
     _, agent_secret = generate(tmp_path / "allowed", "agents")
     _, admin_secret = generate(tmp_path / "allowed", "admin")
     _, stranger_secret = generate(tmp_path / "strangers", "stranger")
+    _, bus.host1_secret = generate(tmp_path / "allowed", "host1", agents=["host1-*"])
     path = tmp_path / "endpoint"
     bus.start("coordinator", "agentbus_zmq.coordinator", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(path),
               "--curve-secret", str(server_secret), "--curve-clients", str(tmp_path / "allowed"))
@@ -97,6 +98,46 @@ def test_an_agent_with_a_stranger_key_never_registers(curve_bus):
     agent = bus.agents(1, "--kind", "null", "--curve-server-key", str(server_pub), "--curve-key", str(stranger_secret))
     wait_until(lambda: bus.stats()["ledger"]["errors"].get("unauthorized", 0) >= 2, 10, "repeated refusals")
     assert bus.stats()["agents"] == 0 and agent.proc.poll() is None  # it keeps trying, with backoff
+
+
+def test_a_key_is_bound_to_its_id_patterns_and_cannot_take_another_keys_agents(curve_bus):
+    bus, server_pub, agent_secret, _ = curve_bus
+    keys = ["--curve-server-key", str(server_pub), "--curve-key", str(bus.host1_secret)]
+    bus.agents(2, "--kind", "null", *keys, agent_id="host1")
+    bus.wait_agents(2)                                     # host1-1, host1-2: within its patterns
+
+    def hello(secret, agent_id):
+        sock = sockets.dealer(bus.endpoint, curve=ClientKeys.load(server_pub, secret))
+        try:
+            sock.send(P.encode(P.Hello(agent_id, "null", 0)))
+            assert sock.poll(5000), "no answer"
+            return P.decode(sock.recv())
+        finally:
+            sock.close(linger=0)
+
+    assert hello(bus.host1_secret, "host2-1").code == P.ErrorCode.NOT_ALLOWED   # outside its patterns
+    assert hello(agent_secret, "host1-1").code == P.ErrorCode.ID_TAKEN          # another key, a live agent
+    stats = bus.stats()
+    assert sorted(stats["agent_ids"]) == ["host1-1", "host1-2"] and stats["ledger"]["errors"]["id_not_allowed"] == 1
+
+
+@pytest.mark.unit
+def test_bus_keys_writes_id_patterns_the_allow_list_reads(tmp_path):
+    from click.testing import CliRunner
+
+    from agentbus_zmq.bus.keys import cli
+    from agentbus_zmq.bus.security import id_allowed
+
+    r = CliRunner().invoke(cli, ["--agents", "a-*", "--agents", "b?", str(tmp_path), "k"])
+    assert r.exit_code == 0, r.output
+    generate(tmp_path, "any")
+    allowed = load_allow_list(tmp_path)
+    assert sorted(allowed.values(), key=str) == [("a-*", "b?"), None]
+    patterns = next(v for v in allowed.values() if v)
+    assert id_allowed(patterns, "a-7") and id_allowed(patterns, "b1") and not id_allowed(patterns, "c-1")
+    ClientKeys.load(tmp_path / "k.key", tmp_path / "k.key_secret")   # still a valid certificate for libzmq
+    r = CliRunner().invoke(cli, ["--agents", "bad pattern;", str(tmp_path), "x"])
+    assert r.exit_code == 2 and "agent id pattern" in r.output
 
 
 def test_binding_beyond_loopback_without_curve_warns(bus, tmp_path):
