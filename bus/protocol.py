@@ -35,6 +35,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_TEXT",
     "MAX_TOKEN_LEN",
+    "WelcomeEncoder",
     "EXT_NDARRAY",
     "MsgType",
     "ErrorCode",
@@ -715,6 +716,31 @@ def encode_host_observation(tick: int, members: Any, obs: Any) -> bytes:
     """``encode(HostObservation(tick, members, obs))`` without building the record;
     ``members`` may be an :func:`array_ext` made once for many frames."""
     return _packer.pack((PROTOCOL_VERSION, _HOST_OBSERVATION, tick, members, obs))
+
+
+class WelcomeEncoder:
+    """WELCOME and HOST_WELCOME frames for one coordinator session.  The parameters every
+    agent gets (the world: thousands of obstacle cells, perhaps) are packed once; a frame
+    adds only its own entries (``arena``, ``token``), so a registration costs the same
+    whatever the world's size.  The bytes are those :func:`encode` would produce."""
+
+    def __init__(self, session: str, params: dict):
+        pack = _packer.pack
+        self._welcome = b"\x95" + pack(PROTOCOL_VERSION) + pack(int(MsgType.WELCOME)) + pack(session)
+        self._host = b"\x96" + pack(PROTOCOL_VERSION) + pack(int(MsgType.HOST_WELCOME)) + pack(session)
+        self._n = len(params)
+        self._fixed = b"".join(pack(k) + pack(v) for k, v in params.items())
+
+    def welcome(self, agent_id: str, extra: dict) -> bytes:
+        return self._welcome + _packer.pack(agent_id) + self._params(extra)
+
+    def host_welcome(self, host_id: str, extra: dict, arenas: Any) -> bytes:
+        return self._host + _packer.pack(host_id) + self._params(extra) + _packer.pack(arenas)
+
+    def _params(self, extra: dict) -> bytes:
+        n = self._n + len(extra)
+        header = bytes((0x80 | n,)) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+        return header + self._fixed + b"".join(_packer.pack(k) + _packer.pack(v) for k, v in extra.items())
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:

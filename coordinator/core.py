@@ -325,6 +325,7 @@ class CoordinatorCore:
             "liveness": settings.liveness,
             "world": self.world.params(),
         }
+        self._welcomes = P.WelcomeEncoder(session, self._welcome_params)
         self._check_welcome_fits()
         self._commands: dict[str, Callable[[bytes, P.Control, float], dict | None]] = {
             "ping": self._cmd_ping,
@@ -636,22 +637,19 @@ class CoordinatorCore:
             self._open_tick(now)
 
     def _welcome(self, entry: AgentEntry) -> bytes:
-        params = {**self._welcome_params, "arena": int(self.world.arena[entry.slot]), "token": entry.token}
-        return P.encode(P.Welcome(self.session, entry.agent_id, params))
+        return self._welcomes.welcome(entry.agent_id, {"arena": int(self.world.arena[entry.slot]),
+                                                       "token": entry.token})
 
     def _host_welcome(self, host: HostEntry) -> bytes:
-        arenas = self.world.arena[host.slots].astype(np.uint32)
-        return P.encode(P.HostWelcome(self.session, host.host_id, {**self._welcome_params, "token": host.token},
-                                      arenas))
+        return self._welcomes.host_welcome(host.host_id, {"token": host.token},
+                                           self.world.arena[host.slots].astype(np.uint32))
 
     def _check_welcome_fits(self) -> None:
         """Refuse to start with a world whose WELCOME no agent could receive."""
-        longest = "x" * 128
-        worst = max(
-            len(P.encode(P.Welcome(self.session, longest, {**self._welcome_params, "arena": 2**32 - 1,
-                                                            "token": "x" * P.MAX_TOKEN_LEN}))),
-            len(P.encode(P.HostWelcome(self.session, longest, {**self._welcome_params, "token": "x" * P.MAX_TOKEN_LEN},
-                                       np.zeros(P.MAX_HOST_AGENTS, np.uint32)))))
+        longest, token = "x" * 128, "x" * P.MAX_TOKEN_LEN
+        worst = max(len(self._welcomes.welcome(longest, {"arena": 2**32 - 1, "token": token})),
+                    len(self._welcomes.host_welcome(longest, {"token": token},
+                                                    np.zeros(P.MAX_HOST_AGENTS, np.uint32))))
         if worst > self.settings.max_message_bytes:
             w = self.world.config
             raise ConfigError(

@@ -226,3 +226,18 @@ def test_host_arrays_must_have_the_documented_shapes():
     for obs in (np.zeros((3, 2), np.uint16), np.zeros((2, 2), np.float64), np.zeros(2, np.uint16)):
         assert _code(msgpack.packb([1, 12, 0, ext(members), ext(obs)])) == ErrorCode.BAD_FIELD
     assert _code(msgpack.packb([1, 13, 0, ext(np.zeros(2, np.float32)), 0])) == ErrorCode.BAD_FIELD
+
+
+def test_the_welcome_encoder_makes_the_bytes_encode_makes():
+    import numpy as np
+
+    params = {"mode": "lockstep", "deadline_ms": 1000, "world": {"width": 5, "obstacles": list(range(3000))}}
+    enc = P.WelcomeEncoder("sess", params)
+    assert enc.welcome("a1", {"arena": 3, "token": "t"}) == P.encode(
+        P.Welcome("sess", "a1", {**params, "arena": 3, "token": "t"}))
+    arenas = np.arange(7, dtype=np.uint32)
+    frame = enc.host_welcome("h1", {"token": "t"}, arenas)
+    assert frame == P.encode(P.HostWelcome("sess", "h1", {**params, "token": "t"}, arenas))
+    assert P.decode(frame) == P.HostWelcome("sess", "h1", {**params, "token": "t"}, arenas)
+    many = P.WelcomeEncoder("s", {f"k{i}": i for i in range(20)})   # a map of 16 entries or more
+    assert P.decode(many.welcome("a", {"x": 1})).params == {**{f"k{i}": i for i in range(20)}, "x": 1}
