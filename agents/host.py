@@ -46,6 +46,8 @@ class FrameResult:
     failed: list[int]
     reason: str
     compute_us: int
+    #: thread CPU time of the frame (see ACTION's cpu_us)
+    cpu_us: int | None = None
 
 
 class Host:
@@ -80,7 +82,7 @@ class Host:
     def step(self, msg: P.HostObservation, keepalive: Callable[[], None] | None = None) -> FrameResult:
         """Step the members ``msg`` lists; ``keepalive`` is called every KEEPALIVE_EVERY
         members, so a long frame can still send heartbeats."""
-        t0 = time.perf_counter_ns()
+        t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         self.check(msg)
         members = msg.members.tolist()
         failed: list[int] = []
@@ -120,7 +122,7 @@ class Host:
             actions = actions.astype(np.int64)
         small = actions.size == 0 or (actions.min() >= 0 and actions.max() < 256)
         return FrameResult(actions.astype(np.uint8) if small else actions, failed, reason,
-                           (time.perf_counter_ns() - t0) // 1000)
+                           (time.perf_counter_ns() - t0) // 1000, (time.thread_time_ns() - c0) // 1000)
 
     def check(self, msg: P.HostObservation) -> None:
         """A frame from the coordinator must list live members of this host, once each,

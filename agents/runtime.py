@@ -48,6 +48,8 @@ __all__ = ["EXIT_AGENT_FAILED", "EXIT_REPLACED", "Runtime"]
 
 log = logging.getLogger(__name__)
 
+#: CPU time of this thread: what a step cost in work, not in waiting for a CPU.
+thread_time_ns = time.thread_time_ns
 NOBLOCK = int(zmq.NOBLOCK)  # a plain int: IntFlag arithmetic costs on every message
 #: Longest the loop sleeps, so every wait stays bounded whatever the session says.
 MAX_POLL_S = 1.0
@@ -151,7 +153,7 @@ class Runtime:
                 continue
             etype = type(event)
             if etype is P.Observation:
-                t0 = time.perf_counter_ns()
+                t0, c0 = time.perf_counter_ns(), thread_time_ns()
                 try:
                     action = int(self.agent.step(event.obs))
                 except BadObservation as exc:
@@ -160,8 +162,9 @@ class Runtime:
                 except Exception as exc:  # noqa: BLE001 - the agent's own code: stop, say why
                     self._fail(stop, "step", exc)
                     return 0.0
+                cpu_us = (thread_time_ns() - c0) // 1000
                 compute_us = (time.perf_counter_ns() - t0) // 1000
-                session.act(event.tick, action, compute_us, time.monotonic())
+                session.act(event.tick, action, compute_us, time.monotonic(), cpu_us)
                 self._flush(sock)
                 if self.max_steps and session.steps >= self.max_steps:
                     stop.requested = _DONE
@@ -175,7 +178,7 @@ class Runtime:
                 now = time.monotonic()
                 if result.failed:
                     session.leave(result.failed, result.reason, now)
-                session.act_many(event.tick, result.actions, result.compute_us, now)
+                session.act_many(event.tick, result.actions, result.compute_us, now, result.cpu_us)
                 self._flush(sock)
                 if not self.agent.alive.any():
                     log.error("%s: every agent of this host has failed; stopping", self.agent_id)

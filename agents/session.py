@@ -226,18 +226,18 @@ class AgentSession:
         self._last_recv = now  # building a model may take seconds of silence
         self._send(self._heartbeat, now)
 
-    def act(self, tick: int, action: int, compute_us: int, now: float) -> None:
+    def act(self, tick: int, action: int, compute_us: int, now: float, cpu_us: int | None = None) -> None:
         """The answer to OBSERVATION ``tick``, at ``now`` (after computing it: time spent
         computing is not the coordinator's silence)."""
-        self._outbox.append(P.encode(P.Action(tick, action, compute_us)))
+        self._outbox.append(P.encode(P.Action(tick, action, compute_us, cpu_us)))
         self._last_send = now
         self._last_recv = max(self._last_recv, now)
         self.steps += 1
 
-    def act_many(self, tick: int, actions, compute_us: int, now: float) -> None:
+    def act_many(self, tick: int, actions, compute_us: int, now: float, cpu_us: int | None = None) -> None:
         """A host's answer to HOST_OBSERVATION ``tick``: one action per member it listed
         (less those that :meth:`leave` took away), in its order."""
-        self._outbox.append(P.encode(P.HostAction(tick, actions, compute_us)))
+        self._outbox.append(P.encode(P.HostAction(tick, actions, compute_us, cpu_us)))
         self._last_send = now
         self._last_recv = max(self._last_recv, now)
         self.steps += len(actions)

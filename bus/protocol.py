@@ -321,21 +321,29 @@ class Action:
 
     tick: the tick of the OBSERVATION being answered.
     action: index of the chosen action.
-    compute_us: microseconds the agent spent computing it (for latency accounting).
+    compute_us: microseconds (wall clock) the agent spent computing it: the bus's
+        latency is the round trip less this.
+    cpu_us: optional; the CPU time (the thread's) of that computation, in microseconds:
+        the coordinator's live efficiency counts it as work (a step preempted half-way
+        does not count twice).  Left out when the agent cannot measure it.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.ACTION
     tick: int
     action: int
     compute_us: int = 0
+    cpu_us: int | None = None
 
     def wire(self) -> tuple:
-        return (self.tick, self.action, self.compute_us)
+        if self.cpu_us is None:
+            return (self.tick, self.action, self.compute_us)
+        return (self.tick, self.action, self.compute_us, self.cpu_us)
 
     @classmethod
     def from_wire(cls, f: list) -> Action:
-        _arity(f, 3, "ACTION")
-        return cls(_int(f[0], "tick", 0), _int(f[1], "action", 0, _U32_MAX), _int(f[2], "compute_us", 0))
+        _arity(f, (3, 4), "ACTION")
+        return cls(_int(f[0], "tick", 0), _int(f[1], "action", 0, _U32_MAX), _int(f[2], "compute_us", 0),
+                   _int(f[3], "cpu_us", 0) if len(f) == 4 else None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -569,20 +577,25 @@ class HostAction(_ArrayRecord):
 
     actions: 1-D integer array.
     compute_us: microseconds the host spent computing them (all members together).
+    cpu_us: optional; the CPU time of that computation (see ACTION).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.HOST_ACTION
     tick: int
     actions: Any
     compute_us: int = 0
+    cpu_us: int | None = None
 
     def wire(self) -> tuple:
-        return (self.tick, self.actions, self.compute_us)
+        if self.cpu_us is None:
+            return (self.tick, self.actions, self.compute_us)
+        return (self.tick, self.actions, self.compute_us, self.cpu_us)
 
     @classmethod
     def from_wire(cls, f: list) -> HostAction:
-        _arity(f, 3, "HOST_ACTION")
-        return cls(_int(f[0], "tick", 0), _array(f[1], "actions", "iu", 1), _int(f[2], "compute_us", 0))
+        _arity(f, (3, 4), "HOST_ACTION")
+        return cls(_int(f[0], "tick", 0), _array(f[1], "actions", "iu", 1), _int(f[2], "compute_us", 0),
+                   _int(f[3], "cpu_us", 0) if len(f) == 4 else None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -752,11 +765,13 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     # anything unusual falls through to the general path and its precise error.
     n = len(obj) if type(obj) is list else 0
     if n > 3 and obj[0] == PROTOCOL_VERSION and type(obj[0]) is int and type(obj[1]) is int:
-        if n == 5 and obj[1] == _ACTION:
+        if n in (5, 6) and obj[1] == _ACTION:
             tick, action, compute_us = obj[2], obj[3], obj[4]
-            if (type(tick) is int and type(action) is int and type(compute_us) is int
-                    and 0 <= tick <= _INT64_MAX and 0 <= action <= _U32_MAX and 0 <= compute_us <= _INT64_MAX):
-                return Action(tick, action, compute_us)
+            cpu_us = obj[5] if n == 6 else 0
+            if (type(tick) is int and type(action) is int and type(compute_us) is int and type(cpu_us) is int
+                    and 0 <= tick <= _INT64_MAX and 0 <= action <= _U32_MAX and 0 <= compute_us <= _INT64_MAX
+                    and 0 <= cpu_us <= _INT64_MAX):
+                return Action(tick, action, compute_us, cpu_us if n == 6 else None)
         elif n == 4 and obj[1] == _OBSERVATION:
             tick, obs = obj[2], obj[3]
             if (type(tick) is int and 0 <= tick <= _INT64_MAX and type(obs) is list

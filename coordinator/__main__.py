@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -32,6 +33,12 @@ _ENV = {
     "setup_grace": "BUS_SETUP_GRACE",
     "max_pending": "BUS_MAX_PENDING",
     "drop_after": "BUS_DROP_AFTER",
+    "metrics": "BUS_METRICS",
+    "alert_threshold": "BUS_ALERT_THRESHOLD",
+    "alert_for": "BUS_ALERT_FOR",
+    "alert_hook": "BUS_ALERT_HOOK",
+    "efficiency_window": "BUS_EFFICIENCY_WINDOW",
+    "agent_cores": "BUS_AGENT_CORES",
 }
 
 _WORLD = WorldConfig()
@@ -77,16 +84,42 @@ _WORLD = WorldConfig()
               show_default=True, help="Drop an agent (or host) from the schedule after this many deadlines in a "
                                       "row that it missed or answered late or slowly (after 80%% of the "
                                       "deadline); it may rejoin. 0: never.")
+@click.option("--metrics", envvar=_ENV["metrics"], default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464). Off by default.")
+@click.option("--efficiency-window", envvar=_ENV["efficiency_window"], type=click.FloatRange(min=0, min_open=True),
+              default=Settings.efficiency_window, show_default=True,
+              help="Seconds over which the live efficiency is computed.")
+@click.option("--agent-cores", envvar=_ENV["agent_cores"], default="auto", show_default=True,
+              help="Cores the agents can use (C in min(N, C)): a number, or auto (this machine's, for local agents).")
+@click.option("--alert-threshold", envvar=_ENV["alert_threshold"], type=click.FloatRange(0, 1),
+              default=Settings.alert_threshold, show_default=True,
+              help="Raise the efficiency alert when efficiency stays below this ...")
+@click.option("--alert-for", envvar=_ENV["alert_for"], type=click.FloatRange(min=0), default=Settings.alert_for,
+              show_default=True, help="... for this many seconds (it is then logged once, the gauge set, and the "
+                                      "hook run; again when it clears).")
+@click.option("--alert-hook", envvar=_ENV["alert_hook"], default=None, metavar="COMMAND",
+              help="Run COMMAND when the alert is raised or cleared, with BUS_ALERT_STATE, BUS_ALERT_EFFICIENCY, "
+                   "BUS_ALERT_CAUSE ... in its environment.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
 def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, arena_agents, max_arenas,
-        endpoint_file, curve_secret, curve_clients, spin_us, setup_grace, max_pending, drop_after, log_level):
+        endpoint_file, curve_secret, curve_clients, spin_us, setup_grace, max_pending, drop_after, metrics,
+        efficiency_window, agent_cores, alert_threshold, alert_for, alert_hook, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
     configure_logging(log_level)
     from agentbus_zmq.coordinator.driver import serve
 
     try:
+        if agent_cores == "auto":
+            agent_cores = len(os.sched_getaffinity(0))
+        elif not agent_cores.isdigit() or int(agent_cores) < 1:
+            raise ValueError(f"--agent-cores takes a positive number or auto, not {agent_cores!r}")
         settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat, setup_grace=setup_grace,
-                            max_pending=max_pending, drop_after=drop_after)
+                            max_pending=max_pending, drop_after=drop_after, efficiency_window=efficiency_window,
+                            agent_cores=int(agent_cores), alert_threshold=alert_threshold, alert_for=alert_for)
+        if metrics is not None:
+            from agentbus_zmq.coordinator.exporter import parse_address
+
+            parse_address(metrics)
         world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed,
                             arena_agents=arena_agents, max_arenas=max_arenas)
         check_endpoint(bind)
@@ -99,7 +132,8 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
         raise click.UsageError(str(exc)) from None
     _raise_fd_limit()
     try:
-        serve(bind, settings, world, endpoint_file=endpoint_file, curve=curve, spin=spin_us / 1e6)
+        serve(bind, settings, world, endpoint_file=endpoint_file, curve=curve, spin=spin_us / 1e6, metrics=metrics,
+              alert_hook=alert_hook)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     except zmq.ZMQError as exc:

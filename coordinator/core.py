@@ -47,8 +47,9 @@ from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.logs import PeerLog
 from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.security import id_allowed
+from agentbus_zmq.coordinator.live import AlertEvent, LiveEfficiency, Sample
 from agentbus_zmq.coordinator.measure import ControlError, MeasureRequest, Measurement
-from agentbus_zmq.coordinator.metrics import Ledger
+from agentbus_zmq.coordinator.metrics import Histogram, Ledger
 from agentbus_zmq.coordinator.world import GridWorld, WorldFull
 
 __all__ = ["Settings", "AgentState", "TickPhase", "Unit", "AgentEntry", "HostEntry", "Member", "CoordinatorCore",
@@ -76,6 +77,10 @@ PROBE_INTERVAL_S = 0.25
 PROBES_PER_CLOSE = 2
 #: Units listed in ``stats["stragglers"]`` (the worst first).
 MAX_STRAGGLERS_LISTED = 16
+#: Step times kept per unit (for ``agents``' p50 / p99), a power of two.
+STEP_TIMES = 32
+#: Units named as the slowest in an efficiency alert.
+SLOWEST_NAMED = 3
 #: How far an agent's compute_us may exceed the time the coordinator waited for its
 #: answer (clock granularity) before it is counted as a bad report and clamped.
 COMPUTE_SLACK_US = 1000
@@ -108,6 +113,12 @@ class Settings:
     #: Drop a unit from the schedule after this many deadlines in a row that it missed,
     #: answered late or answered slowly (0: never); it may HELLO again.
     drop_after: int = 0
+    #: Live efficiency: its sliding window (s), the cores the agents can use, the alert's
+    #: threshold and how long efficiency must stay below it before the alert is raised.
+    efficiency_window: float = 10.0
+    agent_cores: int = 1
+    alert_threshold: float = 0.5
+    alert_for: float = 30.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -196,6 +207,11 @@ class Unit:
     slow: int = 0
     #: missed, late or slow answers in a row (Settings.drop_after)
     strikes: int = 0
+    #: CPU time its steps took, as reported (microseconds, all its agents)
+    cpu_us: int = 0
+    #: the last STEP_TIMES step times (wall, per agent, microseconds), a ring
+    times: list = dataclasses.field(default_factory=lambda: [0] * STEP_TIMES)
+    times_n: int = 0
 
     def move(self, event: str) -> None:
         try:
@@ -266,9 +282,13 @@ class CoordinatorCore:
         cpu_clock: Callable[[], tuple[float, float]] = lambda: (time.process_time(), time.thread_time()),
         key_patterns: Mapping[bytes, tuple[str, ...] | None] | None = None,
         token: Callable[[], str] = lambda: secrets.token_hex(16),
+        histograms: bool = False,
+        load: Callable[[], float] = lambda: 0.0,
     ):
         """``key_patterns``: with CURVE, each allowed key's agent id patterns (None: any
-        id); ``token``: makes each registration's secret (tests pass a predictable one)."""
+        id); ``token``: makes each registration's secret (tests pass a predictable one);
+        ``histograms``: keep latency and tick-duration histograms (for /metrics);
+        ``load``: the machine's load average (named in an alert's cause)."""
         self.settings = settings
         self.world = world if world is not None else GridWorld()
         self.session = session
@@ -309,6 +329,18 @@ class CoordinatorCore:
         #: units to drop at the next timer (Settings.drop_after)
         self._stragglers: dict[Unit, None] = {}
         self._slow_after = settings.deadline * settings.slow_fraction
+        #: CPU time of every step answered in time, as agents reported it (us)
+        self.agent_cpu_us = 0
+        self.live = LiveEfficiency(settings.efficiency_window, settings.agent_cores, settings.alert_threshold,
+                                   settings.alert_for)
+        #: alerts raised or cleared, for the driver's hook (take_alerts)
+        self._alerts: list[AlertEvent] = []
+        self._load = load
+        #: /metrics only: bus latency per answer and lock-step tick durations (us)
+        self.latency = Histogram() if histograms else None
+        self.tick_time = Histogram() if histograms else None
+        self.latency_sum_us = self.tick_time_sum_us = 0.0
+        self._tick_opened = 0.0
         self.connections: collections.Counter = collections.Counter()
         #: registrations per agent id this session (restarts = registrations - 1)
         self._registrations: collections.Counter = collections.Counter()
@@ -331,6 +363,7 @@ class CoordinatorCore:
             "ping": self._cmd_ping,
             "stats": self._cmd_stats,
             "measure": self._cmd_measure,
+            "agents": self._cmd_agents,
         }
 
     # --- input ------------------------------------------------------------------
@@ -412,6 +445,7 @@ class CoordinatorCore:
             self._next_sweep = now + self.settings.heartbeat / 4
             self._sweep(now)
             self._plog.roll(now)
+            self._watch(now)
         m = self._measure
         if m is not None:
             if m.done(now):
@@ -457,6 +491,7 @@ class CoordinatorCore:
         self._plog.warning(now, "message to %s counted undeliverable: %s", _peer_name(peer, unit), why)
         if gone:
             if unit is not None:
+                self.ledger.errors["connection_closed"] += 1
                 self._plog.info(now, "%s: its connection is gone; dropped", unit.name)
                 self._drop(unit, now)
             self._cancel_measures(peer, now)
@@ -750,6 +785,49 @@ class CoordinatorCore:
         for peer in {m[0] for m in self._measure_queue} | ({self._measure.peer} if self._measure else set()):
             self._outbox.append((peer, hb))
 
+    def _watch(self, now: float) -> None:
+        """Sample the live efficiency; raise or clear its alert."""
+        ledger = self.ledger
+        self.live.sample(Sample(now, self.agent_cpu_us, ledger.received, ledger.missing + ledger.late,
+                                self._cpu_clock()[0]), self._stepping_n)
+        event = self.live.update(now, self._explain)
+        if event is None:
+            return
+        if event.raised:
+            log.warning("efficiency %.0f%% below the %.0f%% threshold for %.0f s: %s", event.efficiency * 100,
+                        event.threshold * 100, self.settings.alert_for, event.cause)
+        else:
+            log.info("efficiency alert cleared (%s): %s", f"{event.efficiency:.0%}" if event.efficiency else "-",
+                     event.cause)
+        self._alerts.append(event)
+
+    def _explain(self, f: dict) -> str:
+        """What the coordinator can see behind a low efficiency, most telling first."""
+        causes = []
+        if f["rate"] and f["lost"]:
+            causes.append(f"{f['lost']} steps lost (missed or late) in the last {f['window_s']:.0f} s")
+        slowest = self.slowest_units(SLOWEST_NAMED)
+        if slowest:
+            causes.append("slowest: " + ", ".join(f"{name} ({p50 / 1000:.1f} ms a step)" for name, p50 in slowest))
+        if f["coordinator_cpu"] is not None and f["coordinator_cpu"] >= 0.85:
+            causes.append(f"the coordinator uses {f['coordinator_cpu']:.0%} of a core: it is the bottleneck "
+                          f"(hosts or async mode send fewer messages a step)")
+        load = self._load()
+        if load > f["cores"]:
+            causes.append(f"the machine is overloaded: load {load:.1f} on {f['cores']} cores")
+        if f["agents"] < f["cores"]:
+            causes.append(f"only {f['agents']} agents for {f['cores']} cores")
+        return "; ".join(causes) or "no cause visible from the coordinator (agents waiting on something else?)"
+
+    def slowest_units(self, k: int) -> list[tuple[str, float]]:
+        """The ``k`` units with the longest median step time: (name, p50 in us)."""
+        ranked = sorted(((_median(u), u.name) for u in self._by_peer.values() if u.times_n), reverse=True)
+        return [(name, p50) for p50, name in ranked[:k]]
+
+    def take_alerts(self) -> list[AlertEvent]:
+        out, self._alerts = self._alerts, []
+        return out
+
     def _probe_unit(self, unit: Unit, now: float) -> None:
         self._send(unit, P.encode(P.Heartbeat()), now)
 
@@ -825,6 +903,7 @@ class CoordinatorCore:
             self._due = self._tick_deadline = math.inf
             return
         self.phase = TICK_OPEN
+        self._tick_opened = now
         self._due = self._tick_deadline = now + self.settings.deadline
         self._expected = set(ready)
         tick = self.tick
@@ -832,6 +911,10 @@ class CoordinatorCore:
             self._send_observation(unit, tick, now)
 
     def _close_tick(self, now: float) -> None:
+        if self.tick_time is not None:
+            us = (now - self._tick_opened) * 1e6
+            self.tick_time.record(us)
+            self.tick_time_sum_us += us
         self.phase = TICK_IDLE
         self._apply_moves()
         self.ledger.ticks += 1
@@ -885,7 +968,7 @@ class CoordinatorCore:
         if entry.state is not STEPPING or msg.tick != entry.pending:
             self._late_or_stale(entry, msg.tick, now)
             return
-        self._accept(entry, 1, msg.compute_us, now)
+        self._accept(entry, 1, msg.compute_us, now, msg.cpu_us)
         if self._async:
             del self._outstanding[entry]
             self.world.move(entry.slot, msg.action)
@@ -906,7 +989,7 @@ class CoordinatorCore:
             self._reject(host.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick} has "
                          f"{len(msg.actions)} actions; the observation listed {n} members", now)
             return
-        self._accept(host, n, msg.compute_us, now)
+        self._accept(host, n, msg.compute_us, now, msg.cpu_us)
         if self._async:
             del self._outstanding[host]
             self.world.move_many(host.slots[host.pending_idx], msg.actions)
@@ -918,7 +1001,7 @@ class CoordinatorCore:
             if not self._expected:
                 self._close_tick(now)
 
-    def _accept(self, unit: Unit, n: int, compute_us: int, now: float) -> None:
+    def _accept(self, unit: Unit, n: int, compute_us: int, now: float, cpu_us: int | None = None) -> None:
         """``n`` agent-steps answered in time: the ledger, the unit, the measurement."""
         unit.state = IDLE  # the table's (STEPPING, "answer"): the caller checked STEPPING
         unit.steps += n
@@ -928,6 +1011,15 @@ class CoordinatorCore:
             self._plog.warning(now, "%s reported compute_us %d for an answer that took %.0f us: counted as %.0f",
                                unit.name, compute_us, waited * 1e6, waited * 1e6)
             compute_us = int(waited * 1e6)
+        cpu = compute_us if cpu_us is None or cpu_us > compute_us else cpu_us  # never more than the wall time
+        self.agent_cpu_us += cpu
+        unit.cpu_us += cpu
+        unit.times[unit.times_n & (STEP_TIMES - 1)] = compute_us // n
+        unit.times_n += 1
+        if self.latency is not None:
+            us = waited * 1e6 - compute_us
+            self.latency.record(us, n)
+            self.latency_sum_us += us * n
         if waited > self._slow_after:
             unit.slow += 1
             self.ledger.slow += n
@@ -1003,6 +1095,28 @@ class CoordinatorCore:
             raise ControlError(ErrorCode.BAD_FIELD, "stats' page must be a non-negative integer")
         return self.stats(now, page)
 
+    def _cmd_agents(self, peer: bytes, msg: P.Control, now: float) -> dict:
+        """One row per agent, STATS_DETAIL_MAX a page, by id: what ``busctl agents`` shows.
+        A host's agents share their host's figures (state, step times, counts)."""
+        page = msg.args.get("page", 0)
+        if type(page) is not int or page < 0:
+            raise ControlError(ErrorCode.BAD_FIELD, "agents' page must be a non-negative integer")
+        ids = sorted(self.agents)[page * STATS_DETAIL_MAX:(page + 1) * STATS_DETAIL_MAX]
+        rows = []
+        for agent_id in ids:
+            entry = self.agents[agent_id]
+            unit = entry if type(entry) is AgentEntry else entry.host
+            times = sorted(unit.times[:min(unit.times_n, STEP_TIMES)])
+            rows.append({
+                "id": agent_id, "pid": unit.pid, "host": unit.host_id if type(unit) is HostEntry else None,
+                "kind": unit.kind, "state": unit.state.value, "steps": unit.steps,
+                "p50_us": times[len(times) // 2] if times else None,
+                "p99_us": times[min(len(times) - 1, (len(times) * 99) // 100)] if times else None,
+                "missed": unit.missed, "late": unit.late, "slow": unit.slow,
+                "last_seen_s": round(now - unit.last_seen, 3),
+            })
+        return {"page": page, "pages": max(1, -(-len(self.agents) // STATS_DETAIL_MAX)), "agents": rows}
+
     def _cmd_measure(self, peer: bytes, msg: P.Control, now: float) -> None:
         """Start a measurement, or queue it behind the running one (its ``timeout_s``
         counts from now); answered when it closes."""
@@ -1065,7 +1179,8 @@ class CoordinatorCore:
                             "open": self.connections["accepted"] - self.connections["disconnected"]},
             "pending": self._joining,
             "measurements": {"running": self._measure is not None, "queued": len(self._measure_queue)},
-            "stragglers": self._straggler_table(),
+            "stragglers": self.straggler_table(),
+            "live": self.live.figures(),
         }
         pages = max(1, -(-len(self.agents) // STATS_DETAIL_MAX))
         if page is None and len(self.agents) > STATS_DETAIL_MAX:
@@ -1085,7 +1200,21 @@ class CoordinatorCore:
         })
         return out
 
-    def _straggler_table(self) -> dict:
+    @property
+    def ready(self) -> int:
+        """Agents that have answered an observation."""
+        return self._stepping_n
+
+    @property
+    def pending(self) -> int:
+        """Connections registered and not yet ready."""
+        return self._joining
+
+    def cpu_seconds(self) -> float:
+        """The coordinator process's CPU time so far."""
+        return self._cpu_clock()[0]
+
+    def straggler_table(self) -> dict:
         """The units that missed, answered late or slowly most often (at most
         MAX_STRAGGLERS_LISTED, worst first): their name -> counts."""
         units = [u for u in self._by_peer.values() if u.missed or u.late or u.slow]
@@ -1101,6 +1230,11 @@ class CoordinatorCore:
         m, self._measure = self._measure, None
         self._reply(m.peer, m.request_id, ok, result)
         self._next_measure(now)
+
+
+def _median(unit: Unit) -> float:
+    times = sorted(unit.times[:min(unit.times_n, STEP_TIMES)])
+    return times[len(times) // 2]
 
 
 def _errno_name(value: int) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import subprocess
 import time
 import uuid
 
@@ -18,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 from agentbus_zmq.bus import sockets
 from agentbus_zmq.bus.security import ZAP_ENDPOINT, ServerKeys, zap_verdict
 from agentbus_zmq.bus.signals import StopSignal
-from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
+from agentbus_zmq.coordinator.core import ConfigError, CoordinatorCore, Settings
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
 __all__ = ["serve"]
@@ -74,20 +76,71 @@ def flush(sock: zmq.Socket, core: CoordinatorCore) -> None:
             core.on_undeliverable(peer, "its connection is gone", time.monotonic(), gone=True)
 
 
+class AlertHook:
+    """Runs the operator's command when the efficiency alert is raised or cleared, with
+    the figures in its environment (BUS_ALERT_*).  One at a time, never waited for: a
+    hook still running when the next event comes is not started again (logged)."""
+
+    def __init__(self, command: str, session: str):
+        self.argv = shlex.split(command)
+        self.session = session
+        self.proc: subprocess.Popen | None = None
+
+    def fire(self, event) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            log.warning("alert hook %s still running: not started for this event", self.argv[0])
+            return
+        f = event.figures
+        env = {**os.environ, "BUS_ALERT_STATE": "raised" if event.raised else "cleared",
+               "BUS_ALERT_EFFICIENCY": f"{event.efficiency:.4f}", "BUS_ALERT_THRESHOLD": f"{event.threshold:.4f}",
+               "BUS_ALERT_CAUSE": event.cause, "BUS_ALERT_SESSION": self.session,
+               "BUS_ALERT_AGENTS": str(f.get("agents", 0)), "BUS_ALERT_RATE": f"{f.get('rate') or 0:.1f}",
+               "BUS_ALERT_LOST_STEPS": str(f.get("lost", 0))}
+        try:
+            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            log.error("alert hook %r could not start: %s", self.argv[0], exc)
+
+    def reap(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            if self.proc.returncode:
+                log.warning("alert hook %s exited with status %d", self.argv[0], self.proc.returncode)
+            self.proc = None
+
+
 def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | None = None,
-          endpoint_file: str | None = None, curve: ServerKeys | None = None, spin: float = 0.0) -> CoordinatorCore:
+          endpoint_file: str | None = None, curve: ServerKeys | None = None, spin: float = 0.0,
+          metrics: str | None = None, alert_hook: str | None = None) -> CoordinatorCore:
     """Run the coordinator on ``endpoint`` until SIGINT/SIGTERM; returns the core.
 
     ``endpoint`` may use a wildcard port (``tcp://127.0.0.1:*``); the endpoint actually
     bound is logged and, with ``endpoint_file``, written there once the socket is ready.
     With ``spin`` (seconds), the loop busy-polls that long after each message before it
     sleeps: a core kept hot answers sooner (use it when the coordinator has a core to itself).
+    ``metrics`` (HOST:PORT) serves Prometheus metrics from this loop; ``alert_hook`` is a
+    command run when the efficiency alert is raised or cleared.
     """
     if sockets.endpoint_is_public(endpoint) and curve is None:
         log.warning("binding %s beyond loopback without CURVE: anyone who can reach it can join and read the "
                     "traffic (docs/security.md)", endpoint)
     core = CoordinatorCore(settings, GridWorld(world), session or uuid.uuid4().hex[:12],
-                           key_patterns=curve.allowed if curve is not None else None)
+                           key_patterns=curve.allowed if curve is not None else None,
+                           histograms=metrics is not None, load=lambda: os.getloadavg()[0])
+    hook = AlertHook(alert_hook, core.session) if alert_hook else None
+    exporter = None
+    if metrics is not None:
+        from agentbus_zmq.coordinator.exporter import MetricsServer, render
+
+        try:
+            exporter = MetricsServer(metrics, lambda: render(core))
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {metrics}: {exc.strerror or exc}; choose another --metrics "
+                              f"address") from None
+        if exporter.public:
+            log.warning("serving metrics on %s, beyond loopback: anyone who can reach it reads the bus's figures",
+                        metrics)
+        log.info("metrics on %s", exporter.url)
     zap = None
     if curve is not None:
         # The ZAP handler must exist before the ROUTER accepts its first connection.
@@ -114,6 +167,8 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                 poller.register(zap, zmq.POLLIN)
             monitor = sock.get_monitor_socket(MONITORED)
             poller.register(monitor, zmq.POLLIN)
+            if exporter is not None:
+                exporter.attach(poller)
             recv = sock.recv
             getsockopt = sock.getsockopt
             # With CURVE, each message carries the key its connection authenticated with
@@ -170,7 +225,14 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                     reply, allowed, who = zap_verdict(zap.recv_multipart(), curve.allowed)
                     zap.send_multipart(reply)
                     core.on_handshake(who, allowed, clock())
+                if exporter is not None and (exporter.busy or exporter.fd in ready):
+                    exporter.handle(ready, clock())
                 core.on_timer(clock())
+                alerts = core.take_alerts()
+                if hook is not None:
+                    hook.reap()
+                    for event in alerts:
+                        hook.fire(event)
                 flush(sock, core)
             log.info("signal %d: shutting down", stop.requested)
             core.shutdown(clock())
@@ -181,6 +243,8 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
         sock.close(linger=0)
         if zap is not None:
             zap.close(linger=0)
+        if exporter is not None:
+            exporter.close()
     ledger = core.ledger.snapshot()
     log.info("coordinator stopped after %d ticks; ledger %s", core.tick, ledger)
     return core

@@ -97,7 +97,9 @@ def test_unknown_type_is_refused():
 
 @pytest.mark.parametrize("fields", [
     [1, 2],                      # too few
-    [1, 2, 3, 4],                # too many
+    [1, 2, 3, 4, 5],             # too many (cpu_us is the one optional field)
+    [1, 2, 3, -4],               # negative cpu_us
+    [1, 2, 3, 4.5],              # float cpu_us
     ["1", 2, 3],                 # tick not an int
     [True, 2, 3],                # bool is not an int
     [-1, 2, 3],                  # negative tick
@@ -241,3 +243,12 @@ def test_the_welcome_encoder_makes_the_bytes_encode_makes():
     assert P.decode(frame) == P.HostWelcome("sess", "h1", {**params, "token": "t"}, arenas)
     many = P.WelcomeEncoder("s", {f"k{i}": i for i in range(20)})   # a map of 16 entries or more
     assert P.decode(many.welcome("a", {"x": 1})).params == {**{f"k{i}": i for i in range(20)}, "x": 1}
+
+
+def test_cpu_us_is_optional_on_actions():
+    assert P.decode(P.encode(P.Action(1, 2, 30))) == P.Action(1, 2, 30, None)
+    assert P.decode(P.encode(P.Action(1, 2, 30, 25))) == P.Action(1, 2, 30, 25)
+    import numpy as np
+
+    a = P.HostAction(1, np.array([1, 2], np.uint8), 30, 20)
+    assert P.decode(P.encode(a)) == a and P.decode(P.encode(P.HostAction(1, a.actions, 30))).cpu_us is None

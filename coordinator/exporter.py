@@ -1,0 +1,297 @@
+"""Prometheus metrics from the coordinator, served from its own poll loop.
+
+:class:`CoreCollector` turns the core's state into metric families when scraped (nothing
+is counted twice: the ledger is the source); :class:`MetricsServer` is a small
+non-blocking HTTP/1.1 responder whose sockets the driver polls beside the ROUTER, so a
+scrape never runs on another thread and never races the core, and a slow or hostile
+client costs one bounded buffer (no thread, no blocking read or write).
+
+Series (all prefixed ``agentbus_``; units in names, counters end in ``_total``):
+agents and hosts registered, agents ready and pending; agent steps, ticks, the ledger
+(observations sent, steps late/missing/outstanding/slow, messages undeliverable);
+protocol errors by code, agents dropped by reason, refused CURVE clients, connection
+events; bus latency and tick duration histograms; coordinator CPU (total, and per step
+over the efficiency window); the live efficiency, its threshold and the alert.
+
+Label policy: no series is labelled by agent id except ``agentbus_straggler_*``, which
+lists at most 16 units (the worst), so a bus of 10,000 agents exports the same few
+hundred series as one of 10.  Per-agent detail is ``busctl agents``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from agentbus_zmq.bus.protocol import ErrorCode
+from agentbus_zmq.coordinator.core import MAX_STRAGGLERS_LISTED, CoordinatorCore
+from agentbus_zmq.coordinator.metrics import Histogram
+
+__all__ = ["CoreCollector", "MetricsServer", "parse_address", "render"]
+
+log = logging.getLogger(__name__)
+
+#: Histogram bucket bounds, seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: ledger error counters that are not protocol error codes: reason label of agents_dropped
+DROP_REASONS = {"expired": "silent", "setup_expired": "setup_grace", "dropped_stragglers": "straggler",
+                "connection_closed": "connection_closed"}
+_CODES = {c.name for c in ErrorCode}
+
+
+class CoreCollector:
+    """A prometheus_client collector reading a :class:`CoordinatorCore` at scrape time."""
+
+    def __init__(self, core: CoordinatorCore, clock: Callable[[], float] = time.monotonic):
+        self.core = core
+        self.clock = clock
+
+    def collect(self):
+        core, ledger = self.core, self.core.ledger
+        live = core.live.figures()
+
+        def gauge(name, doc, value, labels=None):
+            g = GaugeMetricFamily(f"agentbus_{name}", doc, labels=list(labels or {}))
+            if labels:
+                g.add_metric(list(labels.values()), value)
+            else:
+                g.add_metric([], value)
+            return g
+
+        def counter(name, doc, value):
+            c = CounterMetricFamily(f"agentbus_{name}", doc)
+            c.add_metric([], value)
+            return c
+
+        yield gauge("agents_registered", "Agents registered (alone or in hosts).", len(core.agents))
+        yield gauge("agents_ready", "Agents that have answered an observation.", core.ready)
+        yield gauge("agents_pending", "Connections registered and not yet ready.", core.pending)
+        yield gauge("hosts_registered", "Agent hosts registered.", len(core.hosts))
+        yield counter("agent_steps_total", "Agent steps answered in time.", ledger.received)
+        yield counter("ticks_total", "Lock-step ticks closed.", ledger.ticks)
+        yield counter("observations_sent_total", "Observations sent (agent-steps).", ledger.sent)
+        yield counter("steps_late_total", "Answers that came after their deadline.", ledger.late)
+        yield counter("steps_missing_total", "Observations never answered.", ledger.missing)
+        yield counter("steps_slow_total", "Answers in time but after 80% of the deadline.", ledger.slow)
+        yield gauge("steps_outstanding", "Observations awaiting an answer.", ledger.outstanding)
+        yield counter("messages_undeliverable_total", "Messages the socket could not take (peer gone or queue "
+                                                      "full).", ledger.undeliverable)
+        errors = CounterMetricFamily("agentbus_protocol_errors_total", "Messages refused, by error code.",
+                                     labels=["code"])
+        dropped = CounterMetricFamily("agentbus_agents_dropped_total", "Registrations dropped, by reason.",
+                                      labels=["reason"])
+        for code in sorted(_CODES):
+            errors.add_metric([code], ledger.errors.get(code, 0))
+        for key, reason in DROP_REASONS.items():
+            dropped.add_metric([reason], ledger.errors.get(key, 0))
+        yield errors
+        yield dropped
+        yield counter("curve_refused_total", "CURVE clients refused (not on the allow-list).",
+                      ledger.errors.get("unauthorized", 0))
+        yield counter("peer_errors_received_total", "ERROR messages peers sent.", ledger.errors.get("received", 0))
+        conns = CounterMetricFamily("agentbus_connection_events_total", "Transport events on the ROUTER.",
+                                    labels=["event"])
+        for event in ("accepted", "disconnected", "handshake_failed", "accept_failed"):
+            conns.add_metric([event], core.connections.get(event, 0))
+        yield conns
+        yield _histogram("bus_latency_seconds", "Round trip of an answer less the agent's compute.",
+                         core.latency, core.latency_sum_us, LATENCY_BUCKETS)
+        yield _histogram("tick_duration_seconds", "Lock-step tick, from opening to closing.", core.tick_time,
+                         core.tick_time_sum_us, TICK_BUCKETS)
+        cpu_s = core.cpu_seconds()
+        yield counter("coordinator_cpu_seconds_total", "CPU time of the coordinator process.", cpu_s)
+        per_step = (live["coordinator_cpu"] / live["rate"]) if live.get("rate") and live["coordinator_cpu"] else 0.0
+        yield gauge("coordinator_cpu_seconds_per_step", "Coordinator CPU per agent step, over the efficiency window.",
+                    per_step)
+        yield counter("agent_cpu_seconds_total", "CPU time agents reported for their steps.", core.agent_cpu_us / 1e6)
+        yield gauge("agent_cores", "Cores the agents can use (C in min(N, C)).", live["cores"])
+        yield gauge("step_rate", "Agent steps per second over the efficiency window.", live["rate"] or 0.0)
+        yield gauge("efficiency", "Live coordination efficiency: agent CPU in steps / (window x min(N, C)); NaN "
+                                  "before a full window.", float("nan") if live["efficiency"] is None
+                    else live["efficiency"])
+        yield gauge("efficiency_threshold", "Below it for the hold time, the alert is raised.", live["threshold"])
+        yield gauge("efficiency_alert", "1 while the efficiency alert is raised.", 1.0 if live["alert"] else 0.0)
+        late = GaugeMetricFamily("agentbus_straggler_steps", f"The {MAX_STRAGGLERS_LISTED} worst units' missed, "
+                                 "late and slow answers.", labels=["unit", "kind"])
+        for name, counts in core.straggler_table().items():
+            for kind in ("missed", "late", "slow"):
+                late.add_metric([name, kind], counts[kind])
+        yield late
+
+
+def _histogram(name: str, doc: str, hist: Histogram | None, sum_us: float, bounds: tuple[float, ...]):
+    h = HistogramMetricFamily(f"agentbus_{name}", doc)
+    buckets, seen = [], 0
+    counts = hist.counts if hist is not None else []
+    # our log-spaced buckets (2 % wide): bucket i holds values below STEP ** i us
+    edges = [Histogram.STEP ** i for i in range(len(counts))]
+    i = 0
+    for bound in bounds:
+        limit = bound * 1e6
+        while i < len(counts) and edges[i] <= limit:
+            seen += counts[i]
+            i += 1
+        buckets.append((_le(bound), seen))
+    buckets.append(("+Inf", hist.n if hist is not None else 0))
+    h.add_metric([], buckets, sum_us / 1e6)
+    return h
+
+
+def _le(bound: float) -> str:
+    return repr(bound)
+
+
+def render(core: CoordinatorCore) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CoreCollector(core))
+    return generate_latest(registry)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``127.0.0.1:9464``, ``:9464`` for every interface, ``[::1]:9464``)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--metrics takes HOST:PORT (e.g. 127.0.0.1:9464), not {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Conn:
+    __slots__ = ("sock", "inbuf", "outbuf", "opened")
+
+    def __init__(self, sock: socket.socket, now: float):
+        self.sock, self.inbuf, self.outbuf, self.opened = sock, b"", b"", now
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP/1.1 (one request a connection), non-blocking, bounded:
+    at most MAX_CONNS connections, requests of MAX_REQUEST bytes, TIMEOUT_S each."""
+
+    MAX_CONNS = 32
+    MAX_REQUEST = 8192
+    TIMEOUT_S = 5.0
+
+    def __init__(self, address: str, render: Callable[[], bytes]):
+        host, port = parse_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, port), family=family, backlog=64)
+        self.listener.setblocking(False)
+        #: zmq.Poller reports plain sockets by file descriptor
+        self.fd = self.listener.fileno()
+        self.address = self.listener.getsockname()[:2]
+        self.public = host not in ("127.0.0.1", "::1", "localhost")
+        self._render = render
+        self._conns: dict[int, _Conn] = {}
+        self._poller = None
+        self.served = 0
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
+
+    @property
+    def busy(self) -> bool:
+        """Connections are open (each poll must look at them, and time them out)."""
+        return bool(self._conns)
+
+    def attach(self, poller) -> None:
+        import zmq
+
+        self._poller = poller
+        self._pollin, self._pollout = zmq.POLLIN, zmq.POLLOUT
+        poller.register(self.listener, zmq.POLLIN)
+
+    def handle(self, ready: dict, now: float) -> None:
+        """Serve whatever ``ready`` (the poll's result: fd -> events) says is ready;
+        close connections older than TIMEOUT_S."""
+        if self.fd in ready:
+            self._accept(now)
+        for fd, conn in list(self._conns.items()):
+            events = ready.get(fd, 0)
+            if events & self._pollin:
+                self._read(fd, conn)
+            if fd in self._conns and events & self._pollout:
+                self._write(fd, conn)
+            if fd in self._conns and now - conn.opened > self.TIMEOUT_S:
+                self._close(fd)
+
+    def close(self) -> None:
+        for fd in list(self._conns):
+            self._close(fd)
+        if self._poller is not None:
+            self._poller.unregister(self.listener)
+        self.listener.close()
+
+    def _accept(self, now: float) -> None:
+        for _ in range(self.MAX_CONNS):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: the scraper retries
+                log.warning("metrics: cannot accept a connection: %s", exc)
+                return
+            if len(self._conns) >= self.MAX_CONNS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._conns[sock.fileno()] = _Conn(sock, now)
+            self._poller.register(sock, self._pollin)
+
+    def _read(self, fd: int, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(self.MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(fd)
+            return
+        conn.inbuf += data
+        if b"\r\n\r\n" not in conn.inbuf:
+            if len(conn.inbuf) > self.MAX_REQUEST:
+                self._respond(fd, conn, 431, "Request Header Fields Too Large", b"request too large\n")
+            return
+        line = conn.inbuf.split(b"\r\n", 1)[0].split()
+        if len(line) != 3 or line[0] not in (b"GET", b"HEAD"):
+            self._respond(fd, conn, 405, "Method Not Allowed", b"GET /metrics\n")
+        elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
+            self._respond(fd, conn, 404, "Not Found", b"GET /metrics\n")
+        else:
+            body = self._render()
+            self.served += 1
+            self._respond(fd, conn, 200, "OK", body if line[0] == b"GET" else b"", len(body))
+
+    def _respond(self, fd: int, conn: _Conn, status: int, reason: str, body: bytes, length: int | None = None) -> None:
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n")
+        conn.outbuf = head.encode() + body
+        self._poller.modify(conn.sock, self._pollout)
+        self._write(fd, conn)
+
+    def _write(self, fd: int, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(fd)
+            return
+        conn.outbuf = conn.outbuf[sent:]
+        if not conn.outbuf:
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        conn = self._conns.pop(fd)
+        try:
+            self._poller.unregister(conn.sock)
+        except KeyError:
+            pass
+        conn.sock.close()

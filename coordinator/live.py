@@ -1,0 +1,126 @@
+"""Live coordination efficiency and its alert, sans-IO.
+
+The coordinator cannot know r1 (an agent's rate alone), but every ACTION carries the CPU
+time its step took.  Over a sliding window::
+
+    efficiency = agent CPU inside steps / (window x min(N, C))
+
+with N the agents ready and C the cores the agents can use.  It is busbench's E(N) =
+R(N) / (min(N, C) x r1) whenever a step costs in the bus what it costs alone (R x 1/r1 is
+the CPU the steps took), and it needs no benchmark: it is what an operator watches.
+
+:class:`LiveEfficiency` keeps cumulative counters sampled at each timer tick and
+differences them over the window; :meth:`LiveEfficiency.update` runs the alert's state
+machine::
+
+    OK --below the threshold for `hold` seconds--> ALERT   (one WARNING, the gauge, the hook)
+    ALERT --at or above the threshold--> OK                (one INFO, gauge cleared, the hook)
+
+An alert needs the threshold missed continuously for ``hold`` seconds, so it is raised at
+most once per ``hold`` however efficiency flaps.  Time is passed in; tests use a fake clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+__all__ = ["AlertEvent", "LiveEfficiency", "Sample"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sample:
+    """Cumulative counters at time ``t``."""
+
+    t: float
+    agent_cpu_us: int
+    steps: int
+    lost: int
+    coordinator_cpu_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AlertEvent:
+    """The alert was raised (``raised``) or cleared; the figures behind it."""
+
+    raised: bool
+    efficiency: float
+    threshold: float
+    cause: str
+    figures: dict
+
+
+class LiveEfficiency:
+    def __init__(self, window: float = 10.0, cores: int = 1, threshold: float = 0.5, hold: float = 30.0):
+        if not (window > 0 and cores >= 1 and 0 <= threshold <= 1 and hold >= 0):
+            raise ValueError("efficiency window must be positive, cores at least 1, threshold in [0, 1], hold >= 0")
+        self.window = window
+        self.cores = cores
+        self.threshold = threshold
+        self.hold = hold
+        self._samples: collections.deque[Sample] = collections.deque()
+        self.agents = 0
+        self.alerting = False
+        self._below_since: float | None = None
+        self.last_cause = ""
+
+    def sample(self, s: Sample, agents: int) -> None:
+        """Record the counters now; samples older than the window (but one) are dropped."""
+        self._samples.append(s)
+        self.agents = agents
+        while len(self._samples) > 2 and s.t - self._samples[1].t >= self.window:
+            self._samples.popleft()
+
+    @property
+    def span(self) -> float:
+        """Seconds the samples cover (up to the window)."""
+        return self._samples[-1].t - self._samples[0].t if len(self._samples) > 1 else 0.0
+
+    def figures(self) -> dict:
+        """Efficiency and its parts over the window (None before a full window or with no agents)."""
+        span = self.span
+        if span <= 0:
+            return {"efficiency": None, "rate": None, "window_s": 0.0, "cores": self.cores, "agents": self.agents,
+                    "lost": 0, "coordinator_cpu": None, "threshold": self.threshold, "alert": self.alerting}
+        first, last = self._samples[0], self._samples[-1]
+        parallel = min(self.agents, self.cores)
+        cpu_s = (last.agent_cpu_us - first.agent_cpu_us) / 1e6
+        full = span >= self.window * 0.9
+        return {
+            "efficiency": cpu_s / (span * parallel) if parallel and full else None,
+            "rate": (last.steps - first.steps) / span,
+            "window_s": span,
+            "cores": self.cores,
+            "agents": self.agents,
+            "agent_cpu_s": cpu_s,
+            "lost": last.lost - first.lost,
+            "coordinator_cpu": (last.coordinator_cpu_s - first.coordinator_cpu_s) / span,
+            "threshold": self.threshold,
+            "alert": self.alerting,
+        }
+
+    def update(self, now: float, explain) -> AlertEvent | None:
+        """Advance the alert; ``explain(figures)`` names the cause when one is raised."""
+        f = self.figures()
+        eff = f["efficiency"]
+        if eff is None:
+            self._below_since = None
+            if self.alerting and not self.agents:
+                self.alerting = False
+                return AlertEvent(False, 0.0, self.threshold, "no agents are stepping", f)
+            return None
+        if eff < self.threshold:
+            if self._below_since is None:
+                self._below_since = now
+            if not self.alerting and now - self._below_since >= self.hold:
+                self.alerting = True
+                f["alert"] = True
+                self.last_cause = explain(f)
+                return AlertEvent(True, eff, self.threshold, self.last_cause, f)
+            return None
+        self._below_since = None
+        if self.alerting:
+            self.alerting = False
+            f["alert"] = False
+            return AlertEvent(False, eff, self.threshold, "efficiency recovered", f)
+        return None
