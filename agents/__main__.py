@@ -54,13 +54,9 @@ class PerHost(click.ParamType):
 
 def client_keys(server_key: str | None, key: str | None):
     """CURVE keys from the two options, or None when neither is given."""
-    if not (server_key or key):
-        return None
-    if not (server_key and key):
-        raise ValueError("CURVE needs both --curve-server-key and --curve-key")
     from agentbus_zmq.bus.security import ClientKeys
 
-    return ClientKeys.load(server_key, key)
+    return ClientKeys.from_options(server_key, key)
 
 
 def default_agent_id() -> str:

@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus import sockets
@@ -29,10 +30,19 @@ class ControlFailed(RuntimeError):
         self.code = code
 
 
+#: What the client's own socket monitor tells a failure's message.
+_WATCHED = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
 class ControlClient:
     def __init__(self, endpoint: str, curve: ClientKeys | None = None):
         self.endpoint = endpoint
         self._sock = sockets.dealer(endpoint, curve=curve, immediate=True)
+        self._monitor = self._sock.get_monitor_socket(_WATCHED)
+        #: transport events seen so far (a failure says which: nobody there, refused, silent)
+        self._seen: set[int] = set()
         self._curve = curve is not None
         self._issued = 0
         #: requests sent and not yet answered or given up on; only their replies are kept
@@ -41,6 +51,8 @@ class ControlClient:
         self._early: dict[int, P.Reply] = {}
 
     def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
     def __enter__(self) -> ControlClient:
@@ -111,8 +123,28 @@ class ControlClient:
         return self.wait(request_id, max(0.0, timeout - (time.monotonic() - start)), idle, command)
 
     def _unavailable(self, what: str, timeout: float) -> str:
-        return (f"{what} within {timeout:.1f} s: "
-                "is bus-coordinator running and bound there"
+        """Why nothing came back, as far as this client's socket can tell."""
+        return f"{what} within {timeout:.1f} s: {self.diagnosis()}"
+
+    def diagnosis(self) -> str:
+        """What the transport saw: nobody there, a refused handshake, or a silent peer."""
+        while self._monitor.poll(0):
+            try:
+                self._seen.add(recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"])
+            except zmq.Again:
+                break
+        seen = self._seen
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
+            return ("the coordinator refused this client's CURVE handshake: is this client's key on its allow-list, "
+                    "and is the server key the coordinator's?")
+        if seen & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}:
+            return ("the handshake with the coordinator failed: "
+                    + ("does it run without CURVE? (drop --curve-server-key)" if self._curve else
+                       "does it require CURVE? (pass --curve-server-key and --curve-key; is this client's CURVE key "
+                       "on its allow-list?)"))
+        if zmq.EVENT_CONNECTED in seen or zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
+            return "connected, but the coordinator did not answer: is it overloaded or stopped?"
+        return ("nothing answered there: is bus-coordinator running and bound there"
                 + (", and is this client's CURVE key on its allow-list?" if self._curve else "?"))
 
     def wait_ready(self, timeout: float = 10.0) -> dict:

@@ -67,6 +67,15 @@ class ClientKeys:
         public, secret = _load_pair(secret_file)
         return cls(server_public, public, secret)
 
+    @classmethod
+    def from_options(cls, server_key_file: str | None, secret_file: str | None) -> ClientKeys | None:
+        """Keys from a command's two CURVE options, or None when neither is given."""
+        if not (server_key_file or secret_file):
+            return None
+        if not (server_key_file and secret_file):
+            raise ValueError("CURVE needs both --curve-server-key and --curve-key")
+        return cls.load(server_key_file, secret_file)
+
     def apply(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)

@@ -804,8 +804,12 @@ class CoordinatorCore:
     def _explain(self, f: dict) -> str:
         """What the coordinator can see behind a low efficiency, most telling first."""
         causes = []
-        if f["rate"] and f["lost"]:
+        if f["lost"]:
             causes.append(f"{f['lost']} steps lost (missed or late) in the last {f['window_s']:.0f} s")
+            missing = [(name, c) for name, c in self.straggler_table().items() if c["in_a_row"] or c["missed"]]
+            if missing:
+                causes.append("missing their deadlines: " + ", ".join(
+                    f"{name} ({c['missed']} missed, {c['late']} late)" for name, c in missing[:SLOWEST_NAMED]))
         slowest = self.slowest_units(SLOWEST_NAMED)
         if slowest:
             causes.append("slowest: " + ", ".join(f"{name} ({p50 / 1000:.1f} ms a step)" for name, p50 in slowest))

@@ -71,7 +71,7 @@ def test_an_allowed_agent_is_served_over_curve(curve_bus):
 def test_a_client_not_on_the_list_gets_nothing_and_is_logged(curve_bus):
     bus, server_pub, _, stranger_secret = curve_bus
     with ControlClient(bus.endpoint, curve=ClientKeys.load(server_pub, stranger_secret)) as stranger:
-        with pytest.raises(BusUnavailable, match=r"tcp://127\.0\.0\.1:\d+.*CURVE key on its allow-list"):
+        with pytest.raises(BusUnavailable, match=r"tcp://127\.0\.0\.1:\d+.*refused this client's CURVE handshake: is this client's key on its allow-list"):
             stranger.request("stats", timeout=1.5)
     stats = wait_until(lambda: (s := bus.stats())["ledger"]["errors"].get("unauthorized") and s, 10, "the refusal")
     assert stats["ledger"]["errors"]["unauthorized"] >= 1

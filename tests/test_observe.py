@@ -1,0 +1,176 @@
+"""Seeing the bus (issue #12): live efficiency and its alert against a fake clock, the
+Prometheus series against the core's own ledger, and the ops files against the series
+the coordinator really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
+from agentbus_zmq.coordinator.exporter import render
+from agentbus_zmq.coordinator.live import LiveEfficiency, Sample
+from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_efficiency_is_agent_cpu_over_window_times_parallelism():
+    live = LiveEfficiency(window=10.0, cores=2, threshold=0.5, hold=5.0)
+    for t in range(12):                                   # 3 agents, 1.5 CPU-seconds a second of steps
+        live.sample(Sample(float(t), int(t * 1.5e6), t * 100, 0, 0.1 * t), agents=3)
+    f = live.figures()
+    assert f["efficiency"] == pytest.approx(1.5 / 2)      # min(3, 2) = 2 cores' worth
+    assert f["rate"] == pytest.approx(100) and f["coordinator_cpu"] == pytest.approx(0.1)
+    live.sample(Sample(12.0, int(12 * 1.5e6), 1200, 0, 1.2), agents=1)
+    assert live.figures()["efficiency"] == pytest.approx(1.5 / 1)  # one agent: min(1, 2)
+
+
+def test_the_alert_is_raised_once_after_the_hold_and_cleared_on_recovery():
+    live = LiveEfficiency(window=2.0, cores=1, threshold=0.5, hold=3.0)
+    cpu, events = 0, []
+
+    def tick(t: float, share: float):
+        nonlocal cpu
+        cpu += int(share * 0.5e6)                          # samples every 0.5 s
+        live.sample(Sample(t, cpu, int(t * 10), 0, 0.0), agents=1)
+        e = live.update(t, lambda f: "because")
+        if e is not None:
+            events.append((t, e.raised, round(e.efficiency, 2)))
+
+    t = 0.0
+    for _ in range(10):                                   # healthy: 90 %
+        tick(t, 0.9)
+        t += 0.5
+    for _ in range(20):                                   # sick: 10 %, for 10 s
+        tick(t, 0.1)
+        t += 0.5
+    for _ in range(10):                                   # healthy again
+        tick(t, 0.9)
+        t += 0.5
+    raised = [e for e in events if e[1]]
+    cleared = [e for e in events if not e[1]]
+    assert len(raised) == 1 and len(cleared) == 1          # once, however long it stays low
+    assert raised[0][0] >= 5.0 + 3.0 and raised[0][2] < 0.5   # not before the hold has passed
+    assert cleared[0][0] > raised[0][0] and cleared[0][2] >= 0.5
+
+
+def test_an_alert_names_the_agents_missing_their_deadlines():
+    core = CoordinatorCore(Settings(deadline=0.1, efficiency_window=1.0, alert_for=0.5, alert_threshold=0.5),
+                           GridWorld(WorldConfig(seed=1)), "s", cpu_clock=lambda: (0.0, 0.0))
+    now = 0.0
+    for peer, agent in ((b"ok", "fine"), (b"stuck", "stuck")):
+        core.on_message(peer, P.Hello(agent, "k", 1), now)
+        core.on_message(peer, P.Heartbeat(), now)
+    for _ in range(40):                                   # 'fine' answers every tick at once; 'stuck' never
+        core.take_outbox()
+        now += 0.001
+        core.on_message(b"ok", P.Action(core.tick, 4, 900, 900), now)
+        core.on_message(b"stuck", P.Heartbeat(), now)     # alive, though
+        now += 0.1
+        core.on_timer(now)
+    (event,) = [e for e in core.take_alerts() if e.raised]
+    assert "stuck (" in event.cause and "missed" in event.cause and "steps lost" in event.cause
+    assert core.stats(now)["live"]["alert"] is True
+
+
+def _core_with_traffic() -> CoordinatorCore:
+    core = CoordinatorCore(Settings(deadline=1.0), GridWorld(WorldConfig(seed=1)), "s",
+                           cpu_clock=lambda: (1.0, 1.0), histograms=True)
+    now = 0.0
+    for i in range(3):
+        core.on_message(f"p{i}".encode(), P.Hello(f"a{i}", "k", 1), now)
+        core.on_message(f"p{i}".encode(), P.Heartbeat(), now)
+    core.on_message(b"h", P.HostHello("h1", "k", 1, "m", 0, 4), now)
+    core.on_message(b"h", P.Heartbeat(), now)
+    for _ in range(50):
+        now += 0.002
+        for i in range(3):
+            core.on_message(f"p{i}".encode(), P.Action(core.tick, 4, 500, 400), now)
+        if core.hosts["h1"].state.value == "stepping":
+            core.on_message(b"h", P.HostAction(core.tick, __import__("numpy").zeros(4, "u1"), 800, 700), now)
+        core.on_timer(now)
+    core.on_frames(b"x", [b"\xc1"], now)
+    core.take_outbox()
+    return core
+
+
+def _scrape(core: CoordinatorCore) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(render(core).decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_the_metrics_match_the_ledger():
+    core = _core_with_traffic()
+    m, ledger = _scrape(core), core.ledger
+    assert m[("agentbus_agent_steps_total", ())] == ledger.received > 0
+    assert m[("agentbus_observations_sent_total", ())] == ledger.sent
+    assert m[("agentbus_ticks_total", ())] == ledger.ticks
+    assert m[("agentbus_steps_missing_total", ())] == ledger.missing
+    assert m[("agentbus_agents_registered", ())] == 7 and m[("agentbus_hosts_registered", ())] == 1
+    assert m[("agentbus_protocol_errors_total", (("code", "MALFORMED"),))] == 1
+    answers = m[("agentbus_bus_latency_seconds_count", ())]
+    assert answers == ledger.received                      # a host's frame counts each of its agents
+    assert m[("agentbus_bus_latency_seconds_bucket", (("le", "+Inf"),))] == answers
+    assert m[("agentbus_tick_duration_seconds_count", ())] == ledger.ticks
+    assert m[("agentbus_agent_cpu_seconds_total", ())] == pytest.approx(core.agent_cpu_us / 1e6)
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in m.items()
+                     if k[0] == "agentbus_bus_latency_seconds_bucket")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
+
+
+def test_per_agent_series_stay_bounded_with_many_agents():
+    core = CoordinatorCore(Settings(deadline=0.01), GridWorld(WorldConfig(seed=1, max_arenas=1000)), "s",
+                           cpu_clock=lambda: (0.0, 0.0))
+    now = 0.0
+    for i in range(300):                                  # 300 agents that never answer: all stragglers
+        core.on_message(f"p{i}".encode(), P.Hello(f"a{i}", "k", 1), now)
+        core.on_message(f"p{i}".encode(), P.Heartbeat(), now)
+    for _ in range(5):
+        now += 0.02
+        core.on_timer(now)
+    units = {dict(k[1])["unit"] for k in _scrape(core) if k[0] == "agentbus_straggler_steps"}
+    assert 0 < len(units) <= 16
+
+
+def _exported_names() -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(render(_core_with_traffic()).decode()):
+        names |= {family.name} | {s.name for s in family.samples}   # a family with no samples yet counts
+    return names
+
+
+def _names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\bagentbus_[a-z_]+", expr))
+
+
+def test_every_dashboard_panel_queries_an_exported_metric():
+    dashboard = json.loads((ROOT / "deploy/grafana/agentbus.json").read_text())
+    exported = _exported_names()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 8
+    for expr in exprs:
+        used = _names_in(expr)
+        assert used and used <= exported, f"{expr}: {used - exported} not exported"
+
+
+def test_the_alert_rules_mirror_the_built_in_alert_and_use_exported_metrics():
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/agentbus-rules.yml").read_text())
+    exported = _exported_names()
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    assert "AgentbusEfficiencyLow" in alerts
+    low = alerts["AgentbusEfficiencyLow"]
+    assert "agentbus_efficiency" in low["expr"] and "agentbus_efficiency_threshold" in low["expr"]
+    assert low["for"] and low["labels"]["severity"] and low["annotations"]["summary"]
+    for rule in alerts.values():
+        assert _names_in(rule["expr"]) <= exported, rule["alert"]

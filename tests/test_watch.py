@@ -1,0 +1,154 @@
+"""Watching a live bus (issue #12): /metrics scraped during a real run, the efficiency
+alert raised and cleared around a stalled agent, and busctl as an operator uses it
+(``busctl top`` in tmux, as a person would see it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import cli_env, wait_until
+
+
+def _metrics_url(bus) -> str:
+    found = wait_until(lambda: re.search(r"metrics on (http://\S+/metrics)", bus.coordinator_child.log_path.read_text()),
+                       10, "the metrics address in the log")
+    return found.group(1)
+
+
+def _scrape(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _busctl(bus, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**cli_env(), "BUS_ENDPOINT": bus.endpoint, "COLUMNS": "160"}
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.bus.ctl", *args], capture_output=True, text=True,
+                       env=env, timeout=60, stdin=subprocess.DEVNULL)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_metrics_during_a_run_match_the_ledger(bus):
+    bus.coordinator(None, "--metrics", "127.0.0.1:0")
+    url = _metrics_url(bus)
+    bus.agents(3, "--kind", "null")
+    bus.wait_agents(3)
+    before = bus.stats()
+    m = _scrape(url)
+    after = bus.stats()
+    steps = m[("agentbus_agent_steps_total", ())]
+    assert before["ledger"]["received"] <= steps <= after["ledger"]["received"] and steps > 0
+    assert before["ledger"]["sent"] <= m[("agentbus_observations_sent_total", ())] <= after["ledger"]["sent"]
+    assert m[("agentbus_agents_registered", ())] == 3 and m[("agentbus_agents_ready", ())] == 3
+    assert m[("agentbus_bus_latency_seconds_count", ())] == pytest.approx(steps, abs=3)
+    assert m[("agentbus_connection_events_total", (("event", "accepted"),))] >= 3
+    for name in ("agentbus_ticks_total", "agentbus_steps_late_total", "agentbus_steps_missing_total",
+                 "agentbus_messages_undeliverable_total", "agentbus_curve_refused_total",
+                 "agentbus_coordinator_cpu_seconds_total", "agentbus_efficiency", "agentbus_efficiency_alert",
+                 "agentbus_tick_duration_seconds_count", "agentbus_agent_cpu_seconds_total"):
+        assert (name, ()) in m, name
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=5)
+    assert info.value.code == 404
+
+
+def test_a_stalled_agent_raises_the_alert_naming_it_and_its_return_clears_it(bus, tmp_path):
+    pytest.importorskip("pymdp")
+    log = tmp_path / "hook.log"
+    hook = (f"{sys.executable} -c \"import os; open('{log}', 'a').write(os.environ['BUS_ALERT_STATE'] + '|' + "
+            f"os.environ['BUS_ALERT_CAUSE'] + chr(10))\"")
+    bus.coordinator(None, "--metrics", "127.0.0.1:0", "--deadline", "0.2", "--heartbeat", "3",
+                    "--efficiency-window", "2", "--alert-for", "1", "--alert-threshold", "0.2", "--alert-hook", hook)
+    url = _metrics_url(bus)
+    bus.agents(2, "--kind", "explorer")
+    stats = bus.wait_agents(2, timeout=60)
+    wait_until(lambda: (bus.stats()["live"]["efficiency"] or 0) > 0.2, 30, "a healthy efficiency first")
+    victim, pid = sorted(stats["agent_pids"].items())[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        raised = wait_until(lambda: log.exists() and [line for line in log.read_text().splitlines()
+                                                     if line.startswith("raised|")], 30, "the alert's hook")
+        assert victim in raised[0] and "missed" in raised[0]
+        assert _scrape(url)[("agentbus_efficiency_alert", ())] == 1
+        assert bus.stats()["live"]["alert"] is True
+        text = bus.coordinator_child.log_path.read_text()
+        assert text.count("below the 20% threshold") == 1 and victim in text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: "cleared|" in log.read_text(), 30, "the alert to clear")
+    assert _scrape(url)[("agentbus_efficiency_alert", ())] == 0
+    assert "efficiency alert cleared" in bus.coordinator_child.log_path.read_text()
+
+
+def test_busctl_status_and_agents_show_what_stats_says(bus):
+    bus.coordinator()
+    bus.agents(3, "--kind", "null")
+    bus.wait_agents(3)
+    shown = json.loads(_busctl(bus, "status", "--format", "json").stdout)
+    stats = bus.stats()
+    assert set(shown) == set(stats)
+    for key in ("session", "mode", "agents", "ready", "hosts", "arenas", "agent_ids", "agent_pids", "pending"):
+        assert shown[key] == stats[key], key
+    rows = json.loads(_busctl(bus, "agents", "--format", "json", "--sort", "steps").stdout)
+    assert sorted(r["id"] for r in rows) == sorted(stats["agent_ids"])
+    assert [r["steps"] for r in rows] == sorted((r["steps"] for r in rows), reverse=True)
+    assert all(r["state"] in ("idle", "stepping") and r["p50_us"] is not None for r in rows)
+    table = _busctl(bus, "status").stdout
+    assert stats["session"] in table and "efficiency" in table and "3 registered" in table
+    table = _busctl(bus, "agents", "--sort", "p99", "--limit", "2").stdout
+    assert "2 agents, by p99" in table
+
+
+def test_busctl_says_where_it_tried_when_nothing_answers(tmp_path):
+    env = {**cli_env(), "BUS_ENDPOINT": f"ipc://{tmp_path}/nobody.ipc"}
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.bus.ctl", "--timeout", "0.5", "status"],
+                       capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and f"ipc://{tmp_path}/nobody.ipc" in r.stderr and "nothing answered there" in r.stderr
+
+
+def test_busctl_top_in_tmux_as_a_person_sees_it(bus, tmp_path):
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is missing: .ci/run installs it")
+        pytest.skip("tmux is not installed")
+    bus.coordinator()
+    bus.agents(2, "--kind", "null", agent_id="watched")
+    bus.wait_agents(2)
+    session = f"busctl-{os.getpid()}"
+    command = (f"env -u COLUMNS -u LINES BUS_ENDPOINT={bus.endpoint} PATH={os.path.dirname(sys.executable)}:{os.environ['PATH']} "
+               f"{sys.executable} -m agentbus_zmq.bus.ctl top --interval 0.5 2>{tmp_path}/top.err")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "45", command], check=True,
+                   timeout=10)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                              timeout=10).stdout
+
+    try:
+        deadline = time.monotonic() + 20
+        while "watched-1" not in (first := screen()) or "efficiency" not in first:
+            if time.monotonic() > deadline:
+                err = (tmp_path / "top.err").read_text() if (tmp_path / "top.err").exists() else ""
+                pytest.fail(f"busctl top did not draw the bus; the screen:\n{first}\nits stderr:\n{err}")
+            time.sleep(0.1)
+        assert "watched-2" in first and ("stepping" in first or "idle" in first)
+        tick = re.search(r"tick ([\d,]+)", first).group(1)
+        wait_until(lambda: (m := re.search(r"tick ([\d,]+)", screen())) and m.group(1) != tick, 10,
+                   "the view to refresh")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], timeout=10)
