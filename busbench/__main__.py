@@ -116,11 +116,15 @@ class _Progress:
               help="busbench JSON of an earlier run to compare with.")
 @click.option("--fail-on-regression", type=click.FloatRange(0), default=None, metavar="PCT",
               help="Exit 3 if a requirement fails or a metric is more than PCT % worse than the baseline.")
+@click.option("--gate-on", type=click.Choice(["all", "ratios"]), default="all", show_default=True,
+              help="What --fail-on-regression compares: all (requirements, rates, latency, memory) or ratios "
+                   "(E(N), E_pool and memory per agent by ratio, lost steps by difference; no requirements, no "
+                   "absolute rates): a gate for CI machines of unknown speed.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
         height, per_host, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
-        plot_path):
+        gate_on, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
     if agents is not None and sweep is not None:
@@ -197,7 +201,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
             run["efficiency_median_r1"] = run["rate"] / ideal
     _emit(result, fmt, output)
     checks = rpt.requirements(result) if result["runs"] else []
-    changes = rpt.compare(result, base) if base else []
+    changes = rpt.compare(result, base, ratios_only=gate_on == "ratios") if base else []
     if report_path:
         with open(report_path, "w") as f:
             f.write(rpt.report_markdown(result, checks, changes, baseline, fail_on_regression))
@@ -209,7 +213,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
         sys.exit(EXIT_INTERRUPTED)
     if failed:
         sys.exit(EXIT_FAILED)
-    tripped = rpt.gate(checks, changes, fail_on_regression)
+    tripped = rpt.gate(checks, changes, fail_on_regression, requirements=gate_on == "all")
     if tripped:
         click.echo("busbench: gate failed (--fail-on-regression):\n  " + "\n  ".join(tripped), err=True)
         sys.exit(EXIT_GATE)

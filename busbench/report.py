@@ -127,6 +127,14 @@ class Change:
     measured: float
     baseline: float
     higher_is_better: bool
+    #: compared by difference, not ratio: a regression is being worse by more than this
+    absolute: float | None = None
+
+    def regressed(self, max_regression_pct: float) -> bool:
+        if self.absolute is not None:
+            worse = (self.baseline - self.measured) if self.higher_is_better else (self.measured - self.baseline)
+            return worse > self.absolute
+        return self.change < -max_regression_pct / 100
 
     @property
     def change(self) -> float:
@@ -138,6 +146,13 @@ class Change:
 
 
 _TRACKED = (("rate", True), ("efficiency", True), ("latency_p50_ms", False), ("pss_per_agent_mb", False))
+#: What ``--gate-on ratios`` compares: figures a run measures against itself (efficiency
+#: against r1 and against the no-bus ceiling, both taken in the same run), the share of
+#: steps lost, and memory per agent: none moves with the machine's speed.
+_RATIOS = (("efficiency", True), ("efficiency_pool", True), ("pss_per_agent_mb", False))
+#: Lost steps are compared by difference (a baseline of 0 has no ratio): one point more
+#: of the steps lost is a regression.
+LOST_SHARE_TOLERANCE = 0.01
 
 
 def _tracked(run: dict, key: str) -> float | None:
@@ -145,14 +160,19 @@ def _tracked(run: dict, key: str) -> float | None:
         return (run.get("latency_ms") or {}).get("p50")
     if key == "pss_per_agent_mb":
         return (run.get("memory_mb") or {}).get("pss_per_agent")
+    if key == "lost_share":
+        return run["lost_steps"] / max(run["steps"], 1) if "lost_steps" in run else None
     return run.get(key)
 
 
-def compare(result: dict, baseline: dict) -> list[Change]:
-    """Each tracked metric against the same metric in an earlier busbench JSON."""
-    changes = [Change("single_agent_rate", None, result["single_agent_rate"], baseline["single_agent_rate"], True)]
+def compare(result: dict, baseline: dict, ratios_only: bool = False) -> list[Change]:
+    """Each tracked metric against the same metric in an earlier busbench JSON; with
+    ``ratios_only``, only what no machine's speed explains (_RATIOS and the lost share)."""
+    changes = [] if ratios_only else [Change("single_agent_rate", None, result["single_agent_rate"],
+                                             baseline["single_agent_rate"], True)]
     base_runs = {r["agents"]: r for r in baseline.get("runs", []) if "rate" in r}
-    tracked = [(k, h) for k, h in _TRACKED if not (k == "efficiency" and result["config"]["kind"] == "null")]
+    tracked = [(k, h) for k, h in (_RATIOS if ratios_only else _TRACKED)
+               if not (k.startswith("efficiency") and result["config"]["kind"] == "null")]
     for run in result["runs"]:
         base = base_runs.get(run["agents"])
         if base is None or "rate" not in run:
@@ -161,16 +181,26 @@ def compare(result: dict, baseline: dict) -> list[Change]:
             m, b = _tracked(run, key), _tracked(base, key)
             if m is not None and b is not None:
                 changes.append(Change(key, run["agents"], m, b, higher))
+        if ratios_only:
+            m, b = _tracked(run, "lost_share"), _tracked(base, "lost_share")
+            if m is not None and b is not None:
+                changes.append(Change("lost_share", run["agents"], m, b, False, LOST_SHARE_TOLERANCE))
     return changes
 
 
-def gate(checks: list[Check], changes: list[Change], max_regression_pct: float | None) -> list[str]:
-    """What trips the gate: failed requirements and regressions beyond the limit (empty: it passes)."""
+def gate(checks: list[Check], changes: list[Change], max_regression_pct: float | None,
+         requirements: bool = True) -> list[str]:
+    """What trips the gate: failed requirements (unless ``requirements`` is false) and
+    regressions beyond the limit (empty: it passes)."""
     if max_regression_pct is None:
         return []
+    if not requirements:
+        checks = []
     return ([f"requirement failed: {c.name}" for c in checks if c.passed is False]
-            + [f"{c.metric}{f' at {c.agents} agents' if c.agents else ''} is {-c.change:.1%} worse than the baseline"
-               for c in changes if c.change < -max_regression_pct / 100])
+            + [f"{c.metric}{f' at {c.agents} agents' if c.agents else ''} is "
+               + (f"{c.measured:.3g}, against {c.baseline:.3g} in the baseline" if c.absolute is not None
+                  else f"{-c.change:.1%} worse than the baseline")
+               for c in changes if c.regressed(max_regression_pct)])
 
 
 # --- rendering -------------------------------------------------------------------------
@@ -247,7 +277,7 @@ def report_markdown(result: dict, checks: list[Check], changes: list[Change], ba
     failed = [c for c in checks if c.passed is False]
     undecided = [c for c in checks if c.passed is None]
     limit = max_regression_pct if max_regression_pct is not None else 0.0
-    regressions = [c for c in changes if c.change < -limit / 100]
+    regressions = [c for c in changes if c.regressed(limit)]
     ok = not failed and not regressions
     lines = [
         "# busbench validation report",

@@ -229,3 +229,18 @@ def test_the_no_bus_pool_runs_the_same_layout_as_the_bus_run():
     singles = pool_rate("null", {}, {}, agents=3, per_host=1, warmup=5, duration=0.2)
     assert (hosts["processes"], hosts["per_host"], singles["processes"]) == (3, 2, 3)
     assert hosts["steps"] > 0 and singles["steps"] > 0 and hosts["rate"] == hosts["steps"] / hosts["elapsed_s"]
+
+
+@pytest.mark.unit
+def test_the_ratio_gate_ignores_machine_speed_and_catches_what_speed_cannot_explain():
+    base = _result([[{**_run(2, 500, 0.6), "efficiency_pool": 0.65}]], r1=300)
+    slower_machine = _result([[{**_run(2, 250, 0.58), "efficiency_pool": 0.62}]], r1=150)  # half the speed
+    changes = rpt.compare(slower_machine, base, ratios_only=True)
+    assert {c.metric for c in changes} == {"efficiency", "efficiency_pool", "pss_per_agent_mb", "lost_share"}
+    assert rpt.gate([], changes, 40.0, requirements=False) == []      # rates halved: not a regression
+    worse_bus = _result([[{**_run(2, 500, 0.3), "efficiency_pool": 0.32}]], r1=300)
+    tripped = rpt.gate([], rpt.compare(worse_bus, base, ratios_only=True), 40.0, requirements=False)
+    assert "efficiency at 2 agents is 50.0% worse than the baseline" in tripped
+    lossy = _result([[{**_run(2, 500, 0.6, lost=2_000), "efficiency_pool": 0.65}]], r1=300)  # 2 % of steps
+    tripped = rpt.gate([], rpt.compare(lossy, base, ratios_only=True), 40.0, requirements=False)
+    assert tripped == ["lost_share at 2 agents is 0.02, against 0 in the baseline"]
