@@ -8,6 +8,7 @@ tripped (a requirement failed, or a metric regressed beyond the limit); 130 inte
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import sys
@@ -116,6 +117,9 @@ class _Progress:
               help="busbench JSON of an earlier run to compare with.")
 @click.option("--fail-on-regression", type=click.FloatRange(0), default=None, metavar="PCT",
               help="Exit 3 if a requirement fails or a metric is more than PCT % worse than the baseline.")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
+              help="Sample the coordinator and one agent process with py-spy during each measured window; write "
+                   "flame graphs (SVG) and a per-layer summary into DIR/agents-N/.")
 @click.option("--gate-on", type=click.Choice(["all", "ratios"]), default="all", show_default=True,
               help="What --fail-on-regression compares: all (requirements, rates, latency, memory) or ratios "
                    "(E(N), E_pool and memory per agent by ratio, lost steps by difference; no requirements, no "
@@ -124,7 +128,7 @@ class _Progress:
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
         height, per_host, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
-        gate_on, plot_path):
+        gate_on, profile_dir, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
     if agents is not None and sweep is not None:
@@ -144,7 +148,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
-                      per_host=str(per_host), arena_agents=arena_agents)
+                      per_host=str(per_host), arena_agents=arena_agents, profile=profile_dir)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]
@@ -200,6 +204,14 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
             ideal = min(run["agents"], result["cores"]) * result["single_agent_rate"]
             run["efficiency_median_r1"] = run["rate"] / ideal
     _emit(result, fmt, output)
+    for run in result["runs"]:
+        for rep_run in run.get("repeats", [run]):
+            prof = rep_run.get("profile")
+            if prof:
+                where = (f"{prof['dir']}/summary.md (flame graphs: "
+                         + ", ".join(os.path.basename(f) for f in prof["files"] if f.endswith(".svg")) + ")"
+                         if "dir" in prof else prof.get("error", "not recorded"))
+                click.echo(f"busbench: profile at {run['agents']} agents: {where}", err=True)
     checks = rpt.requirements(result) if result["runs"] else []
     changes = rpt.compare(result, base, ratios_only=gate_on == "ratios") if base else []
     if report_path:

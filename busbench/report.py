@@ -306,6 +306,14 @@ def report_markdown(result: dict, checks: list[Check], changes: list[Change], ba
             status = "REGRESSION" if c in regressions else "ok"
             lines.append(f"| {c.metric} | {c.agents if c.agents is not None else '-'} | {_fmt(c.measured)} | "
                          f"{_fmt(c.baseline)} | {abs(c.change):.1%} {sign} | {status} |")
+    profiles = [(r["agents"], p["profile"]) for r in result["runs"] for p in r.get("repeats", [])
+                if p.get("profile")]
+    if profiles:
+        lines += ["", "## Profiles", ""] + [
+            f"- {n} agents: " + (f"`{prof['dir']}/summary.md`, flame graphs "
+                                 + ", ".join(f"`{f}`" for f in prof["files"] if f.endswith(".svg"))
+                                 if "dir" in prof else f"not recorded: {prof.get('error')}")
+            for n, prof in profiles]
     lines += ["", "## Runs", "", markdown_table(result), *[f"\n{_chaos_line(r)}" for r in result["runs"]
                                                           if r.get("chaos")], "", "## Environment", "",
               f"Python {result['python']}, pyzmq {result['pyzmq']} (libzmq {result['libzmq']}), msgpack "

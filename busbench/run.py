@@ -74,6 +74,8 @@ class BenchConfig:
     per_host: str = "1"
     #: agents per arena (0: every free cell); more agents open more arenas
     arena_agents: int = _WORLD.arena_agents
+    #: write py-spy profiles of the coordinator and one agent process here (per count)
+    profile: str | None = None
 
     def world(self) -> dict:
         return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
@@ -332,6 +334,13 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
             progress(f"{n} agents in {processes} processes: starting, warming up, measuring")
             sampler: MemorySampler | None = None
             chaos = Chaos(cfg.chaos_kill_rate) if cfg.chaos_kill_rate > 0 else None
+            profiler = None
+            if cfg.profile and not cfg.connect:
+                from agentbus_zmq.busbench.profile import Profiler
+
+                profiler = Profiler(os.path.join(cfg.profile, f"agents-{n}"), cfg.duration or 10.0)
+                if profiler.error:
+                    progress(f"not profiling: {profiler.error}")
 
             def idle() -> None:
                 nonlocal sampler
@@ -344,6 +353,10 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 if sampler is None:
                     if stats["ready"] >= n:  # all up: start watching (and, with chaos, killing)
                         sampler = MemorySampler(_coordinator(children), n)
+                        if profiler is not None and not profiler.error:
+                            agent_procs = _agent_processes(launcher)
+                            profiler.start({"coordinator": coord.pid,
+                                            **({"agent": agent_procs[0].pid} if agent_procs else {})})
                     return
                 if sampler.due(now):
                     sampler.sample(now, _agent_processes(launcher) if launcher else _local(_pids(client)))
@@ -352,6 +365,12 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                     chaos.step(now, roster, {p.pid for p in _agent_processes(launcher)})
 
             window = client.wait(request, max(cfg.timeout, cfg.duration + 120) + 5, idle, "measure")
+            if profiler is not None:
+                record["profile"] = profiler.finish()
+                incomplete = [f"{k}: {v['error']}" for k, v in record["profile"].get("processes", {}).items()
+                              if "error" in v] + ([record["profile"]["error"]] if "error" in record["profile"] else [])
+                if incomplete:
+                    progress("profile incomplete: " + "; ".join(incomplete))
             if chaos is not None:  # the window closed: no more kills; wait (bounded) for the last recoveries
                 settle_until = time.monotonic() + CHAOS_SETTLE_S
                 while chaos.pending and time.monotonic() < settle_until:

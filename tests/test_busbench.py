@@ -244,3 +244,44 @@ def test_the_ratio_gate_ignores_machine_speed_and_catches_what_speed_cannot_expl
     lossy = _result([[{**_run(2, 500, 0.6, lost=2_000), "efficiency_pool": 0.65}]], r1=300)  # 2 % of steps
     tripped = rpt.gate([], rpt.compare(lossy, base, ratios_only=True), 40.0, requirements=False)
     assert tripped == ["lost_share at 2 agents is 0.02, against 0 in the baseline"]
+
+
+@pytest.mark.unit
+def test_profile_layers_follow_the_innermost_frame_that_tells():
+    from agentbus_zmq.busbench.profile import classify, flamegraph_svg, parse_collapsed, summarise
+
+    base = ["<module> (bus-agent:8)", "run (agents/runtime.py:120)"]
+    assert classify(base + ["step (agents/kinds/explorer.py:80)", "infer (pymdp/agent.py:9)",
+                            "0x1 (libc.so.6)"]) == "pymdp/numpy/jax"           # libc under numpy: numpy's
+    assert classify(base + ["Socket.send (zmq/sugar/socket.py:7)", "zmq_msg_send (libzmq.so.5)",
+                            "0x2 (libc.so.6)"]) == "kernel"                     # libc under libzmq: a system call
+    assert classify(base + ["Poller.poll (zmq/sugar/poll.py:3)", "zmq_poll (libzmq.so.5)"]) == "idle"
+    assert classify(base + ["decode (bus/protocol.py:700)", "unpackb (msgpack/fallback.py:1)"]) == "msgpack"
+    assert classify(base + ["_drain (agents/runtime.py:150)"]) == "ours"
+    assert classify(base + ["json.dumps (json/__init__.py:231)"]) == "other Python"
+    stacks = parse_collapsed("a (bus/x.py:1);b (zmq/y.py:2) 3\na (bus/x.py:1) 1\nnot a line\n")
+    summary = summarise(stacks)
+    assert summary["samples"] == 4 and summary["layers"]["pyzmq/libzmq"] == 0.75 and summary["layers"]["ours"] == 0.25
+    svg = flamegraph_svg(stacks, "t")
+    assert svg.startswith("<svg") and svg.count("<rect") == 3 and "b (zmq/y.py:2) (3 samples, 75.0%)" in svg
+
+
+def test_profile_writes_flame_graphs_and_a_summary_of_both_processes(tmp_path):
+    prof = tmp_path / "prof"
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", "--agents", "2", "--agent-kind", "null",
+                        "--duration", "2", "--profile", str(prof), "--format", "json", "--output", str(out)],
+                       capture_output=True, text=True, env=_env(), timeout=180, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    profile = run["repeats"][0]["profile"]
+    assert "error" not in profile, profile
+    for name in ("coordinator", "agent"):
+        p = profile["processes"][name]
+        assert "error" not in p, p
+        assert p["samples"] > 50 and abs(sum(p["layers"].values()) - 1) < 1e-9
+        assert (prof / "agents-2" / f"{name}.svg").read_text().startswith("<svg")
+    assert profile["processes"]["coordinator"]["layers"]["idle"] > 0   # it waits for the agents in poll
+    summary = (prof / "agents-2" / "summary.md").read_text()
+    assert "| coordinator (pid" in summary and "| agent (pid" in summary
+    assert f"{prof}/agents-2/summary.md" in r.stderr                  # the run names where they are
