@@ -120,6 +120,9 @@ class _Progress:
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Sample the coordinator and one agent process with py-spy during each measured window; write "
                    "flame graphs (SVG) and a per-layer summary into DIR/agents-N/.")
+@click.option("--metrics", "metrics", default=None, metavar="HOST:PORT",
+              help="Have the coordinator serve Prometheus metrics there during the run (to watch it, or to "
+                   "measure what serving them costs).")
 @click.option("--gate-on", type=click.Choice(["all", "ratios"]), default="all", show_default=True,
               help="What --fail-on-regression compares: all (requirements, rates, latency, memory) or ratios "
                    "(E(N), E_pool and memory per agent by ratio, lost steps by difference; no requirements, no "
@@ -128,7 +131,7 @@ class _Progress:
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
         height, per_host, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
-        gate_on, profile_dir, plot_path):
+        gate_on, profile_dir, metrics, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
     if agents is not None and sweep is not None:
@@ -148,7 +151,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
-                      per_host=str(per_host), arena_agents=arena_agents, profile=profile_dir)
+                      per_host=str(per_host), arena_agents=arena_agents, profile=profile_dir, metrics=metrics)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]

@@ -108,7 +108,7 @@ def flamegraph_svg(stacks: Counter, title: str, width: int = 1200, row: int = 16
     rows = depth(tree)
     height = (rows + 2) * row
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="monospace" '
-           f'font-size="11">', f'<rect width="100%" height="100%" fill="#fff"/>',
+           f'font-size="11">', '<rect width="100%" height="100%" fill="#fff"/>',
            f'<text x="6" y="13">{html.escape(title)} ({total} samples)</text>']
 
     def draw(node: dict, x0: float, level: int) -> None:

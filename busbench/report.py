@@ -12,7 +12,7 @@ __all__ = ["aggregate", "Check", "requirements", "compare", "gate", "table", "ma
 #: Scalar run fields summarised by their median over repeats.
 _MEDIAN_KEYS = ("rate", "efficiency", "efficiency_peer", "overhead", "elapsed_s", "coordinator_cpu_us_per_step",
                 "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s", "single_agent_rate", "pool_rate",
-                "efficiency_pool")
+                "efficiency_pool", "efficiency_live")
 _SUM_KEYS = ("steps", "ticks", "lost_steps", "late_steps", "missing_steps", "undeliverable")
 
 
@@ -205,7 +205,7 @@ def gate(checks: list[Check], changes: list[Change], max_regression_pct: float |
 
 # --- rendering -------------------------------------------------------------------------
 
-_COLUMNS = ("agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool", "p50 ms", "p95 ms", "p99 ms",
+_COLUMNS = ("agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool", "E_live", "p50 ms", "p95 ms", "p99 ms",
             "coord us/step", "RSS MB", "PSS MB", "ready s", "lost")
 
 
@@ -220,7 +220,8 @@ def _cells(r: dict) -> list[str]:
     pool = r.get("pool_rate")
     return [str(r["agents"]), str(r.get("per_host", 1)), rate, f"{r['efficiency']:.1%}", f"{r['efficiency_peer']:.1%}",
             "-" if pool is None else f"{pool:.0f}",
-            "-" if r.get("efficiency_pool") is None else f"{r['efficiency_pool']:.1%}", f"{lat['p50']:.2f}",
+            "-" if r.get("efficiency_pool") is None else f"{r['efficiency_pool']:.1%}",
+            "-" if r.get("efficiency_live") is None else f"{r['efficiency_live']:.1%}", f"{lat['p50']:.2f}",
             f"{lat['p95']:.2f}", f"{lat['p99']:.2f}", f"{r['coordinator_cpu_us_per_step']:.1f}",
             f"{mem.get('rss_per_agent', float('nan')):.1f}", f"{mem.get('pss_per_agent', float('nan')):.1f}",
             f"{r['ready_s']:.2f}", str(r["lost_steps"])]
@@ -238,7 +239,8 @@ def _footer(result: dict) -> list[str]:
         line += f"; medians of {cfg['repeat']} repeats, steps/s (min-max)"
     return [line, "K = agents per process (1: one process each; more: agent hosts); E(N) = R(N) / (min(N, C) x r1); "
                   "E_peer = R(N) / (N x r1); E_pool = R(N) / R_pool(N), R_pool the same agents in the same processes "
-                  "with no bus; latency = round trip minus agent compute"]
+                  "with no bus; E_live = the coordinator's live efficiency over the window (agent CPU in steps / "
+                  "(window x min(N, C)), no r1); latency = round trip minus agent compute"]
 
 
 def table(result: dict) -> str:

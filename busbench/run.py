@@ -76,6 +76,8 @@ class BenchConfig:
     arena_agents: int = _WORLD.arena_agents
     #: write py-spy profiles of the coordinator and one agent process here (per count)
     profile: str | None = None
+    #: the coordinator serves Prometheus metrics here during the run (HOST:PORT)
+    metrics: str | None = None
 
     def world(self) -> dict:
         return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
@@ -312,7 +314,8 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                            "--deadline", str(deadline), "--width", str(cfg.width), "--height", str(cfg.height),
                            "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
                            "--arena-agents", str(cfg.arena_agents), "--spin-us", str(coordinator_spin),
-                           "--log-level", "WARNING", *server_args],
+                           "--log-level", "WARNING", *server_args,
+                           *(["--metrics", cfg.metrics] if cfg.metrics else [])],
                           log_path=f"{tmp}/coordinator.log")
             children.append(coord)
             endpoint, checks = _wait_for_file(f"{tmp}/endpoint", coord, 30), [coord]
@@ -412,6 +415,9 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
         "coordinator_cpu_us_per_step": window["coordinator_cpu_s"] / steps * 1e6,
         "coordinator_thread_cpu_us_per_step": window["coordinator_thread_cpu_s"] / steps * 1e6,
         "compute_share": window["compute_s"] / (window["elapsed_s"] * min(n, c)),
+        # the coordinator's own efficiency formula (agent CPU in steps / (window x min(N, C))),
+        # over this window: what its live gauge shows, to compare with E(N)
+        "efficiency_live": window.get("efficiency_live"),
         "lost_steps": w["missing"] + w["late"],
         "late_steps": w["late"],
         "missing_steps": w["missing"],

@@ -1039,7 +1039,7 @@ class CoordinatorCore:
         ledger.received += n
         m = self._measure
         if m is not None:
-            m.on_received(waited * 1e6 - compute_us, compute_us, n)
+            m.on_received(waited * 1e6 - compute_us, compute_us, n, cpu)
             if first or not m.counting:
                 m.advance(self._stepping_n, ledger.received, now)
             elif m.done(now):
@@ -1113,7 +1113,8 @@ class CoordinatorCore:
             times = sorted(unit.times[:min(unit.times_n, STEP_TIMES)])
             rows.append({
                 "id": agent_id, "pid": unit.pid, "host": unit.host_id if type(unit) is HostEntry else None,
-                "kind": unit.kind, "state": unit.state.value, "steps": unit.steps,
+                "kind": unit.kind, "state": unit.state.value,
+                "steps": unit.steps if type(unit) is AgentEntry else unit.steps // max(1, len(unit.ids)),
                 "p50_us": times[len(times) // 2] if times else None,
                 "p99_us": times[min(len(times) - 1, (len(times) * 99) // 100)] if times else None,
                 "missed": unit.missed, "late": unit.late, "slow": unit.slow,
@@ -1228,7 +1229,8 @@ class CoordinatorCore:
 
     def _close_measure(self, now: float) -> None:
         m = self._measure
-        self._finish_measure(True, m.result(now, len(self.agents), self.ledger.snapshot(), self.settings.mode), now)
+        self._finish_measure(True, m.result(now, len(self.agents), self.ledger.snapshot(), self.settings.mode,
+                                            self.settings.agent_cores), now)
 
     def _finish_measure(self, ok: bool, result: dict, now: float) -> None:
         m, self._measure = self._measure, None

@@ -103,6 +103,7 @@ class Measurement:
         # inside the window only
         self.sent = self.received = self.late = self.missing = self.undeliverable = self.ticks = 0
         self.compute_us = 0
+        self.cpu_us = 0
         self.latency = Histogram()
 
     @property
@@ -141,12 +142,14 @@ class Measurement:
         if self.phase is WINDOW:
             self.sent += n
 
-    def on_received(self, latency_us: float, compute_us: int, n: int = 1) -> None:
-        """``n`` steps answered in time, in one frame (a host's) or one ACTION."""
+    def on_received(self, latency_us: float, compute_us: int, n: int = 1, cpu_us: int = 0) -> None:
+        """``n`` steps answered in time, in one frame (a host's) or one ACTION; ``cpu_us``
+        the CPU time the agents reported for them."""
         if self.phase is WINDOW:
             self.received += n
             self.latency.record(latency_us, n)
             self.compute_us += compute_us
+            self.cpu_us += cpu_us
 
     def on_expired(self, n: int = 1) -> None:
         if self.phase is WINDOW:
@@ -168,7 +171,9 @@ class Measurement:
 
     # --- the result ---------------------------------------------------------------
 
-    def result(self, now: float, agents: int, ledger: dict, mode: str) -> dict:
+    def result(self, now: float, agents: int, ledger: dict, mode: str, cores: int = 1) -> dict:
+        """The window's figures; ``cores``: the cores the agents can use (the live
+        efficiency's C), for ``efficiency_live``, the live formula over this window."""
         process, thread = self._cpu_clock()
         elapsed = max(now - self.opened_at, 1e-9)
         return {
@@ -184,6 +189,8 @@ class Measurement:
             "latency_us": self.latency.percentiles(),
             "latency_samples": self.latency.n,
             "compute_s": self.compute_us / 1e6,
+            "agent_cpu_s": self.cpu_us / 1e6,
+            "efficiency_live": self.cpu_us / 1e6 / (elapsed * min(self.request.agents, cores)),
             "coordinator_cpu_s": process - self._cpu_start[0],
             "coordinator_thread_cpu_s": thread - self._cpu_start[1],
             "window": {"sent": self.sent, "received": self.received, "late": self.late, "missing": self.missing,
