@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from agentbus_zmq.agents.kinds import KINDS
+from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
 from agentbus_zmq.agents.supervisor import RestartPolicy
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, limit_threads
@@ -69,8 +69,8 @@ def default_agent_id() -> str:
               help="Coordinator endpoint to connect to.")
 @click.option("--id", "agent_id", envvar=_ENV["agent_id"], default=None,
               help="Agent id [default: $HONCHO_PROCESS_NAME, else host-pid]; with --replicas, ID-1 .. ID-N.")
-@click.option("--kind", envvar=_ENV["kind"], type=click.Choice(list(KINDS)), default="explorer",
-              show_default=True)
+@click.option("--kind", envvar=_ENV["kind"], type=kind_param(), default="explorer", show_default=True,
+              help=kind_help())
 @click.option("--backend", envvar=_ENV["backend"], type=click.Choice(BACKENDS), default=BACKENDS[0],
               show_default=True, help="Explorer inference backend.")
 @click.option("--policy-len", envvar=_ENV["policy_len"], type=click.IntRange(1, 8), default=1, show_default=True)

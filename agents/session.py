@@ -26,6 +26,8 @@ States (:data:`TRANSITIONS` is the whole table)::
 * OBSERVATIONs outside REGISTERED are stale (an old session's): they are dropped.
 * Back-off doubles from ``backoff_min`` to ``backoff_max`` with each reconnection in a
   row, and resets when a WELCOME arrives.
+* WELCOME's ``heartbeat_ms`` and ``liveness`` replace the session's own (they are the
+  coordinator's to set); until the first WELCOME the session uses its constructor's.
 * Every HELLO after the first WELCOME presents that WELCOME's ``token``: a reconnection
   (a fresh socket) then takes its own registration over at once, even while the
   coordinator still sees the old connection.  Another process without the token gets
@@ -200,6 +202,7 @@ class AgentSession:
             self._move("welcome")
             self.session, self.params, self.arenas = msg.session, params, arenas
             self._take_token(msg.params.get("token"))
+            self._take_timing(msg.params)
             self.reconnects = 0
             if not new:
                 self.ready(now)  # the answer to a repeated HELLO: ready again, nothing to rebuild
@@ -311,6 +314,15 @@ class AgentSession:
     def _send(self, frame: bytes, now: float) -> None:
         self._outbox.append(frame)
         self._last_send = now
+
+    def _take_timing(self, params: dict) -> None:
+        """Heartbeat and liveness are the coordinator's to set (WELCOME's ``heartbeat_ms``
+        and ``liveness``): an agent started with other settings must not take a quiet
+        coordinator for dead.  Values outside sane bounds are ignored."""
+        ms, liveness = params.get("heartbeat_ms"), params.get("liveness")
+        if type(ms) is int and 10 <= ms <= 60_000 and type(liveness) is int and 1 <= liveness <= 100:
+            self.heartbeat = ms / 1000
+            self.expiry = self.heartbeat * liveness
 
     def _take_token(self, token: object) -> None:
         if isinstance(token, str) and token != self.token and 0 < len(token) <= P.MAX_TOKEN_LEN:

@@ -16,7 +16,7 @@ import time
 
 import click
 
-from agentbus_zmq.agents.kinds import KINDS
+from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
 from agentbus_zmq.bus.config import MODES, limit_threads
 from agentbus_zmq.bus.sockets import check_endpoint
@@ -77,7 +77,7 @@ class _Progress:
 @click.option("--agents", type=click.IntRange(1, 1_000_000), default=None,
               help="Agents to run [default: 20; with --connect, those registered].")
 @click.option("--sweep", default=None, help="Comma-separated agent counts, e.g. 1,2,5,10,20.")
-@click.option("--agent-kind", type=click.Choice(list(KINDS)), default=_CFG.kind)
+@click.option("--agent-kind", type=kind_param(), default=_CFG.kind, help=kind_help())
 @click.option("--backend", type=click.Choice(BACKENDS), default=_CFG.backend, help="Explorer inference backend.")
 @click.option("--policy-len", type=click.IntRange(1, 8), default=_CFG.policy_len)
 @click.option("--mode", type=click.Choice(MODES), default=_CFG.mode, help="Coordinator schedule.")

@@ -77,6 +77,8 @@ PROBE_INTERVAL_S = 0.25
 PROBES_PER_CLOSE = 2
 #: Units listed in ``stats["stragglers"]`` (the worst first).
 MAX_STRAGGLERS_LISTED = 16
+#: Transport events ``stats["connections"]`` always lists (0 until one happens).
+CONNECTION_EVENTS = ("accepted", "disconnected", "handshake_failed", "accept_failed")
 #: Step times kept per unit (for ``agents``' p50 / p99), a power of two.
 STEP_TIMES = 32
 #: Units named as the slowest in an efficiency alert.
@@ -1180,7 +1182,7 @@ class CoordinatorCore:
             "ledger": self.ledger.snapshot(),
             "restarts": dict(sorted(self._restarts.items())[:STATS_DETAIL_MAX]),
             "goal_visits": self.world.goal_visits,
-            "connections": {**self.connections,
+            "connections": {**dict.fromkeys(CONNECTION_EVENTS, 0), **self.connections,
                             "open": self.connections["accepted"] - self.connections["disconnected"]},
             "pending": self._joining,
             "measurements": {"running": self._measure is not None, "queued": len(self._measure_queue)},

@@ -250,3 +250,18 @@ def test_id_taken_before_welcome_keeps_saying_hello():
     event = h.recv(P.Error(ErrorCode.ID_TAKEN, "held"))
     assert not event.rehello and not event.fatal and h.s.state is SessionState.HELLO_SENT
     assert h.advance(0.5) == [P.Hello("a1", "test", 7)]
+
+
+def test_the_coordinators_heartbeat_and_liveness_win():
+    h = Harness(heartbeat=0.5, liveness=3)
+    h.register(params={**PARAMS, "heartbeat_ms": 2000, "liveness": 4})
+    h.out()
+    assert h.advance(1.9) == []                              # its own 0.5 s would have sent three by now
+    assert h.advance(0.2) == [P.Heartbeat()]
+    h.advance(5.8)                                           # 8 s of silence is the coordinator's limit ...
+    assert h.s.state is SessionState.REGISTERED
+    h.advance(0.3)
+    assert h.s.state is SessionState.BACKING_OFF             # ... not 1.5 s
+    h2 = Harness(heartbeat=0.5, liveness=3)
+    h2.register(params={**PARAMS, "heartbeat_ms": 0, "liveness": 10**9})   # nonsense: ignored
+    assert h2.s.heartbeat == 0.5 and h2.s.expiry == 1.5
