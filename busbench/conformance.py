@@ -1,0 +1,288 @@
+"""``bus-conformance``: check an agent, in any language, against docs/protocol.md.
+
+    bus-conformance -- node examples/node-agent/agent.js
+    bus-conformance --format json -- ./my-agent --flag
+
+It runs a real coordinator core (the same :class:`CoordinatorCore` bus-coordinator runs)
+behind a ROUTER of its own, starts the command with ``BUS_ENDPOINT`` set to it, and
+watches every frame both ways while it plays a scenario: WELCOME held back a while,
+observations, a quiet spell, an answer refused as stale, a coordinator restart (a new
+core, a new session) and SIGTERM.  Each rule of the spec is one check, PASS or FAIL with
+what was seen; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+import zmq
+
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus import sockets
+from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
+from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+
+__all__ = ["CHECKS", "Kit", "main"]
+
+#: The rules checked, in order, with what each means.
+CHECKS = {
+    "single_frame": "every message is one frame holding one msgpack array of a known type",
+    "hello_repeated": "HELLO is repeated, 100 ms to 1 s apart, until WELCOME arrives",
+    "ready_heartbeat": "after WELCOME, the first message is the HEARTBEAT that says it is ready",
+    "one_action_per_observation": "exactly one ACTION per OBSERVATION, with its tick",
+    "heartbeat_when_idle": "with nothing to answer, a HEARTBEAT at least every heartbeat_ms (x1.5)",
+    "stale_tick_tolerated": "after a STALE_TICK refusal it keeps answering, without a new HELLO",
+    "rehello_after_restart": "told NOT_REGISTERED by a restarted coordinator, it says HELLO again and steps",
+    "bye_on_sigterm": "SIGTERM makes it send BYE and exit",
+}
+HEARTBEAT_S = 0.5
+#: How long WELCOME is held back (less than an agent's default liveness, 1.5 s).
+HOLD_WELCOME_S = 1.2
+#: A registration the kit makes itself and never answers for: it holds each tick open
+#: for the deadline, so the agent under test sits idle.
+STRAGGLER = b"\x00conformance-straggler"
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    passed: bool
+    detail: str
+
+
+class Kit:
+    def __init__(self, command: list[str], timeout: float = 30.0):
+        self.command = command
+        self.timeout = timeout
+        self.tmp = tempfile.mkdtemp(prefix="bus-conformance-")
+        self.endpoint = f"ipc://{self.tmp}/bus.ipc"
+        self.sock = sockets.router(self.endpoint)
+        # closed connections are found as bus-coordinator finds them (its driver's probe)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.core = self._core("conformance-1")
+        #: (time, direction, message or None for a frame that did not decode, frames)
+        self.trace: list[tuple[float, str, object, int]] = []
+        self.results: list[Result] = []
+        self.proc: subprocess.Popen | None = None
+        self.peer: bytes | None = None
+        self.hold_welcome_until = 0.0
+
+    def _core(self, session: str) -> CoordinatorCore:
+        return CoordinatorCore(Settings(deadline=2.0, heartbeat=HEARTBEAT_S), GridWorld(WorldConfig(seed=0)), session)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def pump(self, seconds: float) -> None:
+        """Run the coordinator for ``seconds``: frames in, checks, frames out."""
+        end = time.monotonic() + seconds
+        while (now := time.monotonic()) < end:
+            if self.sock.poll(max(1, int(min(end - now, self.core.next_timeout(now), 0.05) * 1000))):
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._inbound(frames[0], frames[1:])
+            while self.monitor.poll(0):
+                self.monitor.recv_multipart()
+                self.core.on_connection_event("disconnected", time.monotonic())
+            self.core.on_timer(time.monotonic())
+            self._outbound()
+
+    def _inbound(self, peer: bytes, frames: list[bytes]) -> None:
+        now = time.monotonic()
+        try:
+            msg = P.decode(frames[0]) if len(frames) == 1 else None
+        except P.ProtocolError:
+            msg = None
+        self.trace.append((now, "in", msg, len(frames)))
+        self.peer = peer  # its latest connection
+        self.core.on_frames(peer, frames, now)
+
+    def _outbound(self) -> None:
+        now = time.monotonic()
+        for peer, frame in self.core.take_outbox():
+            if peer == STRAGGLER:
+                continue
+            msg = P.decode(frame)
+            if type(msg) is P.Welcome and now < self.hold_welcome_until:
+                continue  # held back: the agent must repeat HELLO
+            self.trace.append((now, "out", msg, 1))
+            try:
+                self.sock.send_multipart([peer, frame], zmq.NOBLOCK)
+            except zmq.Again:
+                self.core.on_undeliverable(peer, "its queue is full", now)
+            except zmq.ZMQError:
+                self.core.on_undeliverable(peer, "its connection is gone", now, gone=True)
+
+    def _since(self, t0: float, direction: str = "in") -> list:
+        return [(t, m) for t, d, m, _ in self.trace if t >= t0 and d == direction]
+
+    def check(self, name: str, passed: bool, detail: str) -> None:
+        self.results.append(Result(name, bool(passed), detail))
+
+    # --- the scenario ------------------------------------------------------------------
+
+    def run(self) -> list[Result]:
+        env = {**os.environ, "BUS_ENDPOINT": self.endpoint}
+        try:
+            self.hold_welcome_until = time.monotonic() + HOLD_WELCOME_S
+            self.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            self._registration()
+            self._stepping()
+            self._idle()
+            self._stale()
+            self._restart()
+            self._sigterm()
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.sock.close(linger=0)
+        bad = [m for _, d, m, n in self.trace if d == "in" and (m is None or n != 1)]
+        self.results.insert(0, Result("single_frame", not bad, f"{len(bad)} bad messages of "
+                                      f"{sum(1 for _, d, _, _ in self.trace if d == 'in')}"))
+        return self.results
+
+    def _wait_for(self, t0: float, predicate, seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.pump(0.05)
+            if predicate(self._since(t0)):
+                return True
+            if self.proc.poll() is not None:
+                return False
+        return False
+
+    def _registration(self) -> None:
+        t0 = time.monotonic()
+        got = self._wait_for(t0, lambda ms: sum(type(m) is P.Hello for _, m in ms) >= 1, self.timeout)
+        hold_end = self.hold_welcome_until
+        self.pump(max(0.0, hold_end - time.monotonic()))
+        hellos = [t for t, m in self._since(t0) if type(m) is P.Hello and t <= hold_end]
+        gaps = [b - a for a, b in zip(hellos, hellos[1:])]
+        self.check("hello_repeated", got and len(hellos) >= 2 and all(0.1 <= g <= 1.0 for g in gaps),
+                   f"{len(hellos)} HELLOs while WELCOME was held back {HOLD_WELCOME_S} s, "
+                   f"{'gaps ' + ', '.join(f'{g:.2f}' for g in gaps) + ' s' if gaps else 'no repeat'}")
+        t1 = time.monotonic()
+        ready = self._wait_for(t1, lambda ms: any(type(m) is not P.Hello for _, m in ms), self.timeout)
+        first = next((m for _, m in self._since(t1) if type(m) is not P.Hello), None)
+        self.check("ready_heartbeat", ready and type(first) is P.Heartbeat,
+                   f"first message after WELCOME: {type(first).__name__ if first else 'none'}")
+
+    def _stepping(self, seconds: float = 2.0) -> None:
+        t0 = time.monotonic()
+        self.pump(seconds)
+        sent = [m.tick for _, m in self._since(t0, "out") if type(m) is P.Observation]
+        ever_sent = {m.tick for _, m in self._since(0.0, "out") if type(m) is P.Observation}
+        got = [m.tick for _, m in self._since(t0) if type(m) is P.Action]
+        extra = sorted(set(got) - ever_sent)
+        dupes = len(got) - len(set(got))
+        # the last observation may still be unanswered when the window ends
+        missing = [t for t in sent[:-1] if t not in got]
+        self.check("one_action_per_observation", sent and not extra and not dupes and not missing,
+                   f"{len(sent)} observations, {len(got)} actions, {len(missing)} unanswered, {dupes} twice, "
+                   f"{len(extra)} for ticks never sent")
+
+    def _idle(self, seconds: float = 3.0) -> None:
+        now = time.monotonic()
+        self.core.on_message(STRAGGLER, P.Hello("conformance-straggler", "kit", 0), now)
+        self.core.on_message(STRAGGLER, P.Heartbeat(), now)
+        self.pump(0.3)  # the agent answers its last observation; the next tick waits for the straggler
+        t0 = time.monotonic()
+        end = t0 + seconds
+        while time.monotonic() < end:
+            self.core.on_message(STRAGGLER, P.Heartbeat(), time.monotonic())  # alive, never answering
+            self.pump(0.1)
+        sent = self._since(t0)
+        acted = [t for t, m in sent if type(m) is P.Action]
+        beats = [t for t, m in sent if type(m) is P.Heartbeat]
+        points = [t0, *(t for t, _ in sent), end]
+        longest = max(b - a for a, b in zip(points, points[1:]))
+        around = [t0, *acted, end]
+        idle = max(b - a for a, b in zip(around, around[1:]))
+        self.check("heartbeat_when_idle", idle >= 1.0 and longest <= HEARTBEAT_S * 1.5 + 0.1,
+                   f"{len(beats)} HEARTBEATs in {seconds:.0f} s with a tick held open (up to {idle:.1f} s with "
+                   f"nothing to answer); longest silence {longest:.2f} s")
+        self.core.on_message(STRAGGLER, P.Bye("done"), time.monotonic())
+
+    def _stale(self) -> None:
+        if self.peer is None:
+            self.check("stale_tick_tolerated", False, "no agent registered")
+            return
+        try:
+            self.sock.send_multipart([self.peer, P.encode(P.Error(P.ErrorCode.STALE_TICK, "conformance: refused"))])
+        except zmq.ZMQError:
+            self.check("stale_tick_tolerated", False, "its connection is gone")
+            return
+        t0 = time.monotonic()
+        self.pump(1.5)
+        ms = self._since(t0)
+        self.check("stale_tick_tolerated", any(type(m) is P.Action for _, m in ms)
+                   and not any(type(m) is P.Hello for _, m in ms) and self.proc.poll() is None,
+                   f"after STALE_TICK: {sum(type(m) is P.Action for _, m in ms)} actions, "
+                   f"{sum(type(m) is P.Hello for _, m in ms)} HELLOs")
+
+    def _restart(self) -> None:
+        self.core = self._core("conformance-2")  # what a restarted coordinator knows: nothing
+        t0 = time.monotonic()
+        ok = self._wait_for(t0, lambda ms: any(type(m) is P.Action for _, m in ms if True)
+                            and any(type(m) is P.Hello for _, m in ms), 10)
+        ms = self._since(t0)
+        hello_at = next((t for t, m in ms if type(m) is P.Hello), None)
+        stepped = any(type(m) is P.Action and (hello_at is not None and t > hello_at) for t, m in ms)
+        self.check("rehello_after_restart", ok and stepped,
+                   f"HELLO {'after %.2f s' % (hello_at - t0) if hello_at else 'never'}; "
+                   f"{'stepping again' if stepped else 'not stepping'} in the new session")
+
+    def _sigterm(self) -> None:
+        t0 = time.monotonic()
+        os.kill(self.proc.pid, signal.SIGTERM)
+        self._wait_for(t0, lambda ms: any(type(m) is P.Bye for _, m in ms), 5)
+        self.pump(0.2)
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        bye = any(type(m) is P.Bye for _, m in self._since(t0))
+        self.check("bye_on_sigterm", bye and code is not None,
+                   f"BYE {'sent' if bye else 'not sent'}; {'exited %s' % code if code is not None else 'still running'}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds the agent may take to say HELLO, and to get ready after WELCOME.")
+@click.argument("command", nargs=-1, required=True)
+def cli(fmt, timeout, command):
+    """Run COMMAND (an agent, in any language) against a coordinator and check it follows
+    docs/protocol.md: one PASS/FAIL line per rule, exit 1 if any failed."""
+    results = Kit(list(command), timeout).run()
+    if fmt == "json":
+        click.echo(json.dumps({"command": shlex.join(command), "passed": all(r.passed for r in results),
+                               "checks": [dataclasses.asdict(r) | {"rule": CHECKS[r.name]} for r in results]},
+                              indent=2))
+    else:
+        for r in results:
+            click.echo(f"{'PASS' if r.passed else 'FAIL'}  {r.name:28} {r.detail}")
+        click.echo(f"{sum(r.passed for r in results)}/{len(results)} checks passed")
+    sys.exit(0 if all(r.passed for r in results) else 1)
+
+
+def main() -> None:
+    cli.main(prog_name="bus-conformance")
+
+
+if __name__ == "__main__":
+    main()
