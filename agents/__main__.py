@@ -19,6 +19,7 @@ _ENV = {
     "kind": "BUS_AGENT_KIND",
     "backend": "BUS_BACKEND",
     "policy_len": "BUS_POLICY_LEN",
+    "model": "BUS_MODEL",
     "replicas": "BUS_AGENT_REPLICAS",
     "per_host": "BUS_AGENT_PER_HOST",
     "heartbeat": "BUS_HEARTBEAT",
@@ -74,6 +75,9 @@ def default_agent_id() -> str:
 @click.option("--backend", envvar=_ENV["backend"], type=click.Choice(BACKENDS), default=BACKENDS[0],
               show_default=True, help="Explorer inference backend.")
 @click.option("--policy-len", envvar=_ENV["policy_len"], type=click.IntRange(1, 8), default=1, show_default=True)
+@click.option("--model", envvar=_ENV["model"], type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Explorer: an .npz of A0, A1, B0, C0, C1, D0 (and E) to use instead of the model built from "
+                   "the world; checked against the world in WELCOME.")
 @click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 1_000_000), default=1, show_default=True,
               help="Run this many agents, forked from one prepared parent (one process each, or --per-host).")
 @click.option("--per-host", envvar=_ENV["per_host"], type=PerHost(), default="1", show_default=True,
@@ -102,7 +106,7 @@ def default_agent_id() -> str:
 @click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: this agent's .key_secret file.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(endpoint, agent_id, kind, backend, policy_len, replicas, per_host, heartbeat, sched, restart, max_restarts,
+def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host, heartbeat, sched, restart, max_restarts,
         restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
@@ -111,7 +115,14 @@ def cli(endpoint, agent_id, kind, backend, policy_len, replicas, per_host, heart
     from agentbus_zmq.bus.protocol import Hello, ProtocolError
     from agentbus_zmq.bus.sockets import check_endpoint
 
-    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed)
+    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed, model=model)
+    if model is not None and "model" not in options:
+        raise click.UsageError(f"--model is for kinds that take a model (explorer); {kind} does not")
+    if model is not None:
+        try:
+            create(kind, **options)  # a model file that cannot be used is one line now, not in every child
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     agent_id = agent_id or default_agent_id()
     try:  # the longest id the replicas will use, checked before anything forks
         Hello.from_wire([agent_id if replicas == 1 else f"{agent_id}-{replicas}", kind, 0])

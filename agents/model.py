@@ -19,7 +19,8 @@ import numpy as np
 
 from agentbus_zmq.agents.sdk import BadWelcome
 
-__all__ = ["MAX_MODEL_BYTES", "MAX_SIDE", "Model", "build_model", "check_world", "model_bytes"]
+__all__ = ["MAX_MODEL_BYTES", "MAX_SIDE", "Model", "ModelError", "build_model", "check_model", "check_world",
+           "load_model", "model_bytes", "save_model"]
 
 EMPTY, OBSTACLE, GOAL, AGENT, WALL = range(5)
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0), (0, 0))
@@ -30,10 +31,11 @@ P_BUMP = 0.1
 
 
 class Model:
-    """A, B, C, D as lists of float64 arrays (one entry per modality / factor)."""
+    """A, B, C, D as lists of float64 arrays (one entry per modality / factor), and E,
+    an optional prior over policies."""
 
-    def __init__(self, A: list, B: list, C: list, D: list):
-        self.A, self.B, self.C, self.D = A, B, C, D
+    def __init__(self, A: list, B: list, C: list, D: list, E=None):
+        self.A, self.B, self.C, self.D, self.E = A, B, C, D, E
 
     @property
     def num_states(self) -> int:
@@ -118,3 +120,100 @@ def build_model(world: dict, max_bytes: int = MAX_MODEL_BYTES) -> Model:
         C=[np.zeros(S), PREFERENCES.copy()],
         D=[D / D.sum()],
     )
+
+
+# --- bring your own model (explorer --model FILE.npz) -----------------------------------
+
+
+class ModelError(BadWelcome):
+    """A model file that cannot be used: the message names the array, the axis and what
+    was expected."""
+
+
+#: outcomes of the second modality, actions: what the coordinator's world has
+N_FOUND = N_ACTIONS = 5
+_TOL = 1e-6
+
+
+def save_model(path, model: Model) -> None:
+    """Write ``model`` as the .npz ``load_model`` reads: A0, A1, B0, C0, C1, D0 (and E)."""
+    arrays = {f"{name}{i}": a for name in "ABCD" for i, a in enumerate(getattr(model, name))}
+    if model.E is not None:
+        arrays["E"] = model.E
+    np.savez(path, **arrays)
+
+
+def load_model(path) -> Model:
+    """A model from an .npz file with arrays ``A0 .. A{m}``, ``B0 .. B{f}``, ``C0 ..``,
+    ``D0 ..`` (one per observation modality / hidden-state factor, in pymdp's
+    conventions: ``A[m]`` is ``(outcomes, states)``, ``B[f]`` is ``(states, states,
+    actions)`` with ``B[f][next, previous, action]``) and optionally ``E`` (a prior over
+    policies).  No pickles: object arrays are refused."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k], dtype=np.float64) for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the model file {path}: {exc} (an .npz of A0, A1, B0, C0, C1, D0 and "
+                         f"optionally E: numpy.savez)") from None
+    parts = {}
+    for name in "ABCD":
+        keys = sorted((k for k in arrays if k[:1] == name and k[1:].isdigit()), key=lambda k: int(k[1:]))
+        if not keys:
+            raise ModelError(f"the model file {path} has no {name}0 (it holds {', '.join(sorted(arrays)) or 'nothing'})")
+        if [int(k[1:]) for k in keys] != list(range(len(keys))):
+            raise ModelError(f"the model file {path}: {name} arrays must be numbered from 0 without gaps, got "
+                             f"{', '.join(keys)}")
+        parts[name] = [arrays[k] for k in keys]
+    return Model(parts["A"], parts["B"], parts["C"], parts["D"], arrays.get("E"))
+
+
+def check_model(model: Model, world: dict, policy_len: int = 1) -> None:
+    """Does ``model`` fit the world in WELCOME (the explorer's two modalities, one factor,
+    five actions)?  :class:`ModelError` names the first array that does not."""
+    width, height, _, _ = check_world(world)
+    S = width * height
+    expect = {"A": [(S, S), (N_FOUND, S)], "B": [(S, S, N_ACTIONS)], "C": [(S,), (N_FOUND,)], "D": [(S,)]}
+    what = {"A": ["location", "found"], "B": ["location"], "C": ["location", "found"], "D": ["location"]}
+    for name, shapes in expect.items():
+        arrays = getattr(model, name)
+        if len(arrays) != len(shapes):
+            raise ModelError(f"{name} has {len(arrays)} arrays; the world has {len(shapes)} "
+                             f"{'modalities' if name in 'AC' else 'factor'} ({', '.join(what[name])})")
+        for i, (a, shape) in enumerate(zip(arrays, shapes)):
+            if a.ndim != len(shape):
+                raise ModelError(f"{name}{i} has {a.ndim} axes; expected {len(shape)}, shape {shape}")
+            for axis, (got, want) in enumerate(zip(a.shape, shape)):
+                if got != want:
+                    raise ModelError(f"{name}{i} has {got} entries on axis {axis}; the {width}x{height} world "
+                                     f"needs {want} ({_axis_meaning(name, axis, i)})")
+            if not np.all(np.isfinite(a)):
+                raise ModelError(f"{name}{i} holds values that are not finite")
+    for name in ("A", "B"):
+        for i, a in enumerate(getattr(model, name)):
+            if (a < 0).any():
+                raise ModelError(f"{name}{i} has negative probabilities")
+            sums = a.sum(axis=0)
+            bad = np.argwhere(np.abs(sums - 1) > _TOL)
+            if len(bad):
+                where = tuple(int(x) for x in bad[0])
+                raise ModelError(f"{name}{i}[:, {', '.join(map(str, where))}] sums to {sums[where]:.6g} over axis 0; "
+                                 f"every column must be a distribution (sum to 1)")
+    d = model.D[0]
+    if (d < 0).any() or abs(d.sum() - 1) > _TOL:
+        raise ModelError(f"D0 must be a distribution over the {S} cells (non-negative, sum 1); it sums to "
+                         f"{d.sum():.6g}")
+    if model.E is not None:
+        policies = N_ACTIONS ** policy_len
+        if model.E.shape != (policies,) or (model.E < 0).any() or abs(model.E.sum() - 1) > _TOL:
+            raise ModelError(f"E must be a distribution over the {policies} policies of length {policy_len} "
+                             f"(shape ({policies},), sum 1); got shape {model.E.shape}")
+
+
+def _axis_meaning(name: str, axis: int, i: int) -> str:
+    if name == "A":
+        return ["outcomes of the " + ("location" if i == 0 else "found") + " modality", "cells"][axis]
+    if name == "B":
+        return ["next cell", "previous cell", "actions"][axis]
+    if name == "C":
+        return "outcomes of the " + ("location" if i == 0 else "found") + " modality"
+    return "cells"

@@ -120,6 +120,8 @@ class _Progress:
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Sample the coordinator and one agent process with py-spy during each measured window; write "
                    "flame graphs (SVG) and a per-layer summary into DIR/agents-N/.")
+@click.option("--model", "model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Explorer: its generative model from this .npz (bus-agent --model), for r1 and the bus alike.")
 @click.option("--metrics", "metrics", default=None, metavar="HOST:PORT",
               help="Have the coordinator serve Prometheus metrics there during the run (to watch it, or to "
                    "measure what serving them costs).")
@@ -131,7 +133,7 @@ class _Progress:
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
         height, per_host, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
-        gate_on, profile_dir, metrics, plot_path):
+        gate_on, profile_dir, metrics, model, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
     if agents is not None and sweep is not None:
@@ -151,7 +153,8 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
-                      per_host=str(per_host), arena_agents=arena_agents, profile=profile_dir, metrics=metrics)
+                      per_host=str(per_host), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
+                      model=model)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]

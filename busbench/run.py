@@ -78,6 +78,8 @@ class BenchConfig:
     profile: str | None = None
     #: the coordinator serves Prometheus metrics here during the run (HOST:PORT)
     metrics: str | None = None
+    #: explorer: its model from this .npz instead of the world (bus-agent --model)
+    model: str | None = None
 
     def world(self) -> dict:
         return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
@@ -95,7 +97,8 @@ class BenchConfig:
 
     def kind_options(self) -> dict:
         """The options the agents get: the same for bus-agent and for r1 (solo)."""
-        return {"backend": self.backend, "policy_len": self.policy_len, "seed": self.seed}
+        options = {"backend": self.backend, "policy_len": self.policy_len, "seed": self.seed}
+        return {**options, "model": os.path.abspath(self.model)} if self.model else options
 
     def agent_args(self) -> list[str]:
         """bus-agent's options for this kind (bus-agent passes the kind only those it takes)."""

@@ -56,14 +56,15 @@ def measurement_options(command):
     @click.option("--backend", default="numpy")
     @click.option("--policy-len", type=int, default=1)
     @click.option("--seed", type=int, default=0)
+    @click.option("--model", default=None)
     @click.option("--world", "world_json", default="{}", help="WorldConfig fields as JSON.")
     @click.option("--warmup", type=int, default=50, help="Warm-up steps per agent.")
     @click.option("--duration", type=float, default=2.0)
     @functools.wraps(command)
-    def wrapper(kind, backend, policy_len, seed, world_json, **rest):
+    def wrapper(kind, backend, policy_len, seed, model, world_json, **rest):
         from agentbus_zmq.agents.kinds import kind_options
 
-        options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed)
+        options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed, model=model)
         result = command(kind=kind, options=options, world=json.loads(world_json), **rest)
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")

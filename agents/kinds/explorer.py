@@ -31,9 +31,11 @@ N_FOUND = 5
 
 class Explorer(Agent):
     kind = "explorer"
-    OPTIONS = ("backend", "policy_len", "seed")
+    OPTIONS = ("backend", "policy_len", "seed", "model")
 
-    def __init__(self, backend: str = BACKENDS[0], policy_len: int = 1, seed: int = 0):
+    def __init__(self, backend: str = BACKENDS[0], policy_len: int = 1, seed: int = 0, model: str | None = None):
+        """``model``: an .npz of A, B, C, D (and E) to use instead of the one built from
+        the world (agents.model.load_model); checked against each WELCOME's world."""
         if backend not in BACKENDS:
             raise ValueError(f"explorer backend must be one of {BACKENDS}, got {backend!r}")
         if policy_len < 1:
@@ -41,6 +43,12 @@ class Explorer(Agent):
         self.backend = backend
         self.policy_len = policy_len
         self.seed = seed
+        self.model_path = model
+        self._own_model = None
+        if model is not None:
+            from agentbus_zmq.agents.model import load_model
+
+            self._own_model = load_model(model)  # ModelError (a ValueError) now, not at WELCOME
         self._impl = None
         #: cells of the world it models (an observed location must be one of them)
         self._states = 0
@@ -61,13 +69,21 @@ class Explorer(Agent):
             jax_agent_class()
 
     def configure(self, world: dict, agent_id: str = "") -> None:
-        """Build the model for ``world`` (WELCOME's ``params["world"]``)."""
-        from agentbus_zmq.agents.model import build_model  # numpy: not at import (limit_threads first)
-
+        """Build (or check) the model for ``world`` (WELCOME's ``params["world"]``)."""
         seed = zlib.crc32(agent_id.encode()) ^ self.seed
-        model = build_model(world)  # validates the world first (BadWelcome)
+        model = self._model_for(world)
         self._states = model.num_states
         self._impl = (_NumpyImpl if self.backend == "numpy" else _JaxImpl)(model, self.policy_len, seed)
+
+    def _model_for(self, world: dict):
+        """The model file's (checked against ``world``), or one built from ``world``;
+        either way the world is validated first (BadWelcome)."""
+        from agentbus_zmq.agents.model import build_model, check_model  # numpy: not at import
+
+        if self._own_model is None:
+            return build_model(world)
+        check_model(self._own_model, world, self.policy_len)
+        return self._own_model
 
     def on_start(self, welcome: Welcome) -> None:
         self.configure(welcome.params["world"], welcome.agent_id)
@@ -84,9 +100,7 @@ class Explorer(Agent):
     def start_batch(cls, agents: list[Explorer], welcomes: list[Welcome]) -> None:
         """Build the model once for the host (every arena has the same layout).  With
         JAX, one batched agent steps them all: one compile per host, one call a tick."""
-        from agentbus_zmq.agents.model import build_model
-
-        model = build_model(welcomes[0].params["world"])
+        model = agents[0]._model_for(welcomes[0].params["world"])
         for agent in agents:
             agent._states = model.num_states
         seeds = [zlib.crc32(w.agent_id.encode()) ^ a.seed for a, w in zip(agents, welcomes)]
@@ -118,6 +132,7 @@ class _NumpyImpl:
         np.random.seed(seed)
         self.agent = LegacyAgent(
             A=_obj_array(model.A), B=_obj_array(model.B), C=_obj_array(model.C), D=_obj_array(model.D),
+            **({"E": model.E} if model.E is not None else {}),
             policy_len=policy_len, gamma=GAMMA, alpha=ALPHA, use_states_info_gain=True,
             use_param_info_gain=False, action_selection="stochastic", inference_algo="VANILLA",
         )
@@ -158,6 +173,7 @@ class _JaxImpl:
 
         agent = JaxAgent(
             A=batch(model.A), B=batch(model.B), C=batch(model.C), D=batch(model.D),
+            **({"E": jnp.asarray(model.E)[None]} if model.E is not None else {}),
             policy_len=policy_len, gamma=GAMMA, alpha=ALPHA, use_states_info_gain=True,
             use_param_info_gain=False, action_selection="stochastic", sampling_mode="marginal",
         )
@@ -209,6 +225,7 @@ class _JaxBatch:
 
         agent = JaxAgent(
             A=one(model.A), B=one(model.B), C=one(model.C), D=one(model.D), batch_size=k,
+            **({"E": jnp.asarray(model.E)[None]} if model.E is not None else {}),
             policy_len=policy_len, gamma=GAMMA, alpha=ALPHA, use_states_info_gain=True,
             use_param_info_gain=False, action_selection="stochastic", sampling_mode="marginal",
         )
