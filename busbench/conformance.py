@@ -136,13 +136,22 @@ class Kit:
         env = {**os.environ, "BUS_ENDPOINT": self.endpoint}
         try:
             self.hold_welcome_until = time.monotonic() + HOLD_WELCOME_S
-            self.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-            self._registration()
-            self._stepping()
-            self._idle()
-            self._stale()
-            self._restart()
-            self._sigterm()
+            try:
+                self.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
+            except OSError as exc:
+                raise click.ClickException(f"cannot run {shlex.join(self.command)}: {exc}") from None
+            phases = ((self._registration, ("hello_repeated", "ready_heartbeat")),
+                      (self._stepping, ("one_action_per_observation",)), (self._idle, ("heartbeat_when_idle",)),
+                      (self._stale, ("stale_tick_tolerated",)), (self._restart, ("rehello_after_restart",)),
+                      (self._sigterm, ("bye_on_sigterm",)))
+            for phase, names in phases:
+                code = self.proc.poll()
+                if code is not None:
+                    for name in names:
+                        self.check(name, False, f"the agent had exited (status {code}) before this check")
+                    continue
+                phase()
         finally:
             if self.proc is not None and self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -151,8 +160,9 @@ class Kit:
             self.monitor.close(linger=0)
             self.sock.close(linger=0)
         bad = [m for _, d, m, n in self.trace if d == "in" and (m is None or n != 1)]
-        self.results.insert(0, Result("single_frame", not bad, f"{len(bad)} bad messages of "
-                                      f"{sum(1 for _, d, _, _ in self.trace if d == 'in')}"))
+        total = sum(1 for _, d, _, _ in self.trace if d == "in")
+        self.results.insert(0, Result("single_frame", total > 0 and not bad,
+                                      f"{len(bad)} bad messages of {total}" if total else "no message at all"))
         return self.results
 
     def _wait_for(self, t0: float, predicate, seconds: float) -> bool:
@@ -248,7 +258,10 @@ class Kit:
 
     def _sigterm(self) -> None:
         t0 = time.monotonic()
-        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         self._wait_for(t0, lambda ms: any(type(m) is P.Bye for _, m in ms), 5)
         self.pump(0.2)
         try:

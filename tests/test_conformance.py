@@ -60,3 +60,9 @@ def test_text_output_is_one_line_per_check(tmp_path):
                        capture_output=True, text=True, env=cli_env(), timeout=180, stdin=subprocess.DEVNULL)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0 and len(lines) == len(CHECKS) + 1 and all(line.startswith("PASS") for line in lines[:-1])
+
+
+def test_an_agent_that_exits_fails_every_check_and_says_so():
+    report = _conformance(sys.executable, "-c", "raise SystemExit(5)")
+    assert _failed(report) == list(CHECKS)
+    assert any("exited (status 5)" in c["detail"] for c in report["checks"])

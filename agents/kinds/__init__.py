@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import re
+import sys
 
 from agentbus_zmq.agents.sdk import Agent
 
@@ -58,6 +60,8 @@ def kind_class(kind: str) -> type[Agent]:
     if not _TARGET.match(target):
         raise KindUnavailable(f"agent kind {kind!r}: {target!r} is not package.module:ClassName")
     module_name, _, class_name = target.partition(":")
+    if os.getcwd() not in sys.path:  # as `python -m` would: a kind in the current directory imports
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except KindUnavailable:
