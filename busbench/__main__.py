@@ -222,7 +222,8 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     changes = rpt.compare(result, base, ratios_only=gate_on == "ratios") if base else []
     if report_path:
         with open(report_path, "w") as f:
-            f.write(rpt.report_markdown(result, checks, changes, baseline, fail_on_regression))
+            f.write(rpt.report_markdown(result, checks, changes, baseline, fail_on_regression,
+                                        gate_requirements=gate_on == "all"))
     if plot_path and result["runs"]:
         from agentbus_zmq.busbench.plot import plot
 

@@ -274,13 +274,15 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 
 def report_markdown(result: dict, checks: list[Check], changes: list[Change], baseline_name: str | None,
-                    max_regression_pct: float | None) -> str:
+                    max_regression_pct: float | None, gate_requirements: bool = True) -> str:
+    """The validation report; with ``gate_requirements`` false (``--gate-on ratios``) the
+    requirements are shown for information and do not decide the overall status."""
     cfg = result["config"]
     failed = [c for c in checks if c.passed is False]
     undecided = [c for c in checks if c.passed is None]
     limit = max_regression_pct if max_regression_pct is not None else 0.0
     regressions = [c for c in changes if c.regressed(limit)]
-    ok = not failed and not regressions
+    ok = (not failed or not gate_requirements) and not regressions
     lines = [
         "# busbench validation report",
         f"*{result['started']}, {result['host']['cpu']} ({result['cores']} cores), {cfg['kind']} agents"
@@ -288,6 +290,8 @@ def report_markdown(result: dict, checks: list[Check], changes: list[Change], ba
         "",
         f"## Overall status: {'PASS' if ok else 'FAIL'}",
         "",
+        *([] if gate_requirements else ["- Gate: ratios against the baseline only (`--gate-on ratios`); the "
+                                        "requirements below are for information"]),
         f"- Requirements: {len(checks) - len(failed) - len(undecided)} passed, {len(failed)} failed"
         + (f", {len(undecided)} not decidable from this run" if undecided else ""),
         (f"- Against baseline `{baseline_name}`: {len(changes)} metrics compared, {len(regressions)} worse than "

@@ -285,3 +285,14 @@ def test_profile_writes_flame_graphs_and_a_summary_of_both_processes(tmp_path):
     summary = (prof / "agents-2" / "summary.md").read_text()
     assert "| coordinator (pid" in summary and "| agent (pid" in summary
     assert f"{prof}/agents-2/summary.md" in r.stderr                  # the run names where they are
+
+
+@pytest.mark.unit
+def test_a_ratio_gated_report_passes_on_ratios_and_shows_requirements_for_information():
+    base = _result([[{**_run(2, 500, 0.6), "efficiency_pool": 0.65}]])
+    cur = _result([[{**_run(2, 500, 0.45), "efficiency_pool": 0.6}]])    # E under the 50 % requirement
+    checks, changes = rpt.requirements(cur), rpt.compare(cur, base, ratios_only=True)
+    assert "## Overall status: FAIL" in rpt.report_markdown(cur, checks, changes, "b.json", 40.0)
+    text = rpt.report_markdown(cur, checks, changes, "b.json", 40.0, gate_requirements=False)
+    assert "## Overall status: PASS" in text and "requirements below are for information" in text
+    assert "| coordination efficiency above 50 % at 2 agents | 45 % | > 50 % | FAIL |" in text
