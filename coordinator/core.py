@@ -209,8 +209,6 @@ class Unit:
     slow: int = 0
     #: missed, late or slow answers in a row (Settings.drop_after)
     strikes: int = 0
-    #: CPU time its steps took, as reported (microseconds, all its agents)
-    cpu_us: int = 0
     #: the last STEP_TIMES step times (wall, per agent, microseconds), a ring
     times: list = dataclasses.field(default_factory=lambda: [0] * STEP_TIMES)
     times_n: int = 0
@@ -1019,7 +1017,6 @@ class CoordinatorCore:
             compute_us = int(waited * 1e6)
         cpu = compute_us if cpu_us is None or cpu_us > compute_us else cpu_us  # never more than the wall time
         self.agent_cpu_us += cpu
-        unit.cpu_us += cpu
         unit.times[unit.times_n & (STEP_TIMES - 1)] = compute_us // n
         unit.times_n += 1
         if self.latency is not None:
@@ -1112,7 +1109,7 @@ class CoordinatorCore:
         for agent_id in ids:
             entry = self.agents[agent_id]
             unit = entry if type(entry) is AgentEntry else entry.host
-            times = sorted(unit.times[:min(unit.times_n, STEP_TIMES)])
+            times = _step_times(unit)
             rows.append({
                 "id": agent_id, "pid": unit.pid, "host": unit.host_id if type(unit) is HostEntry else None,
                 "kind": unit.kind, "state": unit.state.value,
@@ -1240,8 +1237,13 @@ class CoordinatorCore:
         self._next_measure(now)
 
 
+def _step_times(unit: Unit) -> list[int]:
+    """The unit's recent step times (us per agent), sorted."""
+    return sorted(unit.times[:min(unit.times_n, STEP_TIMES)])
+
+
 def _median(unit: Unit) -> float:
-    times = sorted(unit.times[:min(unit.times_n, STEP_TIMES)])
+    times = _step_times(unit)
     return times[len(times) // 2]
 
 

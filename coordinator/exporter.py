@@ -188,7 +188,6 @@ class MetricsServer:
         self._render = render
         self._conns: dict[int, _Conn] = {}
         self._poller = None
-        self.served = 0
 
     @property
     def url(self) -> str:
@@ -266,7 +265,6 @@ class MetricsServer:
             self._respond(fd, conn, 404, "Not Found", b"GET /metrics\n")
         else:
             body = self._render()
-            self.served += 1
             self._respond(fd, conn, 200, "OK", body if line[0] == b"GET" else b"", len(body))
 
     def _respond(self, fd: int, conn: _Conn, status: int, reason: str, body: bytes, length: int | None = None) -> None:
