@@ -29,8 +29,6 @@ def _failed(report: dict) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["null", "explorer"])
 def test_our_agent_kinds_pass(kind):
-    if kind == "explorer":
-        pytest.importorskip("pymdp")
     report = _conformance(sys.executable, "-m", "agentbus_zmq.agents", "--kind", kind, "--log-level", "ERROR")
     assert _failed(report) == [], report
 

@@ -363,7 +363,6 @@ def _hello(router: zmq.Socket, timeout_ms: int = 30_000) -> bytes:
     ("not a map", "must be a map"),
 ])
 def test_a_crafted_welcome_stops_the_explorer_cleanly(fake_coordinator, world, expect):
-    pytest.importorskip("pymdp")
     router, start = fake_coordinator
     agent = start("--kind", "explorer")
     peer = _hello(router)
@@ -389,7 +388,6 @@ def test_a_crafted_welcome_stops_the_explorer_cleanly(fake_coordinator, world, e
 
 
 def test_an_out_of_range_observation_is_reported_and_skipped(fake_coordinator):
-    pytest.importorskip("pymdp")
     router, start = fake_coordinator
     agent = start("--kind", "explorer")
     peer = _hello(router)
@@ -408,7 +406,6 @@ def test_an_out_of_range_observation_is_reported_and_skipped(fake_coordinator):
 
 
 def test_an_agent_that_cannot_start_is_restarted_only_with_back_off(fake_coordinator):
-    pytest.importorskip("pymdp")
     router, start = fake_coordinator
     start("--kind", "explorer", "--restart", "--max-restarts", "100")
     hellos: list[float] = []

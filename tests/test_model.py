@@ -70,7 +70,6 @@ def test_files_that_are_not_models_say_so(tmp_path):
 
 
 def test_an_explorer_steps_with_its_own_model_and_a_bad_one_is_one_line(bus, tmp_path):
-    pytest.importorskip("pymdp")
     bus.coordinator()                     # the default 5x5 world
     model = build_model(_world())          # built for another seed's layout: same sizes, valid
     model.C[1] = np.array([0.0, -1.0, 4.0, 0.0, -1.0])   # its own preferences
