@@ -2,8 +2,11 @@
 
     busctl status                 # the bus at a glance (--format json: the stats reply)
     busctl agents --sort p99      # one row per agent
+    busctl ping                   # is it there, and how fast does it answer
     busctl top                    # a live view, refreshed every second
 
+Every CONTROL command that names a busctl subcommand (``bus.commands``: its ``cli``)
+becomes one here, with its options and its rendering; ``top`` combines two of them.
 It reads ``BUS_ENDPOINT`` and the CURVE settings (``BUS_CURVE_SERVER_KEY``,
 ``BUS_CURVE_KEY``) from the environment or ``.env``, as the other commands do, and when
 the coordinator cannot be reached it says where it tried and what the transport saw.
@@ -11,28 +14,42 @@ the coordinator cannot be reached it says where it tried and what the transport 
 
 from __future__ import annotations
 
-import json
+import re
 import sys
 import time
 
 import click
 
 from agentbus_zmq.bus.client import BusUnavailable, ControlClient, ControlFailed
+from agentbus_zmq.bus.commands import COMMANDS, Command
+from agentbus_zmq.bus.commands.agents import agents_table, fetch_all, sort_rows
+from agentbus_zmq.bus.commands.stats import status_view
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, dotenv_defaults
+from agentbus_zmq.bus.report import Stats
 from agentbus_zmq.bus.security import ClientKeys
 
-__all__ = ["main", "status_view", "agents_table"]
+__all__ = ["main", "safe_text"]
 
 _ENV = {"endpoint": "BUS_ENDPOINT", "curve_server_key": "BUS_CURVE_SERVER_KEY", "curve_key": "BUS_CURVE_KEY"}
-SORTS = {"id": ("id", False), "steps": ("steps", True), "p50": ("p50_us", True), "p99": ("p99_us", True),
-         "missed": ("missed", True), "late": ("late", True), "slow": ("slow", True),
-         "last-seen": ("last_seen_s", True)}
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe_text(value: object, limit: int = 200) -> str:
+    """A string a coordinator sent, made safe for the terminal: control characters
+    escaped, rich markup neutralised, at most ``limit`` characters."""
+    from rich.markup import escape
+
+    text = _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    return escape(text[:limit] + ("…" if len(text) > limit else ""))
 
 
 class Ctl:
+    """What a command's ``console`` gets: requests to the coordinator, and output."""
+
     def __init__(self, endpoint: str, curve: ClientKeys | None, timeout: float):
         self.endpoint, self.curve, self.timeout = endpoint, curve, timeout
         self._client: ControlClient | None = None
+        self._console = None
 
     @property
     def client(self) -> ControlClient:
@@ -43,17 +60,22 @@ class Ctl:
     def request(self, command: str, args: dict | None = None) -> dict:
         try:
             return self.client.request(command, args, timeout=self.timeout)
-        except BusUnavailable as exc:
-            raise click.ClickException(str(exc)) from None
-        except ControlFailed as exc:
+        except (BusUnavailable, ControlFailed) as exc:
             raise click.ClickException(str(exc)) from None
 
-    def agents(self) -> list[dict]:
-        first = self.request("agents", {"page": 0})
-        rows = list(first["agents"])
-        for page in range(1, first["pages"]):
-            rows += self.request("agents", {"page": page})["agents"]
-        return rows
+    @staticmethod
+    def text(value: object) -> str:
+        return safe_text(value)
+
+    def echo(self, text: str) -> None:
+        click.echo(text)
+
+    def print(self, renderable) -> None:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console()
+        self._console.print(renderable)
 
     def close(self) -> None:
         if self._client is not None:
@@ -80,33 +102,21 @@ def cli(ctx, endpoint, curve_server_key, curve_key, timeout):
     ctx.call_on_close(ctx.obj.close)
 
 
-@cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.pass_obj
-def status(ctl: Ctl, fmt: str):
-    """Session, mode, uptime, agents, step rate, live efficiency, ledger and errors."""
-    stats = ctl.request("stats")
-    if fmt == "json":
-        click.echo(json.dumps(stats, indent=2, sort_keys=True))
-        return
-    _console().print(status_view(stats, ctl.endpoint))
+def _subcommand(cmd: Command) -> click.Command:
+    """A busctl subcommand for ``cmd``: its docstring, its options, its console."""
+
+    @click.pass_obj
+    def run(ctl: Ctl, **options):
+        cmd.console(ctl, **options)
+
+    for option in reversed(cmd.cli_options):
+        run = option(run)
+    return click.command(cmd.cli, help=type(cmd).__doc__)(run)
 
 
-@cli.command()
-@click.option("--sort", type=click.Choice(list(SORTS)), default="id", show_default=True,
-              help="Order of the rows (numbers: largest first).")
-@click.option("--limit", type=click.IntRange(min=0), default=0, help="Show this many rows at most (0: all).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.pass_obj
-def agents(ctl: Ctl, sort: str, limit: int, fmt: str):
-    """One row per agent: id, pid or host, state, steps, step time p50/p99, late/missing, last seen."""
-    rows = _sorted(ctl.agents(), sort)
-    if limit:
-        rows = rows[:limit]
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
-        return
-    _console().print(agents_table(rows, f"{len(rows)} agents, by {sort}"))
+for _cmd in COMMANDS.values():
+    if _cmd.cli:
+        cli.add_command(_subcommand(_cmd))
 
 
 @cli.command()
@@ -119,100 +129,28 @@ def agents(ctl: Ctl, sort: str, limit: int, fmt: str):
 @click.pass_obj
 def top(ctl: Ctl, interval: float, rows: int, iterations: int):
     """A live view: the bus's figures and its slowest agents, refreshed every second."""
-    from rich.console import Group
+    from rich.console import Console, Group
     from rich.live import Live
 
     def frame():
         try:
-            stats = ctl.client.request("stats", timeout=ctl.timeout)
-            table = agents_table(_sorted(ctl.agents(), "p50")[:rows], f"slowest {rows} agents (p50)")
-            return Group(status_view(stats, ctl.endpoint), table)
-        except (BusUnavailable, ControlFailed, click.ClickException) as exc:
+            stats = Stats.from_wire(ctl.request("stats"))
+            table = agents_table(sort_rows(fetch_all(ctl), "p50")[:rows], f"slowest {rows} agents (p50)", ctl.text)
+            return Group(status_view(stats, ctl.endpoint, ctl.text), table)
+        except click.ClickException as exc:
             from rich.text import Text
 
-            return Text(f"{time.strftime('%H:%M:%S')}  {exc}", style="bold red")
+            return Text(f"{time.strftime('%H:%M:%S')}  {exc.message}", style="bold red")
 
     n = 0
     try:
-        with Live(frame(), console=_console(), refresh_per_second=4, screen=False) as live:
+        with Live(frame(), console=Console(), refresh_per_second=4, screen=False) as live:
             while not iterations or n < iterations:
                 time.sleep(interval)
                 live.update(frame())
                 n += 1
     except KeyboardInterrupt:
         pass
-
-
-def _sorted(rows: list[dict], sort: str) -> list[dict]:
-    key, descending = SORTS[sort]
-    present = [r for r in rows if r.get(key) is not None]
-    return sorted(present, key=lambda r: r[key], reverse=descending) + [r for r in rows if r.get(key) is None]
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{x:.0%}"
-
-
-def status_view(stats: dict, endpoint: str):
-    """The ``busctl status`` table for a ``stats`` reply."""
-    from rich.table import Table
-
-    live = stats.get("live", {})
-    ledger = stats["ledger"]
-    t = Table(title=f"agentbus at {endpoint}", show_header=False, title_justify="left", box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    alert = " [bold red]ALERT[/]" if live.get("alert") else ""
-    t.add_row("session", f"{stats['session']}  mode {stats['mode']}  up {_duration(stats['uptime_s'])}")
-    t.add_row("agents", f"{stats['agents']} registered, {stats['ready']} stepping, {stats.get('pending', 0)} "
-                        f"pending, {stats['hosts']} hosts, {stats['arenas']} arenas")
-    rate = live.get("rate")
-    t.add_row("steps", f"{'-' if rate is None else f'{rate:,.0f}'} /s over {live.get('window_s', 0):.0f} s, "
-                       f"tick {stats['tick']:,}")
-    t.add_row("efficiency", f"{_pct(live.get('efficiency'))} (threshold {_pct(live.get('threshold'))}, "
-                            f"{live.get('cores', '-')} cores){alert}")
-    coord = live.get("coordinator_cpu")
-    t.add_row("coordinator", f"{'-' if coord is None else f'{coord:.0%}'} of a core")
-    t.add_row("ledger", f"sent {ledger['sent']:,}  received {ledger['received']:,}  late {ledger['late']:,}  "
-                        f"missing {ledger['missing']:,}  outstanding {ledger['outstanding']:,}  "
-                        f"undeliverable {ledger['undeliverable']:,}  slow {ledger.get('slow', 0):,}  "
-                        f"{'balanced' if ledger['balanced'] else '[bold red]NOT BALANCED[/]'}")
-    errors = ledger.get("errors", {})
-    t.add_row("errors", "  ".join(f"{k} {v:,}" for k, v in sorted(errors.items())) or "none")
-    m = stats.get("measurements", {})
-    if m.get("running") or m.get("queued"):
-        t.add_row("measuring", f"{'1 running' if m.get('running') else 'none running'}, {m.get('queued', 0)} queued")
-    return t
-
-
-def agents_table(rows: list[dict], title: str):
-    """The ``busctl agents`` table."""
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for name, justify in (("id", "left"), ("pid / host", "left"), ("state", "left"), ("steps", "right"),
-                          ("p50 ms", "right"), ("p99 ms", "right"), ("late", "right"), ("missed", "right"),
-                          ("slow", "right"), ("seen", "right")):
-        t.add_column(name, justify=justify, no_wrap=True)
-    for r in rows:
-        t.add_row(r["id"], r["host"] or str(r["pid"]), r["state"], f"{r['steps']:,}", _ms(r["p50_us"]),
-                  _ms(r["p99_us"]), str(r["late"]), str(r["missed"]), str(r["slow"]), f"{r['last_seen_s']:.1f}s")
-    return t
-
-
-def _ms(us) -> str:
-    return "-" if us is None else f"{us / 1000:.2f}"
-
-
-def _duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ import dataclasses
 import enum
 import re
 import sys
+import typing
 from typing import Any, ClassVar
 
 import msgpack
@@ -35,27 +36,14 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_TEXT",
     "MAX_TOKEN_LEN",
-    "WelcomeEncoder",
+    "MAX_HOST_AGENTS",
     "EXT_NDARRAY",
+    "ERROR_HINTS",
     "MsgType",
     "ErrorCode",
     "ProtocolError",
-    "Hello",
-    "Welcome",
-    "Observation",
-    "Action",
-    "Heartbeat",
-    "Bye",
-    "Error",
-    "Control",
-    "Reply",
-    "HostHello",
-    "HostWelcome",
-    "HostObservation",
-    "HostAction",
-    "HostBye",
-    "MAX_HOST_AGENTS",
     "Message",
+    "WelcomeEncoder",
     "encode",
     "encode_observation",
     "encode_host_observation",
@@ -63,6 +51,7 @@ __all__ = [
     "decode",
     "pack",
     "unpack",
+    # and every message record, added by @record below
 ]
 
 PROTOCOL_VERSION = 1
@@ -85,25 +74,6 @@ _MAX_MODALITIES = 32
 # numpy dtype kinds allowed on the wire: bool, signed, unsigned, float, complex.
 _ARRAY_KINDS = frozenset("biufc")
 _MAX_ARRAY_DIMS = 8
-
-
-class MsgType(enum.IntEnum):
-    """Message type codes: the second element of every message."""
-
-    HELLO = 1
-    WELCOME = 2
-    OBSERVATION = 3
-    ACTION = 4
-    HEARTBEAT = 5
-    BYE = 6
-    ERROR = 7
-    CONTROL = 8
-    REPLY = 9
-    HOST_HELLO = 10
-    HOST_WELCOME = 11
-    HOST_OBSERVATION = 12
-    HOST_ACTION = 13
-    HOST_BYE = 14
 
 
 class ErrorCode(enum.IntEnum):
@@ -233,6 +203,37 @@ def _token(value: Any) -> str:
     return _text(value, "token", MAX_TOKEN_LEN)
 
 
+# --- message records ---------------------------------------------------------------
+#
+# Each record is declared once, with its type code: ``@record(code)``.  MsgType,
+# ``Message``, the decoder's table and ``__all__`` follow from these declarations.
+
+_RECORDS: dict[int, type] = {}
+
+
+def record(code: int):
+    """Register a message record under type ``code``; its MsgType name is the class
+    name in capitals (``HostHello`` -> ``HOST_HELLO``)."""
+
+    def register(cls):
+        if code in _RECORDS:
+            raise ValueError(f"message type {code} declared twice")
+        cls.TYPE_NAME = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
+        _RECORDS[code] = cls
+        __all__.append(cls.__name__)
+        return cls
+
+    return register
+
+
+def _registration_head(f: list, name: str, n: tuple[int, int], id_name: str) -> tuple[str, str, int, str]:
+    """HELLO and HOST_HELLO: ``id, kind, pid, ..., [token]``: the shared fields, checked."""
+    _arity(f, n, name)
+    token = _token(f[n[1] - 1]) if len(f) == n[1] else ""
+    return _ident(f[0], id_name), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX), token
+
+
+@record(1)
 @dataclasses.dataclass(slots=True)
 class Hello:
     """Agent -> coordinator: join (or rejoin) the bus.
@@ -248,24 +249,21 @@ class Hello:
         (ID_TAKEN).
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.HELLO
     agent_id: str
     kind: str
     pid: int = 0
     token: str = ""
 
     def wire(self) -> tuple:
-        if self.token:
-            return (self.agent_id, self.kind, self.pid, self.token)
-        return (self.agent_id, self.kind, self.pid)
+        fields = (self.agent_id, self.kind, self.pid)
+        return (*fields, self.token) if self.token else fields
 
     @classmethod
     def from_wire(cls, f: list) -> Hello:
-        _arity(f, (3, 4), "HELLO")
-        token = _token(f[3]) if len(f) == 4 else ""
-        return cls(_ident(f[0], "agent_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX), token)
+        return cls(*_registration_head(f, "HELLO", (3, 4), "agent_id"))
 
 
+@record(2)
 @dataclasses.dataclass(slots=True)
 class Welcome:
     """Coordinator -> agent: registration accepted.
@@ -275,7 +273,6 @@ class Welcome:
     params: world and schedule parameters (keys listed in docs/protocol.md).
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.WELCOME
     session: str
     agent_id: str
     params: dict
@@ -289,6 +286,7 @@ class Welcome:
         return cls(_ident(f[0], "session"), _ident(f[1], "agent_id"), _map(f[2], "params"))
 
 
+@record(3)
 @dataclasses.dataclass(slots=True)
 class Observation:
     """Coordinator -> agent: what the agent observes at ``tick``; answer with ACTION.
@@ -297,12 +295,21 @@ class Observation:
     obs: one outcome index per observation modality.
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.OBSERVATION
     tick: int
     obs: list
 
     def wire(self) -> tuple:
         return (self.tick, self.obs)
+
+    @staticmethod
+    def _accept(m: list) -> Observation | None:
+        """``[version, type, *fields]`` as a valid OBSERVATION in one expression, or None."""
+        if len(m) == 4:
+            tick, obs = m[2], m[3]
+            if (type(tick) is int and 0 <= tick <= _INT64_MAX and type(obs) is list
+                    and 0 < len(obs) <= _MAX_MODALITIES and all(type(o) is int and 0 <= o <= _U32_MAX for o in obs)):
+                return Observation(tick, obs)
+        return None
 
     @classmethod
     def from_wire(cls, f: list) -> Observation:
@@ -315,8 +322,26 @@ class Observation:
         return cls(_int(f[0], "tick", 0), obs)
 
 
+class _Answer:
+    """ACTION and HOST_ACTION: ``tick, payload, compute_us, [cpu_us]``, checked field by
+    field in :meth:`_precise`, which both share."""
+
+    __slots__ = ()
+
+    def wire(self) -> tuple:
+        fields = (self.tick, getattr(self, self._PAYLOAD), self.compute_us)
+        return fields if self.cpu_us is None else (*fields, self.cpu_us)
+
+    @classmethod
+    def _precise(cls, f: list):
+        _arity(f, (3, 4), cls._NAME)
+        return cls(_int(f[0], "tick", 0), cls._payload(f[1]), _int(f[2], "compute_us", 0),
+                   _int(f[3], "cpu_us", 0) if len(f) == 4 else None)
+
+
+@record(4)
 @dataclasses.dataclass(slots=True)
-class Action:
+class Action(_Answer):
     """Agent -> coordinator: the action chosen for ``tick``.
 
     tick: the tick of the OBSERVATION being answered.
@@ -328,29 +353,39 @@ class Action:
         does not count twice).  Left out when the agent cannot measure it.
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.ACTION
+    _NAME: ClassVar[str] = "ACTION"
+    _PAYLOAD: ClassVar[str] = "action"
     tick: int
     action: int
     compute_us: int = 0
     cpu_us: int | None = None
 
-    def wire(self) -> tuple:
-        if self.cpu_us is None:
-            return (self.tick, self.action, self.compute_us)
-        return (self.tick, self.action, self.compute_us, self.cpu_us)
-
     @classmethod
     def from_wire(cls, f: list) -> Action:
-        _arity(f, (3, 4), "ACTION")
-        return cls(_int(f[0], "tick", 0), _int(f[1], "action", 0, _U32_MAX), _int(f[2], "compute_us", 0),
-                   _int(f[3], "cpu_us", 0) if len(f) == 4 else None)
+        return cls._precise(f)
+
+    @staticmethod
+    def _accept(m: list) -> Action | None:
+        """``[version, type, *fields]`` as a valid ACTION in one expression, or None."""
+        n = len(m)
+        if n == 5 or n == 6:
+            tick, action, compute_us = m[2], m[3], m[4]
+            cpu_us = m[5] if n == 6 else 0
+            if (type(tick) is int and type(action) is int and type(compute_us) is int and type(cpu_us) is int
+                    and 0 <= tick <= _INT64_MAX and 0 <= action <= _U32_MAX and 0 <= compute_us <= _INT64_MAX
+                    and 0 <= cpu_us <= _INT64_MAX):
+                return Action(tick, action, compute_us, cpu_us if n == 6 else None)
+        return None
+
+    @staticmethod
+    def _payload(v: Any) -> int:
+        return _int(v, "action", 0, _U32_MAX)
 
 
+@record(5)
 @dataclasses.dataclass(slots=True)
 class Heartbeat:
     """Either direction: I am alive.  Sent when a peer has sent nothing else for a while."""
-
-    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
 
     def wire(self) -> tuple:
         return ()
@@ -361,6 +396,7 @@ class Heartbeat:
         return _HEARTBEAT
 
 
+@record(6)
 @dataclasses.dataclass(slots=True)
 class Bye:
     """Either direction: I am leaving; forget me.
@@ -368,7 +404,6 @@ class Bye:
     reason: human-readable reason, for logs.
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.BYE
     reason: str = ""
 
     def wire(self) -> tuple:
@@ -380,6 +415,7 @@ class Bye:
         return cls(_text(f[0], "reason"))
 
 
+@record(7)
 @dataclasses.dataclass(slots=True)
 class Error:
     """Either direction: the last message was refused.
@@ -388,7 +424,6 @@ class Error:
     reason: what was wrong and what to do, for humans.
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.ERROR
     code: int
     reason: str
 
@@ -401,16 +436,16 @@ class Error:
         return cls(_int(f[0], "code", 0, _U32_MAX), _text(f[1], "reason"))
 
 
+@record(8)
 @dataclasses.dataclass(slots=True)
 class Control:
     """Client -> coordinator: an operator or benchmark request (no registration needed).
 
     request_id: echoed in the REPLY, so a client can drop stale replies.
-    command: ``ping``, ``stats`` or ``measure`` (docs/protocol.md lists their args).
+    command: a command of ``bus.commands`` (docs/protocol.md lists them and their args).
     args: command arguments.
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.CONTROL
     request_id: int
     command: str
     args: dict = dataclasses.field(default_factory=dict)
@@ -424,6 +459,7 @@ class Control:
         return cls(_int(f[0], "request_id", 0), _ident(f[1], "command"), _map(f[2], "args"))
 
 
+@record(9)
 @dataclasses.dataclass(slots=True)
 class Reply:
     """Coordinator -> client: the answer to CONTROL ``request_id``.
@@ -433,7 +469,6 @@ class Reply:
     result: the command's result (a map), or ``{"error": reason}`` when not ok.
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.REPLY
     request_id: int
     ok: bool
     result: dict
@@ -479,6 +514,7 @@ class _ArrayRecord:
     __hash__ = None
 
 
+@record(10)
 @dataclasses.dataclass(slots=True, eq=False)
 class HostHello(_ArrayRecord):
     """Host -> coordinator: register ``count`` agents, ids ``prefix + str(first + i)``.
@@ -490,7 +526,6 @@ class HostHello(_ArrayRecord):
     token: optional; the ``token`` of this host's last HOST_WELCOME (see HELLO).
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.HOST_HELLO
     host_id: str
     kind: str
     pid: int
@@ -508,16 +543,15 @@ class HostHello(_ArrayRecord):
 
     @classmethod
     def from_wire(cls, f: list) -> HostHello:
-        _arity(f, (6, 7), "HOST_HELLO")
+        host_id, kind, pid, token = _registration_head(f, "HOST_HELLO", (6, 7), "host_id")
         prefix = _text(f[3], "prefix", 100)
         first, count = _int(f[4], "first", 0, _U32_MAX), _int(f[5], "count", 1, MAX_HOST_AGENTS)
         _ident(f"{prefix}{first}", "the first member id")
         _ident(f"{prefix}{first + count - 1}", "the last member id")
-        token = _token(f[6]) if len(f) == 7 else ""
-        return cls(_ident(f[0], "host_id"), _ident(f[1], "kind"), _int(f[2], "pid", 0, _U32_MAX), prefix, first,
-                   count, token)
+        return cls(host_id, kind, pid, prefix, first, count, token)
 
 
+@record(11)
 @dataclasses.dataclass(slots=True, eq=False)
 class HostWelcome(_ArrayRecord):
     """Coordinator -> host: registration accepted.
@@ -526,7 +560,6 @@ class HostWelcome(_ArrayRecord):
     arenas: each member's arena (1-D unsigned array, in member order).
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.HOST_WELCOME
     session: str
     host_id: str
     params: dict
@@ -542,6 +575,7 @@ class HostWelcome(_ArrayRecord):
                    _array(f[3], "arenas", "u", 1))
 
 
+@record(12)
 @dataclasses.dataclass(slots=True, eq=False)
 class HostObservation(_ArrayRecord):
     """Coordinator -> host: observations of some members at ``tick``; answer with
@@ -551,7 +585,6 @@ class HostObservation(_ArrayRecord):
     obs: one row per member, one column per modality (2-D unsigned array).
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.HOST_OBSERVATION
     tick: int
     members: Any
     obs: Any
@@ -570,8 +603,9 @@ class HostObservation(_ArrayRecord):
         return cls(_int(f[0], "tick", 0), members, obs)
 
 
+@record(13)
 @dataclasses.dataclass(slots=True, eq=False)
-class HostAction(_ArrayRecord):
+class HostAction(_Answer, _ArrayRecord):
     """Host -> coordinator: the actions for HOST_OBSERVATION ``tick``, one per member
     listed there, in its order.
 
@@ -580,24 +614,23 @@ class HostAction(_ArrayRecord):
     cpu_us: optional; the CPU time of that computation (see ACTION).
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.HOST_ACTION
+    _NAME: ClassVar[str] = "HOST_ACTION"
+    _PAYLOAD: ClassVar[str] = "actions"
     tick: int
     actions: Any
     compute_us: int = 0
     cpu_us: int | None = None
 
-    def wire(self) -> tuple:
-        if self.cpu_us is None:
-            return (self.tick, self.actions, self.compute_us)
-        return (self.tick, self.actions, self.compute_us, self.cpu_us)
-
     @classmethod
     def from_wire(cls, f: list) -> HostAction:
-        _arity(f, (3, 4), "HOST_ACTION")
-        return cls(_int(f[0], "tick", 0), _array(f[1], "actions", "iu", 1), _int(f[2], "compute_us", 0),
-                   _int(f[3], "cpu_us", 0) if len(f) == 4 else None)
+        return cls._precise(f)
+
+    @staticmethod
+    def _payload(v: Any):
+        return _array(v, "actions", "iu", 1)
 
 
+@record(14)
 @dataclasses.dataclass(slots=True)
 class HostBye:
     """Host -> coordinator: these members leave (their step failed, say); the host stays.
@@ -606,7 +639,6 @@ class HostBye:
     reason: human-readable reason, for logs.
     """
 
-    TYPE: ClassVar[MsgType] = MsgType.HOST_BYE
     members: list
     reason: str = ""
 
@@ -624,13 +656,18 @@ class HostBye:
         return cls(members, _text(f[1], "reason"))
 
 
-_HEARTBEAT = Heartbeat()
-Message = (Hello | Welcome | Observation | Action | Heartbeat | Bye | Error | Control | Reply
-           | HostHello | HostWelcome | HostObservation | HostAction | HostBye)
-_RECORDS = {int(cls.TYPE): cls for cls in (Hello, Welcome, Observation, Action, Heartbeat, Bye, Error, Control, Reply,
-                                           HostHello, HostWelcome, HostObservation, HostAction, HostBye)}
+# What follows from the declarations above.
+MsgType = enum.IntEnum("MsgType", {cls.TYPE_NAME: code for code, cls in _RECORDS.items()})
+MsgType.__doc__ = "Message type codes: the second element of every message (one per @record)."
+for _code, _cls in _RECORDS.items():
+    _cls.TYPE = MsgType(_code)
+Message = typing.Union[tuple(_RECORDS.values())]  # noqa: UP007 - built from the table
 _TYPE_CODE = {cls: code for code, cls in _RECORDS.items()}
-_ACTION, _OBSERVATION = int(MsgType.ACTION), int(MsgType.OBSERVATION)
+#: records with a one-expression accept for their valid form (the messages of every step):
+#: decode tries it first; whatever it does not accept goes to from_wire's precise checks
+_ACCEPT = {code: cls._accept for code, cls in _RECORDS.items() if hasattr(cls, "_accept")}
+_HEARTBEAT = Heartbeat()
+_OBSERVATION = int(MsgType.OBSERVATION)
 
 
 # --- codec -------------------------------------------------------------------------
@@ -757,32 +794,17 @@ class WelcomeEncoder:
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Parse and validate one frame; raises :class:`ProtocolError` and nothing else."""
+    """Parse and validate one frame; raises :class:`ProtocolError` and nothing else.
+    A record's ``_accept`` takes the valid messages of every step (ACTION, OBSERVATION)
+    in one expression; anything it does not take is checked field by field by the
+    record's ``from_wire``, which names what is wrong."""
     if len(data) > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(data)} bytes, limit {max_bytes}")
     obj = unpack(data)
-    # Fast paths for the two messages of every step, with the same checks as from_wire;
-    # anything unusual falls through to the general path and its precise error.
-    n = len(obj) if type(obj) is list else 0
-    if n > 3 and obj[0] == PROTOCOL_VERSION and type(obj[0]) is int and type(obj[1]) is int:
-        if n in (5, 6) and obj[1] == _ACTION:
-            tick, action, compute_us = obj[2], obj[3], obj[4]
-            cpu_us = obj[5] if n == 6 else 0
-            if (type(tick) is int and type(action) is int and type(compute_us) is int and type(cpu_us) is int
-                    and 0 <= tick <= _INT64_MAX and 0 <= action <= _U32_MAX and 0 <= compute_us <= _INT64_MAX
-                    and 0 <= cpu_us <= _INT64_MAX):
-                return Action(tick, action, compute_us, cpu_us if n == 6 else None)
-        elif n == 4 and obj[1] == _OBSERVATION:
-            tick, obs = obj[2], obj[3]
-            if (type(tick) is int and 0 <= tick <= _INT64_MAX and type(obs) is list
-                    and 0 < len(obs) <= _MAX_MODALITIES
-                    and all(type(o) is int and 0 <= o <= _U32_MAX for o in obs)):
-                return Observation(tick, obs)
-    return _decode_general(obj)
-
-
-def _decode_general(obj: Any) -> Message:
-    """Validate a decoded msgpack value as a message, field by field (no fast path)."""
+    if type(obj) is list and len(obj) > 2 and type(obj[0]) is int and obj[0] == PROTOCOL_VERSION \
+            and type(obj[1]) is int and (accept := _ACCEPT.get(obj[1])) is not None \
+            and (msg := accept(obj)) is not None:
+        return msg
     if type(obj) is not list or len(obj) < 2:
         raise ProtocolError(ErrorCode.MALFORMED, "a message is a msgpack array [version, type, ...]")
     version, mtype = obj[0], obj[1]

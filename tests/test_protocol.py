@@ -153,20 +153,26 @@ def test_every_error_code_has_a_hint():
 
 
 @given(st.sampled_from([P.Action, P.Observation]),
-       st.sampled_from([int, float, bool]),
-       st.one_of(st.just(P.PROTOCOL_VERSION), st.just(float(P.PROTOCOL_VERSION)), st.just(True)),
        st.lists(st.one_of(values, st.lists(st.integers(-5, 2**33), max_size=40)), min_size=1, max_size=4))
-def test_fast_paths_accept_exactly_what_the_general_path_accepts(record, code_type, version, fields):
-    obj = [version, code_type(int(record.TYPE)), *fields]
-    frame = msgpack.packb(obj)
+def test_a_records_quick_accept_takes_exactly_what_its_precise_checks_take(record, fields):
+    obj = msgpack.unpackb(msgpack.packb([P.PROTOCOL_VERSION, int(record.TYPE), *fields]))
+    quick = record._accept(obj)
     try:
-        expected = P._decode_general(msgpack.unpackb(frame))
-    except ProtocolError as exc:
-        with pytest.raises(ProtocolError) as info:
-            P.decode(frame)
-        assert info.value.code == exc.code
+        precise = record.from_wire(obj[2:])
+    except ProtocolError:
+        assert quick is None
     else:
-        assert P.decode(frame) == expected
+        assert quick == precise and P.decode(msgpack.packb(obj)) == precise
+
+
+@given(st.sampled_from([P.Action, P.Observation]), st.sampled_from([float, bool]),
+       st.one_of(st.just(float(P.PROTOCOL_VERSION)), st.just(True)), st.booleans())
+def test_only_integer_versions_and_type_codes_are_decoded(record, code_type, bad_version, bad_code):
+    fields = [0, 4, 0] if record is P.Action else [0, [1, 2]]
+    obj = [bad_version if not bad_code else P.PROTOCOL_VERSION,
+           code_type(int(record.TYPE)) if bad_code else int(record.TYPE), *fields]
+    with pytest.raises(ProtocolError):
+        P.decode(msgpack.packb(obj))
 
 
 def test_a_float_type_code_is_refused_on_the_fast_path_too():

@@ -1,0 +1,84 @@
+"""``agents``: one row per agent, a page at a time (busctl agents)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from agentbus_zmq.bus.commands import Call, Command, Server, command, page_arg
+from agentbus_zmq.bus.report import AgentRow, AgentsPage
+
+__all__ = ["AgentsCommand", "SORTS", "agents_table", "fetch_all", "sort_rows"]
+
+#: busctl's sort keys: option value -> (row field, largest first)
+SORTS = {"id": ("id", False), "steps": ("steps", True), "p50": ("p50_us", True), "p99": ("p99_us", True),
+         "missed": ("missed", True), "late": ("late", True), "slow": ("slow", True),
+         "last-seen": ("last_seen_s", True)}
+
+
+@command
+class AgentsCommand(Command):
+    """One row per agent: id, pid or host, state, steps, step time p50/p99, late/missing, last seen."""
+
+    name = "agents"
+    args_doc = "`page` (optional int, default 0)"
+    result_doc = ("`{page, pages, agents}`: one row per agent (128 a page, by id): `id, pid, host, kind, state, "
+                  "steps, p50_us, p99_us` (step time, wall, the last 32 steps), `missed, late, slow, last_seen_s`; "
+                  "a host's agents show their host's figures (`steps`: the host's divided among its members)")
+    cli = "agents"
+    cli_options = (
+        click.option("--sort", type=click.Choice(list(SORTS)), default="id", show_default=True,
+                     help="Order of the rows (numbers: largest first)."),
+        click.option("--limit", type=click.IntRange(min=0), default=0, help="Show this many rows at most (0: all)."),
+        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True),
+    )
+
+    def parse(self, args: dict) -> int:
+        return page_arg(args, self.name, 0)
+
+    def execute(self, server: Server, call: Call, page: int) -> dict:
+        return server.agents_page(page, call.now).to_wire()
+
+    def console(self, ctl, sort: str = "id", limit: int = 0, fmt: str = "table") -> None:
+        rows = sort_rows(fetch_all(ctl), sort)
+        if limit:
+            rows = rows[:limit]
+        if fmt == "json":
+            ctl.echo(json.dumps([r.to_wire() for r in rows], indent=2))
+        else:
+            ctl.print(agents_table(rows, f"{len(rows)} agents, by {sort}", ctl.text))
+
+
+def fetch_all(ctl) -> list[AgentRow]:
+    first = AgentsPage.from_wire(ctl.request("agents", {"page": 0}))
+    rows = list(first.agents)
+    for page in range(1, first.pages):
+        rows += AgentsPage.from_wire(ctl.request("agents", {"page": page})).agents
+    return rows
+
+
+def sort_rows(rows: list[AgentRow], sort: str) -> list[AgentRow]:
+    key, descending = SORTS[sort]
+    present = [r for r in rows if getattr(r, key) is not None]
+    return (sorted(present, key=lambda r: getattr(r, key), reverse=descending)
+            + [r for r in rows if getattr(r, key) is None])
+
+
+def _ms(us) -> str:
+    return "-" if us is None else f"{us / 1000:.2f}"
+
+
+def agents_table(rows: list[AgentRow], title: str, text=str):
+    """The ``busctl agents`` table; ``text`` makes peer-supplied strings safe to show."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for name, justify in (("id", "left"), ("pid / host", "left"), ("state", "left"), ("steps", "right"),
+                          ("p50 ms", "right"), ("p99 ms", "right"), ("late", "right"), ("missed", "right"),
+                          ("slow", "right"), ("seen", "right")):
+        t.add_column(name, justify=justify, no_wrap=True)
+    for r in rows:
+        t.add_row(text(r.id), text(r.host) if r.host else str(r.pid), text(r.state), f"{r.steps:,}", _ms(r.p50_us),
+                  _ms(r.p99_us), str(r.late), str(r.missed), str(r.slow), f"{r.last_seen_s:.1f}s")
+    return t

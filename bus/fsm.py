@@ -1,0 +1,70 @@
+"""State machines as data: one mechanism for the coordinator's units and the agent session.
+
+As h11's ``_state.py`` does, a machine is a table ``(state, event) -> next state`` and
+nothing else; :meth:`Machine.move` is the only way an object's ``state`` changes, and an
+event the table does not list for the current state raises :class:`IllegalTransition`
+at once (a bug in the caller, never a peer's doing)::
+
+    UNITS = Machine("unit", {(JOINING, "ready"): IDLE, (IDLE, "observe"): STEPPING, ...})
+    UNITS.move(unit, "ready")
+
+States are :class:`enum.Enum` members with string values.  A move is on the per-step path
+of the coordinator (two a step), so the table is compiled to ``value -> event -> state``
+dictionaries: an Enum member hashes in Python (~120 ns), its value string in C.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+__all__ = ["IllegalTransition", "Machine"]
+
+
+class IllegalTransition(RuntimeError):
+    """A move its machine's table does not allow: a bug in the caller."""
+
+
+class Machine:
+    """A transition table and the one way to apply it."""
+
+    def __init__(self, name: str, table: Mapping[tuple[enum.Enum, str], enum.Enum]):
+        self.name = name
+        self.table = dict(table)
+        self._next: dict[str, dict[str, enum.Enum]] = {}
+        for (state, event), to in self.table.items():
+            self._next.setdefault(state.value, {})[event] = to
+
+    @property
+    def events(self) -> set[str]:
+        return {event for _, event in self.table}
+
+    def states(self) -> set[enum.Enum]:
+        """Every state the table names, as a source or a target."""
+        return {s for s, _ in self.table} | set(self.table.values())
+
+    def allows(self, state: enum.Enum, event: str) -> bool:
+        return event in self._next.get(state.value, ())
+
+    def move(self, obj, event: str) -> None:
+        """``obj.state`` becomes the table's next state for ``event``, or this raises."""
+        try:
+            obj.state = self._next[obj.state._value_][event]
+        except KeyError:
+            raise IllegalTransition(f"{self.name} {getattr(obj, 'name', '')}: event {event!r} is not allowed "
+                                    f"in state {obj.state.value!r}".replace("  ", " ")) from None
+
+    def reachable(self, start: enum.Enum) -> set[enum.Enum]:
+        """States reachable from ``start`` (for tests that walk the table)."""
+        seen, todo = {start}, [start]
+        while todo:
+            for to in self._next.get(todo.pop().value, {}).values():
+                if to not in seen:
+                    seen.add(to)
+                    todo.append(to)
+        return seen
+
+    def walk(self) -> Iterable[tuple[enum.Enum, str, enum.Enum]]:
+        """Every row of the table, in its order."""
+        for (state, event), to in self.table.items():
+            yield state, event, to
