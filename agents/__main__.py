@@ -10,6 +10,7 @@ import click
 
 from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
+from agentbus_zmq.agents.layout import PerHost
 from agentbus_zmq.agents.supervisor import RestartPolicy
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, limit_threads
 
@@ -35,23 +36,6 @@ _ENV = {
     "restart_backoff": "BUS_AGENT_RESTART_BACKOFF",
 }
 _POLICY = RestartPolicy()
-
-class PerHost(click.ParamType):
-    """``--per-host``: a positive integer, or ``auto``."""
-
-    name = "K|auto"
-
-    def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, int):
-            return value
-        try:
-            k = int(value)
-        except ValueError:
-            k = 0
-        if not 1 <= k <= 4096:
-            self.fail(f"{value!r} is neither a count of agents per process (1 .. 4096) nor 'auto'", param, ctx)
-        return k
-
 
 def client_keys(server_key: str | None, key: str | None):
     """CURVE keys from the two options, or None when neither is given."""
@@ -111,7 +95,8 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
     from agentbus_zmq.agents.kinds import KindUnavailable, create, kind_options
-    from agentbus_zmq.agents.launcher import auto_per_host, launch
+    from agentbus_zmq.agents.launcher import launch
+    from agentbus_zmq.agents.layout import AUTO, auto_per_host
     from agentbus_zmq.bus.protocol import Hello, ProtocolError
     from agentbus_zmq.bus.sockets import check_endpoint
 
@@ -140,7 +125,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
     policy = RestartPolicy(backoff_min=restart_backoff, backoff_max=max(restart_backoff, _POLICY.backoff_max),
                            intensity=max_restarts, period=restart_period)
     try:
-        if per_host == "auto":
+        if per_host == AUTO:
             per_host = auto_per_host(replicas, len(os.sched_getaffinity(0)))
         if per_host == 1 and replicas > 4096:
             raise click.UsageError(f"{replicas} agent processes is too many for one launcher: "

@@ -30,7 +30,7 @@ import time
 from typing import Callable
 
 from agentbus_zmq.agents.host import Host
-from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.agents.layout import host_layout
 from agentbus_zmq.agents.runtime import EXIT_REPLACED, Runtime
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.supervisor import Restart, RestartPolicy, Supervisor
@@ -44,26 +44,6 @@ log = logging.getLogger(__name__)
 #: Seconds children get to say BYE and exit after SIGTERM, before SIGKILL.
 STOP_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
-
-
-def host_layout(replicas: int, per_host: int) -> list[tuple[int, int]]:
-    """``(first, count)`` of each host's members for ``replicas`` agents numbered from 1,
-    at most ``per_host`` a host, the hosts as even as they can be."""
-    hosts = -(-replicas // per_host)
-    base, extra = divmod(replicas, hosts)
-    layout, first = [], 1
-    for j in range(hosts):
-        count = base + (j < extra)
-        layout.append((first, count))
-        first += count
-    return layout
-
-
-def auto_per_host(replicas: int, cores: int) -> int:
-    """``--per-host auto``: enough hosts to fill the cores and no more (one agent per
-    process while the agents are no more than the cores), each within MAX_HOST_AGENTS."""
-    hosts = max(1, min(replicas, cores), -(-replicas // P.MAX_HOST_AGENTS))
-    return -(-replicas // hosts)
 
 
 def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1, per_host: int = 1,

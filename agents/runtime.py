@@ -26,6 +26,7 @@ cause is rate-limited.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import select
@@ -44,7 +45,7 @@ from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.security import ClientKeys
 from agentbus_zmq.bus.signals import StopSignal
 
-__all__ = ["EXIT_AGENT_FAILED", "EXIT_REPLACED", "Runtime"]
+__all__ = ["EXIT_AGENT_FAILED", "EXIT_REPLACED", "Exit", "Runtime", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,14 @@ MAX_POLL_S = 1.0
 #: ``step``) raised; another connection took this agent's id over (do not restart).
 EXIT_AGENT_FAILED = 3
 EXIT_REPLACED = 4
-#: stop.requested values the loop itself sets (signals are positive)
-_DONE, _FAILED, _REPLACED = -1, -2, -3
+
+
+class Exit(enum.IntEnum):
+    """Why the loop ended on its own (a signal ends it too), as its exit status."""
+
+    DONE = 0              # --max-steps reached
+    FAILED = EXIT_AGENT_FAILED
+    REPLACED = EXIT_REPLACED
 
 
 class Runtime:
@@ -79,8 +86,9 @@ class Runtime:
         self.session = AgentSession(agent_id, agent.kind, os.getpid(), heartbeat, liveness, backoff_min, backoff_max,
                                     members=agent.members if isinstance(agent, Host) else None)
         self._plog = PeerLog(log)
-        #: why the agent stopped on its own (its BYE's reason)
+        #: why the agent stopped on its own (its BYE's reason), and how it exits
         self.failure = ""
+        self.exit: Exit | None = None
 
     @property
     def steps(self) -> int:
@@ -93,7 +101,7 @@ class Runtime:
         spin_until = 0.0
         with StopSignal() as stop:
             try:
-                while stop.requested is None:
+                while stop.requested is None and self.exit is None:
                     now = clock()
                     if session.state is SessionState.BACKING_OFF:
                         if sock is not None:
@@ -119,7 +127,7 @@ class Runtime:
                     if not events:
                         events = poller.poll(min(session.next_timeout(clock()), MAX_POLL_S) * 1000)
                     if events:  # the socket or the stop pipe: draining the socket is harmless
-                        spin_until = self._drain(sock, stop)
+                        spin_until = self._drain(sock)
                     was = session.state
                     session.on_timer(clock())
                     if session.state is SessionState.BACKING_OFF and was is not SessionState.BACKING_OFF:
@@ -136,9 +144,9 @@ class Runtime:
                     sock.close(linger=100 if bye else 0)
                 self.agent.on_stop()
         log.info("%s stopped after %d steps", self.agent_id, session.steps)
-        return {_FAILED: EXIT_AGENT_FAILED, _REPLACED: EXIT_REPLACED}.get(stop.requested, 0)
+        return int(self.exit) if self.exit is not None else 0
 
-    def _drain(self, sock: zmq.Socket, stop: StopSignal) -> float:
+    def _drain(self, sock: zmq.Socket) -> float:
         """Handle what the socket holds; after a step, return to poll (cheaper than a
         recv that raises Again).  Returns when to stop busy-polling (0: don't)."""
         session = self.session
@@ -160,14 +168,14 @@ class Runtime:
                     self._refuse_observation(sock, event.tick, exc)
                     continue
                 except Exception as exc:  # noqa: BLE001 - the agent's own code: stop, say why
-                    self._fail(stop, "step", exc)
+                    self._fail("step", exc)
                     return 0.0
                 cpu_us = (thread_time_ns() - c0) // 1000
                 compute_us = (time.perf_counter_ns() - t0) // 1000
                 session.act(event.tick, action, compute_us, time.monotonic(), cpu_us)
                 self._flush(sock)
                 if self.max_steps and session.steps >= self.max_steps:
-                    stop.requested = _DONE
+                    self.exit = Exit.DONE
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is P.HostObservation:
                 try:
@@ -183,9 +191,9 @@ class Runtime:
                 if not self.agent.alive.any():
                     log.error("%s: every agent of this host has failed; stopping", self.agent_id)
                     self.failure = "every agent of this host failed"
-                    stop.requested = _FAILED
+                    self.exit = Exit.FAILED
                 elif self.max_steps and session.steps >= self.max_steps:
-                    stop.requested = _DONE
+                    self.exit = Exit.DONE
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is Welcomed:
                 if event.new_session:
@@ -194,7 +202,7 @@ class Runtime:
                     try:
                         self.agent.on_start(event.welcome)
                     except Exception as exc:  # noqa: BLE001 - BadWelcome, or the agent's own bug
-                        self._fail(stop, "on_start", exc)
+                        self._fail("on_start", exc)
                         return 0.0
                     session.ready(time.monotonic())  # building a model may take seconds
                 self._flush(sock)
@@ -202,7 +210,7 @@ class Runtime:
                 if event.fatal:
                     log.error("%s: %s; stopping (exit status %d)", self.agent_id, event.error.reason[:300],
                               EXIT_REPLACED)
-                    stop.requested = _REPLACED
+                    self.exit = Exit.REPLACED
                     return 0.0
                 if event.rehello:
                     self._plog.info(now, "%s: coordinator says %s; saying HELLO again", self.agent_id,
@@ -225,13 +233,13 @@ class Runtime:
         self.session.report(ErrorCode.BAD_FIELD, f"observation for tick {tick} refused: {exc}", now)
         self._flush(sock)
 
-    def _fail(self, stop: StopSignal, hook: str, exc: Exception) -> None:
+    def _fail(self, hook: str, exc: Exception) -> None:
         """The agent's own code raised: one line (the traceback at DEBUG), BYE with the
         reason, exit EXIT_AGENT_FAILED."""
         self.failure = f"{hook} raised {type(exc).__name__}: {exc}"
         log.error("%s: %s; stopping (exit status %d)", self.agent_id, self.failure[:500], EXIT_AGENT_FAILED)
         log.debug("%s: %s traceback", self.agent_id, hook, exc_info=exc)
-        stop.requested = _FAILED
+        self.exit = Exit.FAILED
 
     def _keepalive(self, sock: zmq.Socket) -> None:
         self.session.keepalive(time.monotonic())
@@ -248,3 +256,8 @@ class Runtime:
             except zmq.Again:
                 # Not connected yet, or the queue is full: liveness will sort it out.
                 log.debug("%s: could not queue a message to %s", self.agent_id, self.endpoint)
+
+
+def run(agent: Agent, endpoint: str, agent_id: str, **options) -> int:
+    """Run ``agent`` on the bus until SIGINT/SIGTERM; returns an exit status."""
+    return Runtime(agent, endpoint, agent_id, **options).run()

@@ -1,9 +1,11 @@
-"""What integrators build on: subclass :class:`Agent`, then :func:`run` it.
+"""What integrators build on: subclass :class:`Agent`, then run it
+(``agentbus_zmq.agents.runtime.run``, or ``bus-agent --kind module:Class``).
 
 An agent is a small object with lifecycle hooks; the runtime owns the socket, the
 handshake, heartbeats, reconnection and shutdown::
 
-    from agentbus_zmq.agents.sdk import Agent, run
+    from agentbus_zmq.agents.sdk import Agent
+    from agentbus_zmq.agents.runtime import run
 
     class Walker(Agent):
         kind = "walker"
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from agentbus_zmq.bus.protocol import Welcome
 
-__all__ = ["Agent", "BadObservation", "BadWelcome", "run"]
+__all__ = ["Agent", "BadObservation", "BadWelcome"]
 
 
 class BadWelcome(ValueError):
@@ -77,9 +79,3 @@ class Agent:
         and a failure is that agent's alone."""
         return [agent.step(row) for agent, row in zip(agents, obs.tolist())]
 
-
-def run(agent: Agent, endpoint: str, agent_id: str, **options) -> int:
-    """Run ``agent`` on the bus until SIGINT/SIGTERM; returns an exit status."""
-    from agentbus_zmq.agents.runtime import Runtime
-
-    return Runtime(agent, endpoint, agent_id, **options).run()

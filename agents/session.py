@@ -8,7 +8,7 @@ sends what :meth:`~AgentSession.take_outbox` returns, and opens a fresh socket w
 the session asks for one (:attr:`~AgentSession.state` is ``CONNECTING``).  Tests drive it
 with a fake clock.
 
-States (:data:`TRANSITIONS` is the whole table)::
+States (:data:`SESSION` is the whole table)::
 
     CONNECTING --connect--> HELLO_SENT --welcome--> REGISTERED
     HELLO_SENT / REGISTERED --silence (heartbeat x liveness)--> BACKING_OFF
@@ -17,6 +17,9 @@ States (:data:`TRANSITIONS` is the whole table)::
     BACKING_OFF --backoff elapsed--> CONNECTING                        (a fresh socket)
     HELLO_SENT / REGISTERED --REPLACED error--> STOPPED              (another process has our id)
     any --stop--> STOPPED
+
+``SESSION.move(session, event)`` (``bus.fsm``, the coordinator's mechanism too) is the
+only way the state changes; an event the table does not allow raises.
 
 * Until WELCOME, HELLO is repeated every ``heartbeat`` (it is idempotent).
 * A WELCOME whose session or parameters differ from the last one is a new session
@@ -42,9 +45,10 @@ import math
 
 from agentbus_zmq.bus import config
 from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.fsm import IllegalTransition, Machine
 from agentbus_zmq.bus.protocol import ErrorCode
 
-__all__ = ["AgentSession", "SessionState", "Welcomed", "Refused", "Left", "BadFrame", "TRANSITIONS",
+__all__ = ["AgentSession", "SessionState", "Welcomed", "Refused", "Left", "BadFrame", "SESSION",
            "IllegalTransition"]
 
 #: Errors after which the coordinator has forgotten us: say HELLO again at once.
@@ -61,14 +65,11 @@ class SessionState(enum.Enum):
     STOPPED = "stopped"
 
 
-class IllegalTransition(RuntimeError):
-    """The session tried a move :data:`TRANSITIONS` does not allow: a bug."""
-
-
 _C, _H, _R, _B = SessionState.CONNECTING, SessionState.HELLO_SENT, SessionState.REGISTERED, SessionState.BACKING_OFF
+_S = SessionState.STOPPED
 #: read on every message (an Enum member lookup costs 120 ns on 3.11)
 _REGISTERED = SessionState.REGISTERED
-TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
+SESSION = Machine("session", {
     (_C, "connect"): _H,
     (_H, "welcome"): _R,
     (_R, "welcome"): _R,
@@ -79,9 +80,10 @@ TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
     (_R, "bye"): _B,
     (_H, "bye"): _B,
     (_B, "retry"): _C,
-    (_H, "replaced"): SessionState.STOPPED,
-    (_R, "replaced"): SessionState.STOPPED,
-}
+    (_H, "replaced"): _S,
+    (_R, "replaced"): _S,
+    **{(state, "stop"): _S for state in SessionState},
+})
 
 
 @dataclasses.dataclass(slots=True)
@@ -135,7 +137,7 @@ class AgentSession:
         self.expiry = heartbeat * liveness
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self.state = SessionState.CONNECTING
+        SESSION.start(self)
         #: the coordinator session and WELCOME params of the current registration
         self.session: str | None = None
         self.params: dict | None = None
@@ -162,10 +164,7 @@ class AgentSession:
         self._heartbeat = P.encode(P.Heartbeat())
 
     def _move(self, event: str) -> None:
-        try:
-            self.state = TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise IllegalTransition(f"{event!r} in state {self.state.value}") from None
+        SESSION.move(self, event)
 
     # --- the runtime's calls ----------------------------------------------------------
 
@@ -294,7 +293,7 @@ class AgentSession:
         """Leaving for good: BYE if registered.  Nothing is sent after this."""
         if self.state is _REGISTERED:
             self._send(P.encode(P.Bye(reason[:P.MAX_TEXT])), now)
-        self.state = SessionState.STOPPED
+        self._move("stop")
 
     def take_outbox(self) -> list[bytes]:
         out, self._outbox = self._outbox, []

@@ -33,6 +33,8 @@ class Defaults:
     mode: str = "lockstep"
     #: seconds a tick (lock-step) or an observation (async) waits for its answer
     deadline: float = 1.0
+    #: seconds a host's frame waits in addition, per member (its agents step in turn)
+    member_deadline: float = 0.004
     #: heartbeat interval in seconds, both ways
     heartbeat: float = 0.5
     #: a peer silent for heartbeat x liveness seconds is presumed gone

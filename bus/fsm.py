@@ -8,7 +8,8 @@ at once (a bug in the caller, never a peer's doing)::
     UNITS = Machine("unit", {(JOINING, "ready"): IDLE, (IDLE, "observe"): STEPPING, ...})
     UNITS.move(unit, "ready")
 
-States are :class:`enum.Enum` members with string values.  A move is on the per-step path
+:meth:`Machine.start` puts an object in the initial state (the first row's state unless
+named).  States are :class:`enum.Enum` members with string values.  A move is on the per-step path
 of the coordinator (two a step), so the table is compiled to ``value -> event -> state``
 dictionaries: an Enum member hashes in Python (~120 ns), its value string in C.
 """
@@ -28,9 +29,11 @@ class IllegalTransition(RuntimeError):
 class Machine:
     """A transition table and the one way to apply it."""
 
-    def __init__(self, name: str, table: Mapping[tuple[enum.Enum, str], enum.Enum]):
+    def __init__(self, name: str, table: Mapping[tuple[enum.Enum, str], enum.Enum], initial: enum.Enum | None = None):
         self.name = name
         self.table = dict(table)
+        #: the state :meth:`start` puts an object in
+        self.initial = initial if initial is not None else next(iter(self.table))[0]
         self._next: dict[str, dict[str, enum.Enum]] = {}
         for (state, event), to in self.table.items():
             self._next.setdefault(state.value, {})[event] = to
@@ -45,6 +48,10 @@ class Machine:
 
     def allows(self, state: enum.Enum, event: str) -> bool:
         return event in self._next.get(state.value, ())
+
+    def start(self, obj) -> None:
+        """``obj`` begins in the machine's initial state."""
+        obj.state = self.initial
 
     def move(self, obj, event: str) -> None:
         """``obj.state`` becomes the table's next state for ``event``, or this raises."""

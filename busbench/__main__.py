@@ -21,7 +21,7 @@ from agentbus_zmq.agents.kinds.explorer import BACKENDS
 from agentbus_zmq.bus.config import MODES, limit_threads
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.busbench import report as rpt
-from agentbus_zmq.agents.__main__ import PerHost
+from agentbus_zmq.agents.layout import PerHost
 from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_pool, measure_r1, run_one
 
 EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
@@ -153,7 +153,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
-                      per_host=str(per_host), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
+                      per_host=per_host, arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
                       model=model)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:

@@ -3,8 +3,8 @@
     bus-conformance -- node examples/node-agent/agent.js
     bus-conformance --format json -- ./my-agent --flag
 
-It runs a real coordinator core (the same :class:`CoordinatorCore` bus-coordinator runs)
-behind a ROUTER of its own, starts the command with ``BUS_ENDPOINT`` set to it, and
+It runs a real coordinator (the same core and :class:`~agentbus_zmq.coordinator.driver.Driver`
+loop bus-coordinator runs), starts the command with ``BUS_ENDPOINT`` set to it, and
 watches every frame both ways while it plays a scenario: WELCOME held back a while,
 observations, a quiet spell, an answer refused as stale, a coordinator restart (a new
 core, a new session) and SIGTERM.  Each rule of the spec is one check, PASS or FAIL with
@@ -27,8 +27,8 @@ import click
 import zmq
 
 from agentbus_zmq.bus import protocol as P
-from agentbus_zmq.bus import sockets
 from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
+from agentbus_zmq.coordinator.driver import Driver
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
 __all__ = ["CHECKS", "Kit", "main"]
@@ -59,70 +59,61 @@ class Result:
     detail: str
 
 
-class Kit:
-    def __init__(self, command: list[str], timeout: float = 30.0):
-        self.command = command
-        self.timeout = timeout
-        self.tmp = tempfile.mkdtemp(prefix="bus-conformance-")
-        self.endpoint = f"ipc://{self.tmp}/bus.ipc"
-        self.sock = sockets.router(self.endpoint)
-        # closed connections are found as bus-coordinator finds them (its driver's probe)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.core = self._core("conformance-1")
+class _Watched(Driver):
+    """The coordinator's own loop, with every frame recorded both ways; WELCOME held
+    back until ``hold_welcome_until``, and nothing sent to the kit's own straggler."""
+
+    def __init__(self, core: CoordinatorCore, endpoint: str):
+        super().__init__(core, endpoint)
         #: (time, direction, message or None for a frame that did not decode, frames)
         self.trace: list[tuple[float, str, object, int]] = []
-        self.results: list[Result] = []
-        self.proc: subprocess.Popen | None = None
         self.peer: bytes | None = None
         self.hold_welcome_until = 0.0
 
-    def _core(self, session: str) -> CoordinatorCore:
-        return CoordinatorCore(Settings(deadline=2.0, heartbeat=HEARTBEAT_S), GridWorld(WorldConfig(seed=0)), session)
-
-    # --- the loop ----------------------------------------------------------------------
-
-    def pump(self, seconds: float) -> None:
-        """Run the coordinator for ``seconds``: frames in, checks, frames out."""
-        end = time.monotonic() + seconds
-        while (now := time.monotonic()) < end:
-            if self.sock.poll(max(1, int(min(end - now, self.core.next_timeout(now), 0.05) * 1000))):
-                while True:
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._inbound(frames[0], frames[1:])
-            while self.monitor.poll(0):
-                self.monitor.recv_multipart()
-                self.core.on_connection_event("disconnected", time.monotonic())
-            self.core.on_timer(time.monotonic())
-            self._outbound()
-
-    def _inbound(self, peer: bytes, frames: list[bytes]) -> None:
-        now = time.monotonic()
+    def receive(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None) -> None:
         try:
             msg = P.decode(frames[0]) if len(frames) == 1 else None
         except P.ProtocolError:
             msg = None
         self.trace.append((now, "in", msg, len(frames)))
         self.peer = peer  # its latest connection
-        self.core.on_frames(peer, frames, now)
+        super().receive(peer, frames, now, key)
 
-    def _outbound(self) -> None:
-        now = time.monotonic()
-        for peer, frame in self.core.take_outbox():
-            if peer == STRAGGLER:
-                continue
-            msg = P.decode(frame)
-            if type(msg) is P.Welcome and now < self.hold_welcome_until:
-                continue  # held back: the agent must repeat HELLO
-            self.trace.append((now, "out", msg, 1))
-            try:
-                self.sock.send_multipart([peer, frame], zmq.NOBLOCK)
-            except zmq.Again:
-                self.core.on_undeliverable(peer, "its queue is full", now)
-            except zmq.ZMQError:
-                self.core.on_undeliverable(peer, "its connection is gone", now, gone=True)
+    def deliver(self, peer: bytes, frame: bytes, now: float) -> bool:
+        if peer == STRAGGLER:
+            return False
+        msg = P.decode(frame)
+        if type(msg) is P.Welcome and now < self.hold_welcome_until:
+            return False  # held back: the agent must repeat HELLO
+        self.trace.append((now, "out", msg, 1))
+        return True
+
+
+class Kit:
+    def __init__(self, command: list[str], timeout: float = 30.0):
+        self.command = command
+        self.timeout = timeout
+        self.tmp = tempfile.mkdtemp(prefix="bus-conformance-")
+        self.endpoint = f"ipc://{self.tmp}/bus.ipc"
+        self.bus = _Watched(self._core("conformance-1"), self.endpoint)
+        self.trace = self.bus.trace
+        self.results: list[Result] = []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def core(self) -> CoordinatorCore:
+        return self.bus.core
+
+    @property
+    def peer(self) -> bytes | None:
+        return self.bus.peer
+
+    def _core(self, session: str) -> CoordinatorCore:
+        return CoordinatorCore(Settings(deadline=2.0, heartbeat=HEARTBEAT_S), GridWorld(WorldConfig(seed=0)), session)
+
+    def pump(self, seconds: float) -> None:
+        """Run the coordinator for ``seconds``: frames in, checks, frames out."""
+        self.bus.pump(seconds)
 
     def _since(self, t0: float, direction: str = "in") -> list:
         return [(t, m) for t, d, m, _ in self.trace if t >= t0 and d == direction]
@@ -135,7 +126,7 @@ class Kit:
     def run(self) -> list[Result]:
         env = {**os.environ, "BUS_ENDPOINT": self.endpoint}
         try:
-            self.hold_welcome_until = time.monotonic() + HOLD_WELCOME_S
+            self.bus.hold_welcome_until = time.monotonic() + HOLD_WELCOME_S
             try:
                 self.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL,
                                              start_new_session=True)
@@ -156,9 +147,7 @@ class Kit:
             if self.proc is not None and self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-            self.sock.disable_monitor()
-            self.monitor.close(linger=0)
-            self.sock.close(linger=0)
+            self.bus.close()
         bad = [m for _, d, m, n in self.trace if d == "in" and (m is None or n != 1)]
         total = sum(1 for _, d, _, _ in self.trace if d == "in")
         self.results.insert(0, Result("single_frame", total > 0 and not bad,
@@ -178,7 +167,7 @@ class Kit:
     def _registration(self) -> None:
         t0 = time.monotonic()
         got = self._wait_for(t0, lambda ms: sum(type(m) is P.Hello for _, m in ms) >= 1, self.timeout)
-        hold_end = self.hold_welcome_until
+        hold_end = self.bus.hold_welcome_until
         self.pump(max(0.0, hold_end - time.monotonic()))
         hellos = [t for t, m in self._since(t0) if type(m) is P.Hello and t <= hold_end]
         gaps = [b - a for a, b in zip(hellos, hellos[1:])]
@@ -232,7 +221,8 @@ class Kit:
             self.check("stale_tick_tolerated", False, "no agent registered")
             return
         try:
-            self.sock.send_multipart([self.peer, P.encode(P.Error(P.ErrorCode.STALE_TICK, "conformance: refused"))])
+            self.bus.sock.send_multipart([self.peer, P.encode(P.Error(P.ErrorCode.STALE_TICK,
+                                                                      "conformance: refused"))])
         except zmq.ZMQError:
             self.check("stale_tick_tolerated", False, "its connection is gone")
             return
@@ -245,9 +235,9 @@ class Kit:
                    f"{sum(type(m) is P.Hello for _, m in ms)} HELLOs")
 
     def _restart(self) -> None:
-        self.core = self._core("conformance-2")  # what a restarted coordinator knows: nothing
+        self.bus.core = self._core("conformance-2")  # what a restarted coordinator knows: nothing
         t0 = time.monotonic()
-        ok = self._wait_for(t0, lambda ms: any(type(m) is P.Action for _, m in ms if True)
+        ok = self._wait_for(t0, lambda ms: any(type(m) is P.Action for _, m in ms)
                             and any(type(m) is P.Hello for _, m in ms), 10)
         ms = self._since(t0)
         hello_at = next((t for t, m in ms if type(m) is P.Hello), None)

@@ -75,7 +75,7 @@ def _worker(kind: str, options: dict, world: dict, first: int, count: int, warmu
 def pool_rate(kind: str, options: dict, world: dict, agents: int, per_host: int, warmup: int,
               duration: float) -> dict:
     from agentbus_zmq.agents.kinds import create
-    from agentbus_zmq.agents.launcher import host_layout
+    from agentbus_zmq.agents.layout import host_layout
 
     template = create(kind, **options)
     if getattr(template, "forkable", True):

@@ -12,7 +12,7 @@ __all__ = ["aggregate", "Check", "requirements", "compare", "gate", "table", "ma
 #: Scalar run fields summarised by their median over repeats.
 _MEDIAN_KEYS = ("rate", "efficiency", "efficiency_peer", "overhead", "elapsed_s", "coordinator_cpu_us_per_step",
                 "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s", "single_agent_rate", "pool_rate",
-                "efficiency_pool", "efficiency_live")
+                "efficiency_pool", "efficiency_live", "agent_cpu_s")
 _SUM_KEYS = ("steps", "ticks", "lost_steps", "late_steps", "missing_steps", "undeliverable")
 
 

@@ -26,8 +26,10 @@ from typing import Callable
 
 import psutil
 
+from agentbus_zmq.agents.layout import resolve_per_host
 from agentbus_zmq.bus.config import DEFAULTS
 from agentbus_zmq.busbench.procs import Child
+from agentbus_zmq.coordinator.settings import Settings
 from agentbus_zmq.coordinator.world import WorldConfig
 from agentbus_zmq.bus.client import ControlClient
 from agentbus_zmq.bus.security import ClientKeys, generate
@@ -70,8 +72,8 @@ class BenchConfig:
     chaos_kill_rate: float = 0.0
     #: busy-polling: auto, off, agents or all (see spin_plan)
     spin: str = "auto"
-    #: agents per process: "1" (one each), a count K (agent hosts of K), or "auto"
-    per_host: str = "1"
+    #: agents per process: 1 (one each), a count K (agent hosts of K), or "auto"
+    per_host: int | str = 1
     #: agents per arena (0: every free cell); more agents open more arenas
     arena_agents: int = _WORLD.arena_agents
     #: write py-spy profiles of the coordinator and one agent process here (per count)
@@ -90,10 +92,7 @@ class BenchConfig:
 
     def hosts_for(self, n: int) -> int:
         """Agents per process for ``n`` agents (``per_host`` resolved, auto included)."""
-        from agentbus_zmq.agents.launcher import auto_per_host
-
-        k = auto_per_host(n, cores()) if self.per_host == "auto" else int(self.per_host)
-        return min(k, n)
+        return resolve_per_host(self.per_host, n, cores())
 
     def kind_options(self) -> dict:
         """The options the agents get: the same for bus-agent and for r1 (solo)."""
@@ -111,9 +110,6 @@ class BenchConfig:
 def cores() -> int:
     return len(os.sched_getaffinity(0))
 
-
-#: A host's deadline allows this many times its frame's expected compute (K / r1).
-FRAME_DEADLINES = 4
 
 #: Microseconds a spinning process busy-polls after each message before it sleeps.
 SPIN_US = 2000
@@ -299,9 +295,8 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
     errors: list[str] = []
     per_host = cfg.hosts_for(n)
     processes = -(-n // per_host)
-    # A host steps its K agents one after another: its frame takes K steps, so the
-    # deadline (for stragglers, not for work) must allow several of those.
-    deadline = max(cfg.deadline, FRAME_DEADLINES * per_host / r1) if r1 > 0 else cfg.deadline
+    # The coordinator gives a host's frame more time per member (Settings.deadline_for).
+    deadline = Settings(deadline=cfg.deadline).deadline_for(per_host)
     record: dict = {"agents": n, "per_host": per_host, "processes": processes, "deadline_s": deadline}
     args = {"agents": n, "warmup_steps": cfg.warmup * n, "steps": cfg.steps, "duration_s": cfg.duration,
             "timeout_s": max(cfg.timeout, cfg.duration + 120)}
@@ -314,7 +309,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
             bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
             coord = Child("coordinator", "agentbus_zmq.coordinator",
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
-                           "--deadline", str(deadline), "--width", str(cfg.width), "--height", str(cfg.height),
+                           "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
                            "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
                            "--arena-agents", str(cfg.arena_agents), "--spin-us", str(coordinator_spin),
                            "--log-level", "WARNING", *server_args,
@@ -421,6 +416,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
         # the coordinator's own efficiency formula (agent CPU in steps / (window x min(N, C))),
         # over this window: what its live gauge shows, to compare with E(N)
         "efficiency_live": window.get("efficiency_live"),
+        "agent_cpu_s": window.get("agent_cpu_s"),
         "lost_steps": w["missing"] + w["late"],
         "late_steps": w["late"],
         "missing_steps": w["missing"],

@@ -11,13 +11,14 @@ import zmq
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
-from agentbus_zmq.coordinator.core import MODES, ConfigError, Settings
+from agentbus_zmq.coordinator.settings import MODES, ConfigError, Settings
 from agentbus_zmq.coordinator.world import WorldConfig
 
 _ENV = {
     "bind": "BUS_ENDPOINT",
     "mode": "BUS_MODE",
     "deadline": "BUS_DEADLINE",
+    "member_deadline": "BUS_MEMBER_DEADLINE",
     "heartbeat": "BUS_HEARTBEAT",
     "width": "BUS_WORLD_WIDTH",
     "height": "BUS_WORLD_HEIGHT",
@@ -51,6 +52,10 @@ _WORLD = WorldConfig()
               help="lockstep: ticks close when every agent answered; async: each agent steps on its own.")
 @click.option("--deadline", envvar=_ENV["deadline"], type=float, default=DEFAULTS.deadline, show_default=True,
               help="Seconds a tick (or, async, an observation) waits for answers.")
+@click.option("--member-deadline", envvar=_ENV["member_deadline"], type=click.FloatRange(min=0),
+              default=DEFAULTS.member_deadline, show_default=True,
+              help="Seconds an agent host's frame waits in addition, per member it carries (its agents step in "
+                   "turn): a host of K agents gets --deadline + K x this.")
 @click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True,
               help=f"Heartbeat interval in seconds; a peer silent for {DEFAULTS.liveness} intervals is dead.")
 @click.option("--width", envvar=_ENV["width"], type=int, default=_WORLD.width, show_default=True)
@@ -101,7 +106,7 @@ _WORLD = WorldConfig()
               help="Run COMMAND when the alert is raised or cleared, with BUS_ALERT_STATE, BUS_ALERT_EFFICIENCY, "
                    "BUS_ALERT_CAUSE ... in its environment.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, arena_agents, max_arenas,
+def cli(bind, mode, deadline, member_deadline, heartbeat, width, height, obstacles, goals, seed, arena_agents, max_arenas,
         endpoint_file, curve_secret, curve_clients, spin_us, setup_grace, max_pending, drop_after, metrics,
         efficiency_window, agent_cores, alert_threshold, alert_for, alert_hook, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
@@ -113,11 +118,11 @@ def cli(bind, mode, deadline, heartbeat, width, height, obstacles, goals, seed, 
             agent_cores = len(os.sched_getaffinity(0))
         elif not agent_cores.isdigit() or int(agent_cores) < 1:
             raise ValueError(f"--agent-cores takes a positive number or auto, not {agent_cores!r}")
-        settings = Settings(mode=mode, deadline=deadline, heartbeat=heartbeat, setup_grace=setup_grace,
+        settings = Settings(mode=mode, deadline=deadline, member_deadline=member_deadline, heartbeat=heartbeat, setup_grace=setup_grace,
                             max_pending=max_pending, drop_after=drop_after, efficiency_window=efficiency_window,
                             agent_cores=int(agent_cores), alert_threshold=alert_threshold, alert_for=alert_for)
         if metrics is not None:
-            from agentbus_zmq.coordinator.exporter import parse_address
+            from agentbus_zmq.coordinator.prometheus import parse_address
 
             parse_address(metrics)
         world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed,

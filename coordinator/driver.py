@@ -1,8 +1,10 @@
 """The thin ZeroMQ loop around :class:`~coordinator.core.CoordinatorCore`.
 
-Poll; drain every frame that is ready into the core; run its timers; hand its outbox to
-the socket.  A frame the socket refuses (peer gone, queue full: ``ROUTER_MANDATORY``)
-is counted by the core, never lost silently.
+:class:`Driver` binds a ROUTER and runs one loop: poll; drain every frame that is ready
+into the core; run its timers; hand its outbox to the socket.  A frame the socket
+refuses (peer gone, queue full: ``ROUTER_MANDATORY``) is counted by the core, never
+lost silently.  :func:`serve` (``bus-coordinator``) sets up CURVE, metrics and the
+alert hook around it; ``bus-conformance`` runs the same Driver, watching every frame.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from agentbus_zmq.bus import sockets
+from agentbus_zmq.bus.clock import SystemClock
 from agentbus_zmq.bus.security import ZAP_ENDPOINT, ServerKeys, zap_verdict
 from agentbus_zmq.bus.signals import StopSignal
 from agentbus_zmq.coordinator.core import ConfigError, CoordinatorCore, Settings
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
-__all__ = ["serve"]
+__all__ = ["Driver", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +63,6 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
 
-def flush(sock: zmq.Socket, core: CoordinatorCore) -> None:
-    send = sock.send
-    for peer, frame in core.take_outbox():
-        try:
-            # With ROUTER_MANDATORY an unroutable peer fails on the first frame, so a
-            # message is never half-sent.
-            send(peer, MORE_NOBLOCK)
-            send(frame, NOBLOCK)
-        except zmq.Again:
-            core.on_undeliverable(peer, "its send queue is full", time.monotonic())
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            core.on_undeliverable(peer, "its connection is gone", time.monotonic(), gone=True)
-
-
 class AlertHook:
     """Runs the operator's command when the efficiency alert is raised or cleared, with
     the figures in its environment (BUS_ALERT_*).  One at a time, never waited for: a
@@ -109,6 +96,173 @@ class AlertHook:
             self.proc = None
 
 
+class Driver:
+    """A ROUTER on ``endpoint`` in front of ``core``: the loop, in one place.
+
+    Subclasses may watch or hold back frames: :meth:`receive` gets every message in,
+    :meth:`deliver` every frame out (return False to keep it back).  ``spin``
+    (seconds): busy-poll that long after each message before sleeping, never past the
+    next timer.  ``curve`` answers ZAP with the allow-list; ``exporter`` (a
+    MetricsServer) and ``hook`` (an AlertHook) are served from the same loop."""
+
+    def __init__(self, core: CoordinatorCore, endpoint: str, curve: ServerKeys | None = None, spin: float = 0.0,
+                 exporter=None, hook: AlertHook | None = None):
+        self.core = core
+        self.curve = curve
+        self.spin = spin
+        self.exporter = exporter
+        self.hook = hook
+        self.clock = SystemClock().now
+        self.zap = None
+        if curve is not None:
+            # The ZAP handler must exist before the ROUTER accepts its first connection.
+            self.zap = sockets.context().socket(zmq.REP)
+            self.zap.setsockopt(zmq.LINGER, 0)
+            self.zap.bind(ZAP_ENDPOINT)
+        try:
+            self.sock = sockets.router(endpoint, max_bytes=core.settings.max_message_bytes, curve=curve)
+        except Exception:
+            if self.zap is not None:
+                self.zap.close(linger=0)
+            raise
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.monitor = self.sock.get_monitor_socket(MONITORED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        if self.zap is not None:
+            self.poller.register(self.zap, zmq.POLLIN)
+        if exporter is not None:
+            exporter.attach(self.poller)
+        self._spin_until = 0.0
+
+    # --- hooks ---------------------------------------------------------------------
+
+    def receive(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None) -> None:
+        self.core.on_frames(peer, frames, now, key)
+
+    def deliver(self, peer: bytes, frame: bytes, now: float) -> bool:
+        return True
+
+    # --- the loop --------------------------------------------------------------------
+
+    def flush(self) -> None:
+        send, core = self.sock.send, self.core
+        now = self.clock()
+        for peer, frame in core.take_outbox():
+            if not self.deliver(peer, frame, now):
+                continue
+            try:
+                # With ROUTER_MANDATORY an unroutable peer fails on the first frame, so a
+                # message is never half-sent.
+                send(peer, MORE_NOBLOCK)
+                send(frame, NOBLOCK)
+            except zmq.Again:
+                core.on_undeliverable(peer, "its send queue is full", self.clock())
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                core.on_undeliverable(peer, "its connection is gone", self.clock(), gone=True)
+
+    def run_once(self, max_wait: float = MAX_POLL_S, extra: dict | None = None) -> dict:
+        """One turn of the loop: wait (at most ``max_wait`` s, never past the core's next
+        timer) for input, handle it, run the timers, flush.  Returns what was ready (a
+        caller's own sockets or fds, registered with :attr:`poller`, are among it)."""
+        clock, core, sock = self.clock, self.core, self.sock
+        now = clock()
+        wake = now + min(core.next_timeout(now), max_wait)
+        events = None
+        if self._spin_until > now:  # bounded busy-poll, never past the next timer
+            spin_until = min(self._spin_until, wake)
+            while not events and (now := clock()) < spin_until:
+                events = self.poller.poll(0)
+        ready = dict(events or self.poller.poll(max(wake - now, 0.0) * 1000))
+        if sock in ready:
+            if self.spin:
+                self._spin_until = clock() + self.spin
+            self._drain()
+        if self.monitor in ready:
+            monitor = self.monitor
+            for _ in range(DRAIN_BUDGET):  # bounded: libzmq repeats a failing accept (EMFILE) at once
+                if not monitor.poll(0):
+                    break
+                event = recv_monitor_message(monitor)
+                core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])), clock(),
+                                         event["value"] if event["event"] == zmq.EVENT_ACCEPT_FAILED else 0)
+        if self.zap is not None and self.zap in ready:
+            reply, allowed, who = zap_verdict(self.zap.recv_multipart(), self.curve.allowed)
+            self.zap.send_multipart(reply)
+            core.on_handshake(who, allowed, clock())
+        if self.exporter is not None and (self.exporter.busy or self.exporter.fd in ready):
+            self.exporter.handle(ready, clock())
+        core.on_timer(clock())
+        alerts = core.take_alerts()
+        if self.hook is not None:
+            self.hook.reap()
+            for event in alerts:
+                self.hook.fire(event)
+        self.flush()
+        return ready
+
+    def _drain(self) -> None:
+        sock, core, clock = self.sock, self.core, self.clock
+        recv, getsockopt = sock.recv, sock.getsockopt
+        # With CURVE, each message carries the key its connection authenticated with
+        # (the User-Id our ZAP answer gave it): the core binds registrations to keys.
+        keyed = self.curve is not None
+        key = None
+        for _ in range(DRAIN_BUDGET):
+            try:
+                peer = recv(NOBLOCK)
+            except zmq.Again:
+                break
+            if keyed:
+                first = recv(NOBLOCK, copy=False)
+                frames = [first.bytes]
+                key = first.get("User-Id").encode()
+            else:
+                frames = [recv(NOBLOCK)]  # a ROUTER always has a frame after the routing id
+            while getsockopt(RCVMORE):  # a protocol violation: keep a few, count the rest
+                frame = recv(NOBLOCK)
+                if len(frames) < MAX_FRAMES_KEPT:
+                    frames.append(frame)
+                else:
+                    frames[-1] = b""
+            try:
+                self.receive(peer, frames, clock(), key)
+            except Exception:  # a bug must not take the bus down: count, log, answer
+                log.exception("unexpected error handling a message from peer %s", peer.hex())
+                core.on_unexpected(peer)
+            if core.has_output:
+                self.flush()
+            if not getsockopt(EVENTS) & POLLIN:  # 1.5 us, against 3.3 for an Again
+                break
+
+    def pump(self, seconds: float) -> None:
+        """Run the loop for ``seconds``."""
+        end = self.clock() + seconds
+        while (left := end - self.clock()) > 0:
+            self.run_once(min(left, 0.05))
+
+    def run(self, stop: StopSignal) -> None:
+        """Run until SIGINT/SIGTERM, then say BYE to everyone."""
+        self.poller.register(stop.fd, zmq.POLLIN)
+        while stop.requested is None:
+            self.run_once()
+        log.info("signal %d: shutting down", stop.requested)
+        self.core.shutdown(self.clock())
+        self.flush()
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+        if self.zap is not None:
+            self.zap.close(linger=0)
+        if self.exporter is not None:
+            self.exporter.close()
+
+
 def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | None = None,
           endpoint_file: str | None = None, curve: ServerKeys | None = None, spin: float = 0.0,
           metrics: str | None = None, alert_hook: str | None = None) -> CoordinatorCore:
@@ -125,12 +279,11 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
         log.warning("binding %s beyond loopback without CURVE: anyone who can reach it can join and read the "
                     "traffic (docs/security.md)", endpoint)
     core = CoordinatorCore(settings, GridWorld(world), session or uuid.uuid4().hex[:12],
-                           key_patterns=curve.allowed if curve is not None else None,
-                           histograms=metrics is not None, load=lambda: os.getloadavg()[0])
+                           key_patterns=curve.allowed if curve is not None else None, histograms=metrics is not None)
     hook = AlertHook(alert_hook, core.session) if alert_hook else None
     exporter = None
     if metrics is not None:
-        from agentbus_zmq.coordinator.exporter import MetricsServer, render
+        from agentbus_zmq.coordinator.prometheus import MetricsServer, render
 
         try:
             exporter = MetricsServer(metrics, lambda: render(core))
@@ -141,110 +294,26 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
             log.warning("serving metrics on %s, beyond loopback: anyone who can reach it reads the bus's figures",
                         metrics)
         log.info("metrics on %s", exporter.url)
-    zap = None
     if curve is not None:
-        # The ZAP handler must exist before the ROUTER accepts its first connection.
-        zap = sockets.context().socket(zmq.REP)
-        zap.setsockopt(zmq.LINGER, 0)
-        zap.bind(ZAP_ENDPOINT)
         log.info("CURVE on: %d client keys allowed from %s", len(curve.allowed), curve.allow_dir)
-    sock = sockets.router(endpoint, max_bytes=settings.max_message_bytes, curve=curve)
-    clock = time.monotonic
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    if endpoint_file:
-        tmp = f"{endpoint_file}.tmp"
-        with open(tmp, "w") as f:
-            f.write(endpoint + "\n")
-        os.replace(tmp, endpoint_file)  # atomic: readers never see half a line
-    log.info("coordinator %s listening on %s (mode %s, %dx%d world, seed %d)", core.session, endpoint,
-             settings.mode, world.width, world.height, world.seed)
     try:
-        with StopSignal() as stop:
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(stop.fd, zmq.POLLIN)
-            if zap is not None:
-                poller.register(zap, zmq.POLLIN)
-            monitor = sock.get_monitor_socket(MONITORED)
-            poller.register(monitor, zmq.POLLIN)
-            if exporter is not None:
-                exporter.attach(poller)
-            recv = sock.recv
-            getsockopt = sock.getsockopt
-            # With CURVE, each message carries the key its connection authenticated with
-            # (the User-Id our ZAP answer gave it): the core binds registrations to keys.
-            keyed = curve is not None
-            key = None
-            spin_until = 0.0
-            while stop.requested is None:
-                now = clock()
-                wake = now + min(core.next_timeout(now), MAX_POLL_S)
-                events = None
-                if spin_until > now:  # bounded busy-poll, never past the next timer
-                    spin_until = min(spin_until, wake)
-                    while not events and (now := clock()) < spin_until:
-                        events = poller.poll(0)
-                ready = dict(events or poller.poll(max(wake - now, 0.0) * 1000))
-                if sock in ready:
-                    if spin:
-                        spin_until = clock() + spin
-                    for _ in range(DRAIN_BUDGET):
-                        try:
-                            peer = recv(NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if keyed:
-                            first = recv(NOBLOCK, copy=False)
-                            frames = [first.bytes]
-                            key = first.get("User-Id").encode()
-                        else:
-                            frames = [recv(NOBLOCK)]  # a ROUTER always has a frame after the routing id
-                        while getsockopt(RCVMORE):  # a protocol violation: keep a few, count the rest
-                            frame = recv(NOBLOCK)
-                            if len(frames) < MAX_FRAMES_KEPT:
-                                frames.append(frame)
-                            else:
-                                frames[-1] = b""
-                        try:
-                            core.on_frames(peer, frames, clock(), key)
-                        except Exception:  # a bug must not take the bus down: count, log, answer
-                            log.exception("unexpected error handling a message from peer %s", peer.hex())
-                            core.on_unexpected(peer)
-                        if core.has_output:
-                            flush(sock, core)
-                        if not getsockopt(EVENTS) & POLLIN:  # 1.5 us, against 3.3 for an Again
-                            break
-                if monitor in ready:
-                    for _ in range(DRAIN_BUDGET):  # bounded: libzmq repeats a failing accept (EMFILE) at once
-                        if not monitor.poll(0):
-                            break
-                        event = recv_monitor_message(monitor)
-                        core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])), clock(),
-                                                 event["value"] if event["event"] == zmq.EVENT_ACCEPT_FAILED else 0)
-                if zap is not None and zap in ready:
-                    reply, allowed, who = zap_verdict(zap.recv_multipart(), curve.allowed)
-                    zap.send_multipart(reply)
-                    core.on_handshake(who, allowed, clock())
-                if exporter is not None and (exporter.busy or exporter.fd in ready):
-                    exporter.handle(ready, clock())
-                core.on_timer(clock())
-                alerts = core.take_alerts()
-                if hook is not None:
-                    hook.reap()
-                    for event in alerts:
-                        hook.fire(event)
-                flush(sock, core)
-            log.info("signal %d: shutting down", stop.requested)
-            core.shutdown(clock())
-            flush(sock, core)
-            sock.disable_monitor()
-            monitor.close(linger=0)
-    finally:
-        sock.close(linger=0)
-        if zap is not None:
-            zap.close(linger=0)
+        driver = Driver(core, endpoint, curve=curve, spin=spin, exporter=exporter, hook=hook)
+    except Exception:
         if exporter is not None:
             exporter.close()
+        raise
+    try:
+        with StopSignal() as stop:
+            if endpoint_file:
+                tmp = f"{endpoint_file}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(driver.endpoint + "\n")
+                os.replace(tmp, endpoint_file)  # atomic: readers never see half a line
+            log.info("coordinator %s listening on %s (mode %s, %dx%d world, seed %d)", core.session, driver.endpoint,
+                     settings.mode, world.width, world.height, world.seed)
+            driver.run(stop)
+    finally:
+        driver.close()
     ledger = core.ledger.snapshot()
     log.info("coordinator stopped after %d ticks; ledger %s", core.tick, ledger)
     return core

@@ -1,4 +1,12 @@
-"""The shared world: copies (arenas) of one seeded grid, stepped together.  No I/O.
+"""Worlds: the interface the coordinator steps (:class:`World`), and the grid.
+
+The coordinator talks to its world only through :class:`World`: placement (``place``,
+``remove``, ``capacity``, arenas), observation and dynamics (``observe``, ``move`` and
+their vectorised twins over many slots), the description agents get in WELCOME
+(``params``) and the figures it reports (``figures``).  No I/O.
+
+The grid
+--------
 
 Every arena has the same layout (size, obstacles, goals: one seed), so every explorer
 builds the same model whatever its arena; agents interact only with the agents of their
@@ -27,13 +35,14 @@ agents ever swap or chain; the outcome does not depend on anything but the order
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import heapq
 import random
 
 import numpy as np
 
-__all__ = ["OUTCOMES", "ACTIONS", "WorldConfig", "WorldFull", "GridWorld"]
+__all__ = ["OUTCOMES", "ACTIONS", "World", "WorldConfig", "WorldFull", "GridWorld"]
 
 OUTCOMES = ("empty", "obstacle", "goal", "agent", "wall")
 EMPTY, OBSTACLE, GOAL, AGENT, WALL = range(len(OUTCOMES))
@@ -50,6 +59,67 @@ _SCALAR_BATCH = 48
 
 class WorldFull(Exception):
     """No arena has room for another agent and no more arenas may be opened."""
+
+
+class World(abc.ABC):
+    """What the coordinator needs of a world.  Agents live in *slots* (small integers
+    handed out by :meth:`place`); every per-step call takes slots, never ids."""
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """Agents the world can ever hold at once."""
+
+    @property
+    @abc.abstractmethod
+    def arenas(self) -> int:
+        """Arenas open now (independent copies of the world)."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Agents placed now."""
+
+    @abc.abstractmethod
+    def __contains__(self, agent_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def place(self, agent_id: str) -> int:
+        """Place a new agent (a returning one keeps its slot); its slot, or WorldFull."""
+
+    @abc.abstractmethod
+    def remove(self, agent_id: str) -> None:
+        """The agent leaves; its slot and its place are free again."""
+
+    @abc.abstractmethod
+    def arenas_of(self, slots: np.ndarray) -> np.ndarray:
+        """Each slot's arena."""
+
+    @abc.abstractmethod
+    def observe(self, slot: int) -> list[int]:
+        """One agent's observation, one integer per modality."""
+
+    @abc.abstractmethod
+    def observe_many(self, slots: np.ndarray) -> np.ndarray:
+        """Observations of several agents: an ``(n, modalities)`` unsigned array."""
+
+    @abc.abstractmethod
+    def move(self, slot: int, action: int) -> None:
+        """Apply one agent's action now (asynchronous mode)."""
+
+    @abc.abstractmethod
+    def move_many(self, slots, actions) -> None:
+        """Apply several agents' actions at once, simultaneously, in the given order."""
+
+    @abc.abstractmethod
+    def params(self) -> dict:
+        """The world as WELCOME describes it to agents."""
+
+    def figures(self) -> dict:
+        """What ``stats`` reports about the world (``goal_visits`` for the grid)."""
+        return {}
+
+    def arena_of(self, slot: int) -> int:
+        return int(self.arenas_of(np.array([slot]))[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +159,7 @@ class WorldConfig:
         return self.per_arena * self.max_arenas
 
 
-class GridWorld:
+class GridWorld(World):
     """Positions of agents in arenas of one grid layout with obstacles and goals."""
 
     def __init__(self, config: WorldConfig = WorldConfig()):
@@ -137,6 +207,19 @@ class GridWorld:
     @property
     def arenas(self) -> int:
         return len(self._count)
+
+    @property
+    def capacity(self) -> int:
+        return self.config.capacity
+
+    def arenas_of(self, slots: np.ndarray) -> np.ndarray:
+        return self.arena[slots]
+
+    def arena_of(self, slot: int) -> int:
+        return self.arena.item(slot)
+
+    def figures(self) -> dict:
+        return {"goal_visits": self.goal_visits}
 
     def __len__(self) -> int:
         return len(self._slot)

@@ -9,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.clock import FakeClock
 from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.coordinator.core import (STATS_DETAIL_MAX, AgentEntry, AgentState, CoordinatorCore, HostEntry,
-                                           IllegalTransition, Settings, TickPhase)
-from agentbus_zmq.coordinator.metrics import Histogram
+                                           IllegalTransition, Settings)
+from agentbus_zmq.coordinator.ledger import Histogram
+from agentbus_zmq.coordinator.units import UNITS
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
 pytestmark = pytest.mark.unit
@@ -22,9 +24,16 @@ class Harness:
     """A core plus helpers that speak to it as agents would."""
 
     def __init__(self, world: WorldConfig | None = None, **kw):
-        self.now = 0.0
-        self.core = CoordinatorCore(Settings(**kw), GridWorld(world or WorldConfig(seed=1)), "test",
-                                    cpu_clock=lambda: (0.0, 0.0))
+        self.clock = FakeClock()
+        self.core = CoordinatorCore(Settings(**kw), GridWorld(world or WorldConfig(seed=1)), "test", clock=self.clock)
+
+    @property
+    def now(self) -> float:
+        return self.clock.now()
+
+    @now.setter
+    def now(self, t: float) -> None:
+        self.clock.advance(t - self.clock.now())
 
     def send(self, peer: bytes, msg) -> list:
         self.core.on_message(peer, msg, self.now)
@@ -39,8 +48,7 @@ class Harness:
         return [(peer, P.decode(frame)) for peer, frame in out]
 
     def advance(self, seconds: float) -> list:
-        self.now += seconds
-        self.core.on_timer(self.now)
+        self.core.on_timer(self.clock.advance(seconds))
         return self.take()
 
     def hello(self, peer: bytes, agent_id: str) -> list:
@@ -189,7 +197,7 @@ def test_a_connection_found_gone_frees_its_registration_at_once():
 
 def test_same_curve_key_takes_over_and_patterns_bind_keys_to_ids():
     h = Harness()
-    h.core._key_patterns = {b"K1": ("host1-*",), b"K2": None}
+    h.core.registry.key_patterns = {b"K1": ("host1-*",), b"K2": None}
     h.core.on_message(b"a", P.Hello("host1-0", "test", 1), h.now, key=b"K1")
     h.core.on_message(b"a", P.Heartbeat(), h.now, key=b"K1")
     h.take()
@@ -241,7 +249,7 @@ def test_pending_registrations_are_bounded():
     assert [m.code for _, m in out] == [ErrorCode.BUSY] and "a3" not in h.core.agents
     h.send(b"p0", P.Heartbeat())                          # one becomes ready: room for one more
     assert type(h.send(b"p3", P.Hello("a3", "test", 1))[0][1]) is P.Welcome
-    assert h.core.stats(h.now)["pending"] == 3
+    assert h.core.stats(h.now).to_wire()["pending"] == 3
 
 
 def test_repeated_hello_from_the_same_peer_is_idempotent():
@@ -277,8 +285,7 @@ def test_garbage_gets_an_error_reply_and_the_core_keeps_serving():
 
 
 def test_world_full_is_refused_with_a_clear_error():
-    h = Harness()
-    h.core.world = GridWorld(WorldConfig(width=2, height=1, obstacles=0, goals=0, max_arenas=1))
+    h = Harness(WorldConfig(width=2, height=1, obstacles=0, goals=0, max_arenas=1))
     h.hello(b"p1", "a1")
     h.hello(b"p2", "a2")
     out = h.hello(b"p3", "a3")
@@ -338,11 +345,11 @@ def test_measure_arguments_are_validated(args):
     h = Harness()
     (reply,) = [m for _, m in h.send(b"c", P.Control(3, "measure", args))]
     assert reply.ok is False and reply.result["code"] == ErrorCode.BAD_FIELD
-    assert h.core._measure is None
+    assert h.core.windows.current is None
 
 
 def test_measurements_queue_behind_the_running_one_and_the_queue_is_bounded():
-    from agentbus_zmq.coordinator.core import MAX_QUEUED_MEASURES
+    from agentbus_zmq.coordinator.window import MAX_QUEUED_MEASURES
 
     h = Harness()
     h.hello(b"p1", "a1")
@@ -350,7 +357,7 @@ def test_measurements_queue_behind_the_running_one_and_the_queue_is_bounded():
     for i in range(MAX_QUEUED_MEASURES):                   # queued, not refused
         assert h.send(b"d", P.Control(10 + i, "measure", {"agents": 1, "steps": 2, "timeout_s": 100})) == []
     (reply,) = [m for _, m in h.send(b"e", P.Control(2, "measure", {"agents": 1, "steps": 5}))]
-    assert reply.result["code"] == ErrorCode.BUSY and h.core.stats(h.now)["measurements"]["queued"] == MAX_QUEUED_MEASURES
+    assert reply.result["code"] == ErrorCode.BUSY and h.core.stats(h.now).to_wire()["measurements"]["queued"] == MAX_QUEUED_MEASURES
     replies = []
     for tick in range(2 * (MAX_QUEUED_MEASURES + 1) + 2):  # each window closes after 2 steps; the next starts
         replies += [(p, m) for p, m in h.send(b"p1", P.Action(tick, 4, 0)) if type(m) is P.Reply]
@@ -366,7 +373,7 @@ def test_a_measurement_is_cancelled_when_its_client_is_gone():
     out = h.advance(0.0)
     assert {p for p, m in out if type(m) is P.Heartbeat} >= {b"gone", b"next"}   # clients are probed too
     h.core.on_undeliverable(b"gone", "its connection is gone", h.now, gone=True)
-    assert h.core._measure is not None and h.core._measure.peer == b"next"  # the slot is not held for ever
+    assert h.core.windows.current is not None and h.core.windows.current.peer == b"next"  # the slot is not held for ever
     assert h.ledger.errors["measures_cancelled"] == 1
 
 
@@ -384,9 +391,9 @@ def test_states_move_only_as_the_table_allows():
     entry = h.core.agents["a1"]
     assert entry.state is AgentState.JOINING
     with pytest.raises(IllegalTransition):
-        entry.move("answer")
+        UNITS.move(entry, "answer")
     h.send(b"p1", P.Heartbeat())
-    assert entry.state is AgentState.STEPPING and h.core.phase is TickPhase.OPEN
+    assert entry.state is AgentState.STEPPING and h.core.schedule.open
     h.send(b"p1", P.Action(0, 4, 0))
     assert entry.state is AgentState.STEPPING and entry.pending == 1  # the next tick's observation
 
@@ -458,8 +465,8 @@ events = st.lists(st.tuples(st.sampled_from(["hello", "act", "late", "stale", "b
 
 def _owed(core) -> int:
     """Agent-steps outstanding, counted from the units (the ledger must agree)."""
-    singles = sum(1 for u in core._by_peer.values() if type(u) is AgentEntry and u.state is AgentState.STEPPING)
-    hosts = sum(len(u.pending_idx) for u in core._by_peer.values()
+    singles = sum(1 for u in core.registry.by_peer.values() if type(u) is AgentEntry and u.state is AgentState.STEPPING)
+    hosts = sum(len(u.pending_idx) for u in core.registry.by_peer.values()
                 if type(u) is HostEntry and u.state is AgentState.STEPPING)
     return singles + hosts
 
@@ -475,7 +482,7 @@ def test_ledger_always_balances(mode, script):
         peer, agent = f"p{i}".encode(), f"a{i}"
         entry = h.core.agents.get(agent)
         hpeer = f"hp{i % 2}".encode()
-        host = h.core._by_peer.get(hpeer)
+        host = h.core.registry.by_peer.get(hpeer)
         host = host if type(host) is HostEntry else None
         if kind == "hello":
             h.hello(peer, agent)
@@ -517,12 +524,12 @@ def test_ledger_always_balances(mode, script):
         assert ledger.balanced(), ledger.snapshot()
         assert ledger.outstanding == _owed(h.core)
         assert min(ledger.missing, ledger.late, ledger.outstanding) >= 0
-        assert h.core._stepping_n == sum(1 for a in h.core.agents.values()
+        assert h.core.registry.ready == sum(1 for a in h.core.agents.values()
                                          if (a if type(a) is AgentEntry else a.host).first_step_at is not None)
         positions = h.core.world.positions()
         assert set(positions) == set(h.core.agents)  # the world holds exactly the registered agents
         assert len(set(positions.values())) == len(positions)
-        m = h.core._measure
+        m = h.core.windows.current
         if m is not None:
             assert min(m.sent, m.received, m.late, m.missing, m.undeliverable) >= 0
 
@@ -567,7 +574,7 @@ def test_a_host_registers_its_agents_in_one_exchange_and_steps_them_in_one_frame
     assert obs.obs[:, 0].tolist() == [positions[f"m{i}"][1] for i in (1, 2, 3)]
     (nxt,) = host_obs(h.send(b"hp", P.HostAction(0, np.array([4, 4, 4], np.uint8), 30)))
     assert nxt.tick == 1 and h.ledger.received == 3 and h.ledger.sent == 6 and h.ledger.balanced()
-    assert h.core.stats(h.now)["ready"] == 3
+    assert h.core.stats(h.now).to_wire()["ready"] == 3
 
 
 def test_lock_step_waits_for_hosts_and_agents_alike():
@@ -637,7 +644,7 @@ def test_a_restarted_host_takes_its_agents_back_where_they_were():
     before = h.core.world.positions()
     out = [(p, m) for p, m in host_hello(h, b"new", token=token) if p == b"new"]
     assert type(out[0][1]) is P.HostWelcome and h.core.hosts["h1"].peer == b"new"
-    assert h.core.world.positions() == before and h.core.stats(h.now)["restarts"] == {"m1": 1, "m2": 1, "m3": 1}
+    assert h.core.world.positions() == before and h.core.stats(h.now).to_wire()["restarts"] == {"m1": 1, "m2": 1, "m3": 1}
     assert h.ledger.balanced()
 
 
@@ -650,21 +657,19 @@ def test_an_agent_taking_a_members_id_leaves_the_host_the_others():
 
 
 def test_arenas_fill_one_after_another():
-    h = Harness()
-    h.core.world = GridWorld(WorldConfig(seed=1, arena_agents=2))
+    h = Harness(WorldConfig(seed=1, arena_agents=2))
     ((_, welcome),) = host_hello(h, b"hp", count=5, ready=False)
     assert welcome.arenas.tolist() == [0, 0, 1, 1, 2]
     assert [m for _, m in h.send(b"p1", P.Hello("solo", "test", 1))][0].params["arena"] == 2
 
 
 def test_stats_page_large_registries():
-    h = Harness()
-    h.core.world = GridWorld(WorldConfig(seed=1, max_arenas=1000))
+    h = Harness(WorldConfig(seed=1, max_arenas=1000))
     for k in range(3):
         host_hello(h, f"hp{k}".encode(), f"h{k}", first=k * 1000, count=400, ready=False)
-    stats = h.core.stats(h.now)
+    stats = h.core.stats(h.now).to_wire()
     assert stats["agents"] == 1200 and "agent_ids" not in stats and stats["pages"] == -(-1200 // STATS_DETAIL_MAX)
-    pages = [h.core.stats(h.now, page) for page in range(stats["pages"])]
+    pages = [h.core.stats(h.now, page).to_wire() for page in range(stats["pages"])]
     ids = [a for page in pages for a in page["agent_ids"]]
     assert ids == sorted(h.core.agents) and all(len(p["agent_ids"]) <= STATS_DETAIL_MAX for p in pages)
     assert pages[0]["agent_hosts"]["m0"] == "h0" and len(P.encode(P.Reply(1, True, pages[0]))) < 16 * 1024
@@ -701,7 +706,7 @@ def test_slow_answers_are_counted_and_a_straggler_can_be_dropped():
         h.now += 0.95
         h.send(b"slow", P.Action(tick, 4, 0))
         tick += 1
-    assert h.ledger.slow == 3 and h.core.stats(h.now)["stragglers"]["a2"] == {
+    assert h.ledger.slow == 3 and h.core.stats(h.now).to_wire()["stragglers"]["a2"] == {
         "missed": 0, "late": 0, "slow": 3, "in_a_row": 3}
     out = h.advance(0.0)
     assert (b"slow", ErrorCode.DROPPED) in [(p, m.code) for p, m in out if type(m) is P.Error]
@@ -752,7 +757,7 @@ def test_log_lines_a_peer_can_cause_are_bounded(caplog):
 
 
 def test_each_closed_connection_is_probed_twice_and_probes_are_rate_limited():
-    from agentbus_zmq.coordinator.core import PROBE_INTERVAL_S
+    from agentbus_zmq.coordinator.liveness import PROBE_INTERVAL_S
 
     h = Harness(deadline=100.0, heartbeat=100.0)
     h.hello(b"p1", "a1")

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from agentbus_zmq.agents.host import Host
-from agentbus_zmq.agents.launcher import auto_per_host, host_layout
+from agentbus_zmq.agents.layout import auto_per_host, host_layout
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.bus import protocol as P
 from tests.conftest import cli_env, wait_until

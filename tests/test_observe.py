@@ -13,9 +13,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.clock import FakeClock
 from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
-from agentbus_zmq.coordinator.exporter import render
-from agentbus_zmq.coordinator.live import LiveEfficiency, Sample
+from agentbus_zmq.coordinator.efficiency import LiveEfficiency, Sample
+from agentbus_zmq.coordinator.prometheus import render
 from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
 
 pytestmark = pytest.mark.unit
@@ -41,7 +42,7 @@ def test_the_alert_is_raised_once_after_the_hold_and_cleared_on_recovery():
         nonlocal cpu
         cpu += int(share * 0.5e6)                          # samples every 0.5 s
         live.sample(Sample(t, cpu, int(t * 10), 0, 0.0), agents=1)
-        e = live.update(t, lambda f: "because")
+        e = live.update(t)
         if e is not None:
             events.append((t, e.raised, round(e.efficiency, 2)))
 
@@ -64,7 +65,7 @@ def test_the_alert_is_raised_once_after_the_hold_and_cleared_on_recovery():
 
 def test_an_alert_names_the_agents_missing_their_deadlines():
     core = CoordinatorCore(Settings(deadline=0.1, efficiency_window=1.0, alert_for=0.5, alert_threshold=0.5),
-                           GridWorld(WorldConfig(seed=1)), "s", cpu_clock=lambda: (0.0, 0.0))
+                           GridWorld(WorldConfig(seed=1)), "s", clock=FakeClock())
     now = 0.0
     for peer, agent in ((b"ok", "fine"), (b"stuck", "stuck")):
         core.on_message(peer, P.Hello(agent, "k", 1), now)
@@ -78,12 +79,12 @@ def test_an_alert_names_the_agents_missing_their_deadlines():
         core.on_timer(now)
     (event,) = [e for e in core.take_alerts() if e.raised]
     assert "stuck (" in event.cause and "missed" in event.cause and "steps lost" in event.cause
-    assert core.stats(now)["live"]["alert"] is True
+    assert core.stats(now).live.alert is True
 
 
 def _core_with_traffic() -> CoordinatorCore:
     core = CoordinatorCore(Settings(deadline=1.0), GridWorld(WorldConfig(seed=1)), "s",
-                           cpu_clock=lambda: (1.0, 1.0), histograms=True)
+                           clock=FakeClock(cpu=1.0), histograms=True)
     now = 0.0
     for i in range(3):
         core.on_message(f"p{i}".encode(), P.Hello(f"a{i}", "k", 1), now)
@@ -123,7 +124,7 @@ def test_the_metrics_match_the_ledger():
     assert answers == ledger.received                      # a host's frame counts each of its agents
     assert m[("agentbus_bus_latency_seconds_bucket", (("le", "+Inf"),))] == answers
     assert m[("agentbus_tick_duration_seconds_count", ())] == ledger.ticks
-    assert m[("agentbus_agent_cpu_seconds_total", ())] == pytest.approx(core.agent_cpu_us / 1e6)
+    assert m[("agentbus_agent_cpu_seconds_total", ())] == pytest.approx(core.timings.agent_cpu_us / 1e6)
     buckets = sorted((float(dict(k[1])["le"]), v) for k, v in m.items()
                      if k[0] == "agentbus_bus_latency_seconds_bucket")
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
@@ -131,7 +132,7 @@ def test_the_metrics_match_the_ledger():
 
 def test_per_agent_series_stay_bounded_with_many_agents():
     core = CoordinatorCore(Settings(deadline=0.01), GridWorld(WorldConfig(seed=1, max_arenas=1000)), "s",
-                           cpu_clock=lambda: (0.0, 0.0))
+                           clock=FakeClock())
     now = 0.0
     for i in range(300):                                  # 300 agents that never answer: all stragglers
         core.on_message(f"p{i}".encode(), P.Hello(f"a{i}", "k", 1), now)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from agentbus_zmq.agents.sdk import Agent, run
+from agentbus_zmq.agents.runtime import run
+from agentbus_zmq.agents.sdk import Agent
 
 
 class Walker(Agent):

@@ -151,15 +151,18 @@ def test_busctl_top_in_tmux_as_a_person_sees_it(bus, tmp_path):
         subprocess.run(["tmux", "kill-session", "-t", session], timeout=10)
 
 
-def test_the_live_efficiency_tracks_busbenchs_over_a_sweep(tmp_path):
+def test_busbench_reports_the_live_efficiency_by_the_gauges_formula(tmp_path):
+    """busbench's E_live is the coordinator's formula over busbench's window: the agents'
+    CPU in steps / (window x min(N, C)).  (How close it comes to E(N) is a measurement,
+    not a test: docs/observability.md.)"""
     out = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", "--sweep", "1,2", "--agent-kind", "explorer",
-                        "--duration", "3", "--format", "json", "--output", str(out)],
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", "--agents", "2", "--agent-kind", "explorer",
+                        "--duration", "2", "--format", "json", "--output", str(out)],
                        capture_output=True, text=True, env=cli_env(), timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
-    for run in json.loads(out.read_text())["runs"]:
-        live, e = run["efficiency_live"], run["efficiency_median_r1"]
-        # Same formula as the gauge, over busbench's window.  Measured on the 2-core VM the
-        # two differ by 0-15 points (r1's own noise, and steps cost more CPU beside other
-        # agents than alone): docs/observability.md.
-        assert 0 < live <= 1.05 and abs(live - e) <= 0.25, (run["agents"], live, e)
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    assert run["agent_cpu_s"] > 0
+    assert run["efficiency_live"] == pytest.approx(run["agent_cpu_s"] / (run["elapsed_s"] * min(2, result["cores"])),
+                                                   rel=1e-6)
+    assert 0 < run["efficiency_live"] <= 1.05             # at most the cores' time (a step may straddle an edge)

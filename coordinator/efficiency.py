@@ -25,7 +25,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-__all__ = ["AlertEvent", "LiveEfficiency", "Sample"]
+__all__ = ["AlertEvent", "LiveEfficiency", "Sample", "explain", "SLOWEST_NAMED"]
+
+#: Units named as the slowest in an efficiency alert.
+SLOWEST_NAMED = 3
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,8 +102,9 @@ class LiveEfficiency:
             "alert": self.alerting,
         }
 
-    def update(self, now: float, explain) -> AlertEvent | None:
-        """Advance the alert; ``explain(figures)`` names the cause when one is raised."""
+    def update(self, now: float) -> AlertEvent | None:
+        """Advance the alert.  A raised alert's ``cause`` is empty: the caller, who can see
+        the units, names it (:func:`explain`) and gives it back with :meth:`raised`."""
         f = self.figures()
         eff = f["efficiency"]
         if eff is None:
@@ -115,8 +119,7 @@ class LiveEfficiency:
             if not self.alerting and now - self._below_since >= self.hold:
                 self.alerting = True
                 f["alert"] = True
-                self.last_cause = explain(f)
-                return AlertEvent(True, eff, self.threshold, self.last_cause, f)
+                return AlertEvent(True, eff, self.threshold, "", f)
             return None
         self._below_since = None
         if self.alerting:
@@ -124,3 +127,31 @@ class LiveEfficiency:
             f["alert"] = False
             return AlertEvent(False, eff, self.threshold, "efficiency recovered", f)
         return None
+
+    def raised(self, event: AlertEvent, cause: str) -> AlertEvent:
+        """The raised ``event`` with its cause named (kept as ``last_cause``)."""
+        self.last_cause = cause
+        return dataclasses.replace(event, cause=cause)
+
+
+def explain(f: dict, stragglers: dict, slowest: list[tuple[str, float]], load: float) -> str:
+    """What the coordinator can see behind a low efficiency, most telling first:
+    ``f`` the figures, ``stragglers`` the straggler table, ``slowest`` the units with the
+    longest median step (name, us), ``load`` the machine's load average."""
+    causes = []
+    if f["lost"]:
+        causes.append(f"{f['lost']} steps lost (missed or late) in the last {f['window_s']:.0f} s")
+        missing = [(name, c) for name, c in stragglers.items() if c["in_a_row"] or c["missed"]]
+        if missing:
+            causes.append("missing their deadlines: " + ", ".join(
+                f"{name} ({c['missed']} missed, {c['late']} late)" for name, c in missing[:SLOWEST_NAMED]))
+    if slowest:
+        causes.append("slowest: " + ", ".join(f"{name} ({p50 / 1000:.1f} ms a step)" for name, p50 in slowest))
+    if f["coordinator_cpu"] is not None and f["coordinator_cpu"] >= 0.85:
+        causes.append(f"the coordinator uses {f['coordinator_cpu']:.0%} of a core: it is the bottleneck "
+                      f"(hosts or async mode send fewer messages a step)")
+    if load > f["cores"]:
+        causes.append(f"the machine is overloaded: load {load:.1f} on {f['cores']} cores")
+    if f["agents"] < f["cores"]:
+        causes.append(f"only {f['agents']} agents for {f['cores']} cores")
+    return "; ".join(causes) or "no cause visible from the coordinator (agents waiting on something else?)"

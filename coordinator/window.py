@@ -1,5 +1,9 @@
 """Measurement windows: what a CONTROL ``measure`` asks for, counted inside the window.
 
+:class:`Windows` owns the running window and those queued behind it (answering each
+with one REPLY when it closes, times out, or its client goes); :class:`Measurement` is
+one window.
+
 A window goes through three phases::
 
     WAITING --(N agents have answered a first observation)--> WARMUP
@@ -15,24 +19,20 @@ never looks at the core.
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import enum
-import math
 from typing import Callable
 
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.commands import Call, CommandError, refusal
+from agentbus_zmq.bus.commands.measure import MeasureRequest
 from agentbus_zmq.bus.protocol import ErrorCode
-from agentbus_zmq.coordinator.metrics import Histogram
+from agentbus_zmq.coordinator.ledger import Histogram
 
-__all__ = ["MeasurePhase", "MeasureRequest", "Measurement", "ControlError", "LIMITS"]
+__all__ = ["MeasurePhase", "Measurement", "Windows", "MAX_QUEUED_MEASURES"]
 
-
-class ControlError(Exception):
-    """A CONTROL request refused; ``code`` travels in the REPLY's ``result``."""
-
-    def __init__(self, code: ErrorCode, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+#: Measurements that may wait behind the running one; more are refused (BUSY).
+MAX_QUEUED_MEASURES = 8
 
 
 class MeasurePhase(enum.Enum):
@@ -44,57 +44,16 @@ class MeasurePhase(enum.Enum):
 # Enum members cost 120 ns a lookup on 3.11, and these are read on every step.
 WAITING, WARMUP, WINDOW = MeasurePhase.WAITING, MeasurePhase.WARMUP, MeasurePhase.WINDOW
 
-#: Largest values ``measure`` accepts (docs/protocol.md).
-LIMITS = {"agents": 1_000_000, "warmup_steps": 10**9, "steps": 10**12, "duration_s": 86_400.0,
-          "timeout_s": 7 * 86_400.0}
-
-
-@dataclasses.dataclass(frozen=True)
-class MeasureRequest:
-    """The arguments of CONTROL ``measure``, validated."""
-
-    agents: int = 1
-    warmup_steps: int = 0
-    steps: int = 0
-    duration_s: float = 0.0
-    timeout_s: float = 60.0
-
-    @classmethod
-    def parse(cls, args: dict) -> MeasureRequest:
-        unknown = set(args) - set(LIMITS)
-        if unknown:
-            raise ControlError(ErrorCode.BAD_FIELD, f"measure takes no argument {sorted(unknown)[0]!r}; "
-                                                    f"it takes {', '.join(LIMITS)}")
-        values = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in args:
-                continue
-            v = args[field.name]
-            integral = field.type == "int"
-            if type(v) not in ((int,) if integral else (int, float)) or not math.isfinite(v) \
-                    or not 0 <= v <= LIMITS[field.name]:
-                kind = "an integer" if integral else "a finite number"
-                raise ControlError(ErrorCode.BAD_FIELD, f"measure's {field.name} must be {kind} in "
-                                                        f"[0, {LIMITS[field.name]:g}], got {v!r:.40}")
-            values[field.name] = v
-        req = cls(**values)
-        if req.agents < 1 or (req.steps <= 0 and req.duration_s <= 0) or req.timeout_s <= 0:
-            raise ControlError(ErrorCode.BAD_FIELD, "measure needs agents >= 1, steps or duration_s > 0, "
-                                                    "and timeout_s > 0")
-        return req
-
-
 class Measurement:
     """One window, from request to REPLY."""
 
-    def __init__(self, peer: bytes, request_id: int, request: MeasureRequest, now: float,
-                 cpu_clock: Callable[[], tuple[float, float]]):
-        self.peer = peer
-        self.request_id = request_id
+    def __init__(self, call: Call, request: MeasureRequest, now: float, cpu_clock: Callable[[], tuple[float, float]]):
+        self.peer = call.peer
+        self.request_id = call.request_id
         self.request = request
         self.phase = WAITING
         self.requested_at = now
-        self.deadline = now + request.timeout_s
+        self.deadline = call.now + request.timeout_s
         self._cpu_clock = cpu_clock
         self.ready_s = 0.0
         self._warmup_until = 0
@@ -198,3 +157,102 @@ class Measurement:
             "ledger": ledger,
             "mode": mode,
         }
+
+
+class Windows:
+    """The running measurement, and up to MAX_QUEUED_MEASURES waiting behind it.
+
+    ``progress()`` gives (agents ready, steps received so far), which move a window on
+    from waiting and warming up; ``context()`` what a closing window reports beside its
+    own counts: (agents registered, the ledger's snapshot, the mode, the agents' cores)."""
+
+    def __init__(self, outbox, cpu_clock: Callable[[], tuple[float, float]], progress: Callable[[], tuple[int, int]],
+                 context: Callable[[], tuple]):
+        self.outbox = outbox
+        self._cpu_clock = cpu_clock
+        self._progress = progress
+        self._context = context
+        self.current: Measurement | None = None
+        self._queue: collections.deque[tuple[Call, MeasureRequest]] = collections.deque()
+        self.stopping = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def clients(self) -> set[bytes]:
+        """Peers waiting for a measurement's REPLY."""
+        return {call.peer for call, _ in self._queue} | ({self.current.peer} if self.current else set())
+
+    def request(self, call: Call, request: MeasureRequest) -> None:
+        """Start a measurement, or queue it behind the running one (its ``timeout_s``
+        counts from the request); answered when it closes."""
+        if self.current is None:
+            self._start(call, request, call.now)
+        elif len(self._queue) < MAX_QUEUED_MEASURES:
+            self._queue.append((call, request))
+        else:
+            raise CommandError(ErrorCode.BUSY, f"a measurement is running and {len(self._queue)} are queued "
+                                               f"(at most {MAX_QUEUED_MEASURES})")
+
+    def _start(self, call: Call, request: MeasureRequest, now: float) -> None:
+        self.current = Measurement(call, request, now, self._cpu_clock)
+        self.current.advance(*self._progress(), now)
+
+    def next_timeout(self, now: float) -> float:
+        return self.current.next_timeout(now) if self.current is not None else float("inf")
+
+    def on_timer(self, now: float) -> None:
+        m = self.current
+        if m is not None:
+            if m.done(now):
+                self.close(now)
+            elif now >= m.deadline:
+                agents = self._context()[0]
+                self._finish(False, refusal(ErrorCode.TIMED_OUT, f"measure timed out in phase {m.phase.value!r} "
+                                                                 f"with {agents} agents registered"), now)
+        for item in [q for q in self._queue if now >= q[0].now + q[1].timeout_s]:
+            self._queue.remove(item)
+            self._reply(item[0], False, refusal(ErrorCode.TIMED_OUT, "measure timed out while queued behind other "
+                                                                     "measurements"))
+
+    def close(self, now: float) -> None:
+        """The running window has what it asked for: reply with its figures."""
+        agents, ledger, mode, cores = self._context()
+        self._finish(True, self.current.result(now, agents, ledger, mode, cores), now)
+
+    def cancel(self, peer: bytes, now: float) -> int:
+        """The client ``peer`` is gone: its measurements, running or queued, are dropped.
+        Returns how many."""
+        gone = [q for q in self._queue if q[0].peer == peer]
+        for item in gone:
+            self._queue.remove(item)
+        cancelled = len(gone)
+        if self.current is not None and self.current.peer == peer:
+            self.current = None
+            cancelled += 1
+            self._next(now)
+        return cancelled
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        if self.current is not None:
+            m, self.current = self.current, None
+            self.outbox.to(m.peer, P.encode(P.Reply(m.request_id, False, refusal(ErrorCode.SHUTTING_DOWN,
+                                                                                  "coordinator shutting down"))))
+        while self._queue:
+            call, _ = self._queue.popleft()
+            self._reply(call, False, refusal(ErrorCode.SHUTTING_DOWN, "coordinator shutting down"))
+
+    def _finish(self, ok: bool, result: dict, now: float) -> None:
+        m, self.current = self.current, None
+        self.outbox.to(m.peer, P.encode(P.Reply(m.request_id, ok, result)))
+        self._next(now)
+
+    def _next(self, now: float) -> None:
+        if self._queue and not self.stopping:
+            call, request = self._queue.popleft()
+            self._start(call, request, now)
+
+    def _reply(self, call: Call, ok: bool, result: dict) -> None:
+        self.outbox.to(call.peer, P.encode(P.Reply(call.request_id, ok, result)))

@@ -29,8 +29,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agentbus_zmq.bus.protocol import ErrorCode
-from agentbus_zmq.coordinator.core import MAX_STRAGGLERS_LISTED, CoordinatorCore
-from agentbus_zmq.coordinator.metrics import Histogram
+from agentbus_zmq.coordinator.core import CoordinatorCore
+from agentbus_zmq.coordinator.ledger import Histogram
+from agentbus_zmq.coordinator.liveness import MAX_STRAGGLERS_LISTED
 
 __all__ = ["CoreCollector", "MetricsServer", "parse_address", "render"]
 
@@ -101,15 +102,15 @@ class CoreCollector:
             conns.add_metric([event], core.connections.get(event, 0))
         yield conns
         yield _histogram("bus_latency_seconds", "Round trip of an answer less the agent's compute.",
-                         core.latency, core.latency_sum_us, LATENCY_BUCKETS)
-        yield _histogram("tick_duration_seconds", "Lock-step tick, from opening to closing.", core.tick_time,
-                         core.tick_time_sum_us, TICK_BUCKETS)
+                         core.timings.latency, core.timings.latency_sum_us, LATENCY_BUCKETS)
+        yield _histogram("tick_duration_seconds", "Lock-step tick, from opening to closing.", core.timings.tick_time,
+                         core.timings.tick_time_sum_us, TICK_BUCKETS)
         cpu_s = core.cpu_seconds()
         yield counter("coordinator_cpu_seconds_total", "CPU time of the coordinator process.", cpu_s)
         per_step = (live["coordinator_cpu"] / live["rate"]) if live.get("rate") and live["coordinator_cpu"] else 0.0
         yield gauge("coordinator_cpu_seconds_per_step", "Coordinator CPU per agent step, over the efficiency window.",
                     per_step)
-        yield counter("agent_cpu_seconds_total", "CPU time agents reported for their steps.", core.agent_cpu_us / 1e6)
+        yield counter("agent_cpu_seconds_total", "CPU time agents reported for their steps.", core.timings.agent_cpu_us / 1e6)
         yield gauge("agent_cores", "Cores the agents can use (C in min(N, C)).", live["cores"])
         yield gauge("step_rate", "Agent steps per second over the efficiency window.", live["rate"] or 0.0)
         yield gauge("efficiency", "Live coordination efficiency: agent CPU in steps / (window x min(N, C)); NaN "

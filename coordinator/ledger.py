@@ -16,7 +16,7 @@ import collections
 import dataclasses
 import math
 
-__all__ = ["Histogram", "Ledger"]
+__all__ = ["Histogram", "Ledger", "Timings"]
 
 
 @dataclasses.dataclass
@@ -48,6 +48,24 @@ class Ledger:
             "balanced": self.balanced(),
             "errors": {str(k): v for k, v in sorted(self.errors.items())},
         }
+
+
+@dataclasses.dataclass
+class Timings:
+    """What the schedule measures of each answer, for /metrics and the live efficiency:
+    the CPU time agents reported for their steps, and (with ``histograms``) the bus's
+    latency per answer and lock-step tick durations, in microseconds."""
+
+    histograms: dataclasses.InitVar[bool] = False
+    agent_cpu_us: int = 0
+    latency: Histogram | None = None
+    latency_sum_us: float = 0.0
+    tick_time: Histogram | None = None
+    tick_time_sum_us: float = 0.0
+
+    def __post_init__(self, histograms: bool) -> None:
+        if histograms:
+            self.latency, self.tick_time = Histogram(), Histogram()
 
 
 class Histogram:

@@ -1,0 +1,247 @@
+"""Who is registered: admission, takeover, units and their members, and their places.
+
+:class:`Registry` owns the maps from agent id, host id and connection to units, the
+count of registrations not yet ready, the count of agents that have stepped, each id's
+registrations this session (``restarts``) and every unit's place in the world.  It
+decides who may register (:meth:`Registry.admit`: an id held by a live connection is
+taken only with its token, the same CURVE key, or once that connection went silent),
+adds and removes units, and never schedules: the facade settles what a departing unit
+owed with the schedule before it calls :meth:`Registry.remove`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.protocol import ErrorCode
+from agentbus_zmq.bus.report import page_slice
+from agentbus_zmq.bus.security import id_allowed
+from agentbus_zmq.coordinator.outbox import Outbox
+from agentbus_zmq.coordinator.settings import ConfigError, Settings
+from agentbus_zmq.coordinator.units import (JOINING, UNITS, AgentEntry, HostEntry, Member, Unit, unit_of)
+from agentbus_zmq.coordinator.world import World, WorldFull
+
+__all__ = ["Registry", "MAX_TRACKED_IDS", "WorldFull"]
+
+#: Agent ids whose registrations are counted for ``restarts`` in stats (bounded memory).
+MAX_TRACKED_IDS = 65_536
+
+
+class Registry:
+    def __init__(self, settings: Settings, world: World, session: str, outbox: Outbox, errors: collections.Counter,
+                 key_patterns: Mapping[bytes, tuple[str, ...] | None] | None, token: Callable[[], str]):
+        self.settings = settings
+        self.world = world
+        self.outbox = outbox
+        self._errors = errors
+        #: with CURVE, each allowed key's agent id patterns (None: any id)
+        self.key_patterns = key_patterns
+        self._token = token
+        #: every registered agent, by id: its own connection's entry, or a host's member
+        self.agents: dict[str, AgentEntry | Member] = {}
+        self.hosts: dict[str, HostEntry] = {}
+        self.by_peer: dict[bytes, Unit] = {}
+        #: units registered and not yet ready (Settings.max_pending)
+        self.joining = 0
+        #: registered agents that have answered at least one observation
+        self.ready = 0
+        #: registrations per agent id this session (restarts = registrations - 1)
+        self._registrations: collections.Counter = collections.Counter()
+        #: the agent ids registered more than once, and how many times again
+        self.restarts: dict[str, int] = {}
+        self.stopping = False
+        self._welcomes = P.WelcomeEncoder(session, {
+            "mode": settings.mode,
+            "heartbeat_ms": int(settings.heartbeat * 1000),
+            "liveness": settings.liveness,
+            "world": world.params(),
+        })
+        self._check_welcome_fits()
+
+    def name_of(self, peer: bytes) -> str:
+        unit = self.by_peer.get(peer)
+        return f"{unit.name} (peer {peer.hex()})" if unit is not None else f"peer {peer.hex()}"
+
+    # --- admission ----------------------------------------------------------------------
+
+    def admit(self, peer: bytes, ids: list[str], who: str, token: str, key: bytes | None, now: float,
+              host_id: str | None = None) -> list[Unit] | None:
+        """May ``peer`` register ``ids`` (and ``host_id``)?  The units it takes over
+        (to be dropped by the caller), or None when refused (the refusal is sent): the
+        coordinator is stopping, the key may not use an id, an id is held by another
+        live connection that this one cannot prove to be, or too many are pending."""
+        if self.stopping:
+            self.outbox.reject(peer, ErrorCode.SHUTTING_DOWN, "coordinator is shutting down", now)
+            return None
+        if key is not None and self.key_patterns is not None:
+            patterns = self.key_patterns.get(key)
+            for name in ([host_id] if host_id is not None else []) + ids:
+                if not id_allowed(patterns, name):
+                    self._errors["id_not_allowed"] += 1
+                    self.outbox.reject(peer, ErrorCode.NOT_ALLOWED, f"{who}: this connection's CURVE key may not use "
+                                                                    f"id {name!r} (allowed: {' '.join(patterns or ())})",
+                                       now)
+                    return None
+        holders: dict[Unit, str] = {}
+        if host_id is not None and host_id in self.hosts:
+            holders[self.hosts[host_id]] = host_id
+        for agent_id in ids:
+            old = self.agents.get(agent_id)
+            if old is not None:
+                holders.setdefault(unit_of(old), agent_id)
+        for holder, name in holders.items():
+            if holder.peer == peer or self._may_replace(holder, token, key, now):
+                continue
+            # if its connection is in fact gone, the probe finds out and the next HELLO gets in
+            self.outbox.send(holder, P.encode(P.Heartbeat()), now)
+            self.outbox.reject(peer, ErrorCode.ID_TAKEN, f"{who}: id {name!r} is registered by {holder.name}, whose "
+                                                         f"connection is alive", now)
+            return None
+        taking_over = [h for h in holders if h.peer != peer]
+        if self.joining - sum(1 for h in taking_over if h.state is JOINING) >= self.settings.max_pending:
+            self.outbox.reject(peer, ErrorCode.BUSY, f"{who}: {self.joining} registrations are waiting to say they "
+                                                     f"are ready (at most {self.settings.max_pending})", now)
+            return None
+        for holder in taking_over:
+            if now - holder.last_seen <= self.settings.expiry:  # it may still be listening: tell it
+                self.outbox.error(holder.peer, ErrorCode.REPLACED, f"{holder.name}: taken over by another "
+                                                                   f"connection that presented its token or key")
+        return taking_over
+
+    def _may_replace(self, holder: Unit, token: str, key: bytes | None, now: float) -> bool:
+        """A new connection may take ``holder``'s registration when the old connection is
+        silent past liveness, or when the new one proves it is the same agent: it presents
+        the token of the old WELCOME, or authenticated with the same CURVE key."""
+        return (now - holder.last_seen > self.settings.expiry
+                or (bool(token) and hmac.compare_digest(token.encode(), holder.token.encode()))
+                or (key is not None and key == holder.key))
+
+    def room_for(self, ids: list[str]) -> int:
+        """Agents the world can still take, counting ``ids`` already placed as room."""
+        return self.world.capacity - len(self.world) + sum(1 for i in ids if i in self.world)
+
+    # --- adding and removing ----------------------------------------------------------
+
+    def add_agent(self, peer: bytes, msg: P.Hello, key: bytes | None, now: float) -> AgentEntry:
+        """Register an agent (its id is free: the caller took it over first); WorldFull
+        when there is no place for it."""
+        slot = self.world.place(msg.agent_id)
+        entry = AgentEntry(peer, msg.kind, msg.pid, now, now, now, deadline=self.settings.deadline_for(1),
+                           token=self._token(), key=key, agent_id=msg.agent_id, slot=slot)
+        self.agents[msg.agent_id] = entry
+        self.by_peer[peer] = entry
+        self.joining += 1
+        self._count_registration(msg.agent_id)
+        return entry
+
+    def add_host(self, peer: bytes, msg: P.HostHello, ids: list[str], key: bytes | None, now: float,
+                 previous: HostEntry | None) -> HostEntry:
+        """Register a host and its members (their ids are free: the caller took them over);
+        members ``previous`` (the host's last registration) carried and this one does not
+        leave the world."""
+        host = HostEntry(peer, msg.kind, msg.pid, now, now, now, deadline=self.settings.deadline_for(len(ids)),
+                         token=self._token(), key=key, host_id=msg.host_id, ids=ids,
+                         slots=np.array([self.world.place(i) for i in ids], dtype=np.int64),
+                         live=np.ones(len(ids), dtype=bool))
+        host.refresh()
+        for index, agent_id in enumerate(ids):
+            self.agents[agent_id] = Member(agent_id, host, index, int(host.slots[index]))
+            self._count_registration(agent_id)
+        self.hosts[msg.host_id] = host
+        self.by_peer[peer] = host
+        self.joining += 1
+        if previous is not None:
+            for agent_id in previous.ids:
+                if agent_id not in self.agents:
+                    self.world.remove(agent_id)
+        return host
+
+    def mark_ready(self, unit: Unit) -> None:
+        """The unit's first message after WELCOME: its model is built."""
+        UNITS.move(unit, "ready")
+        self.joining -= 1
+
+    def first_step(self, unit: Unit, n: int) -> None:
+        """``n`` agents of ``unit`` answered their first observation."""
+        self.ready += n
+
+    def remove(self, unit: Unit, keep_position: bool = False) -> None:
+        """Forget a unit and its agents (the schedule has settled what it owed).
+        ``keep_position``: its agents keep their places (a new registration of theirs follows)."""
+        if self.by_peer.get(unit.peer) is unit:
+            if unit.state is JOINING:
+                self.joining -= 1
+            del self.by_peer[unit.peer]
+        UNITS.move(unit, "leave")
+        if type(unit) is HostEntry:
+            if self.hosts.get(unit.host_id) is unit:
+                del self.hosts[unit.host_id]
+            for index in unit.live_idx.tolist():
+                member = self.agents.get(unit.ids[index])
+                if type(member) is Member and member.host is unit:
+                    self._unregister(member, unit, keep_position)
+            unit.live[:] = False
+            unit.refresh()
+        elif self.agents.get(unit.agent_id) is unit:
+            self._unregister(unit, unit, keep_position)
+
+    def remove_member(self, member: Member, keep_position: bool) -> None:
+        """One member of a host goes (its schedule settled); the host may be left empty."""
+        host = member.host
+        host.live[member.index] = False
+        host.refresh()
+        self._unregister(member, host, keep_position)
+
+    def _unregister(self, agent: AgentEntry | Member, unit: Unit, keep_position: bool) -> None:
+        del self.agents[agent.agent_id]
+        if unit.first_step_at is not None:
+            self.ready -= 1
+        if not keep_position:
+            self.world.remove(agent.agent_id)
+
+    def _count_registration(self, agent_id: str) -> None:
+        if agent_id in self._registrations or len(self._registrations) < MAX_TRACKED_IDS:
+            self._registrations[agent_id] += 1
+            if self._registrations[agent_id] > 1:
+                self.restarts[agent_id] = self._registrations[agent_id] - 1
+
+    # --- what it tells agents, and reports -------------------------------------------
+
+    def welcome(self, entry: AgentEntry) -> bytes:
+        return self._welcomes.welcome(entry.agent_id, {"deadline_ms": int(entry.deadline * 1000),
+                                                       "arena": self.world.arena_of(entry.slot),
+                                                       "token": entry.token})
+
+    def host_welcome(self, host: HostEntry) -> bytes:
+        return self._welcomes.host_welcome(host.host_id, {"deadline_ms": int(host.deadline * 1000),
+                                                          "token": host.token},
+                                           self.world.arenas_of(host.slots).astype(np.uint32))
+
+    def _check_welcome_fits(self) -> None:
+        """Refuse to start with a world whose WELCOME no agent could receive."""
+        longest, token = "x" * 128, "x" * P.MAX_TOKEN_LEN
+        extra = {"deadline_ms": 2**32 - 1, "token": token}
+        worst = max(len(self._welcomes.welcome(longest, {**extra, "arena": 2**32 - 1})),
+                    len(self._welcomes.host_welcome(longest, extra, np.zeros(P.MAX_HOST_AGENTS, np.uint32))))
+        if worst > self.settings.max_message_bytes:
+            raise ConfigError(
+                f"this world's WELCOME would be {worst} bytes, over the {self.settings.max_message_bytes}-byte message "
+                f"limit, so no agent could join: its description travels in it ({_describe(self.world)}); use "
+                f"fewer obstacles (--obstacles) or goals, or a smaller map")
+
+    def page(self, page: int) -> list[str]:
+        """The ids of page ``page``, in id order."""
+        return sorted(self.agents)[page_slice(page)]
+
+
+def _describe(world: World) -> str:
+    params = world.params()
+    if "width" in params:
+        return f"the {params['width']}x{params['height']} map's obstacles and goals"
+    return "the world's parameters"
+
