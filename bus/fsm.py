@@ -49,6 +49,42 @@ class Machine:
     def allows(self, state: enum.Enum, event: str) -> bool:
         return event in self._next.get(state.value, ())
 
+    def event(self, event: str):
+        """``move(obj)`` for one event, compiled from the table: half the cost of
+        :meth:`move` (one call, one lookup), for the per-step paths."""
+        nxt = {state.value: to for (state, e), to in self.table.items() if e == event}
+        if not nxt:
+            raise ValueError(f"{self.name}: no transition on {event!r}")
+        name = self.name
+
+        def move(obj) -> None:
+            try:
+                obj.state = nxt[obj.state._value_]
+            except KeyError:
+                raise IllegalTransition(f"{name} {getattr(obj, 'name', '')}: event {event!r} is not allowed in "
+                                        f"state {obj.state.value!r}") from None
+
+        move.__name__ = move.__qualname__ = f"{name}.{event}"
+        return move
+
+    def event_all(self, event: str):
+        """``move_all(objs)``: :meth:`event` for many objects in one call (a lock-step
+        tick moves every ready unit at once).  All move, or none does and it raises."""
+        nxt = {state.value: to for (state, e), to in self.table.items() if e == event}
+        name = self.name
+
+        def move_all(objs) -> None:
+            targets = [nxt.get(obj.state._value_) for obj in objs]
+            if None in targets:
+                bad = objs[targets.index(None)]
+                raise IllegalTransition(f"{name} {getattr(bad, 'name', '')}: event {event!r} is not allowed in "
+                                        f"state {bad.state.value!r}")
+            for obj, to in zip(objs, targets):
+                obj.state = to
+
+        move_all.__name__ = move_all.__qualname__ = f"{name}.{event}(all)"
+        return move_all
+
     def start(self, obj) -> None:
         """``obj`` begins in the machine's initial state."""
         obj.state = self.initial

@@ -55,6 +55,7 @@ __all__ = ["CoordinatorCore", "Settings", "ConfigError", "AgentState", "AgentEnt
            "IllegalTransition", "MODES", "STATS_DETAIL_MAX", "WARNINGS_PER_S"]
 
 log = logging.getLogger(__name__)
+_ACTION, _decode = P.Action, P.decode
 
 #: Lines about what peers do (registrations, refusals, errors they report) logged per
 #: second at most, per kind of line; the rest are counted.
@@ -90,6 +91,8 @@ class CoordinatorCore:
         self._plog = PeerLog(log, WARNINGS_PER_S)
         self.outbox = Outbox(self.ledger.errors, self._plog, lambda peer: self.registry.name_of(peer))
         self.registry = Registry(settings, self.world, session, self.outbox, self.ledger.errors, key_patterns, token)
+        self._by_peer = self.registry.by_peer  # read on every message (the registry owns it)
+        self._max_bytes = settings.max_message_bytes
         self.liveness = Liveness(settings, self.registry, self.outbox, self.ledger.errors, self._plog)
         self.windows = Windows(self.outbox, self.clock.cpu, lambda: (self.registry.ready, self.ledger.received),
                                lambda: (len(self.registry.agents), self.ledger.snapshot(), settings.mode,
@@ -153,17 +156,23 @@ class CoordinatorCore:
             self.outbox.reject(peer, ErrorCode.BAD_FRAMING, f"expected 1 frame, got {len(frames)}", now)
             return
         try:
-            msg = P.decode(frames[0], self.settings.max_message_bytes)
+            msg = _decode(frames[0], self._max_bytes)
         except P.ProtocolError as exc:
             self.outbox.reject(peer, exc.code, exc.reason, now)
             return
         self.on_message(peer, msg, now, key)
 
     def on_message(self, peer: bytes, msg: P.Message, now: float, key: bytes | None = None) -> None:
-        unit = self.registry.by_peer.get(peer)
+        unit = self._by_peer.get(peer)
         mtype = type(msg)
         if unit is not None:
             unit.last_seen = now
+            if mtype is _ACTION and type(unit) is AgentEntry:  # the message of every step: straight on
+                schedule = self.schedule
+                if now >= schedule.due:  # a deadline passed and the timer has not run yet
+                    schedule.expire_due(now)
+                schedule.on_action(unit, msg, now)
+                return
             if unit.state is JOINING and mtype is P.Heartbeat:
                 self.registry.mark_ready(unit)
                 self.schedule.on_ready(unit, now)
@@ -174,13 +183,7 @@ class CoordinatorCore:
             handler(peer, unit, msg, now, key)
 
     def _on_action(self, peer: bytes, unit: Unit | None, msg: P.Action, now: float, key: bytes | None) -> None:
-        if type(unit) is AgentEntry:
-            schedule = self.schedule
-            if now >= schedule.due:  # a deadline passed and the timer has not run yet
-                schedule.expire_due(now)
-            schedule.on_action(unit, msg, now)
-        else:
-            self._not_registered(peer, unit, msg, now)
+        self._not_registered(peer, unit, msg, now)  # an agent's own ACTIONs never get here (on_message)
 
     def _on_host_action(self, peer: bytes, unit: Unit | None, msg: P.HostAction, now: float, key) -> None:
         if type(unit) is HostEntry:

@@ -33,7 +33,8 @@ from agentbus_zmq.coordinator.liveness import Liveness
 from agentbus_zmq.coordinator.outbox import Outbox
 from agentbus_zmq.coordinator.registry import Registry
 from agentbus_zmq.coordinator.settings import Settings
-from agentbus_zmq.coordinator.units import IDLE, STEPPING, STEP_TIMES, UNITS, AgentEntry, HostEntry, Unit, owed
+from agentbus_zmq.coordinator.units import (ANSWER, EXPIRE, IDLE, OBSERVE, OBSERVE_ALL, STEPPING, STEP_TIMES, AgentEntry, HostEntry,
+                                            Unit, owed)
 from agentbus_zmq.coordinator.window import Windows
 
 __all__ = ["Schedule", "Lockstep", "Async", "SCHEDULES", "COMPUTE_SLACK_US"]
@@ -59,6 +60,7 @@ class Schedule:
         self.liveness = liveness
         self.windows = windows
         self._plog = plog
+        self._slow_fraction = settings.slow_fraction
         #: lock-step ticks closed (async: 0)
         self.tick = 0
         #: earliest time a deadline may be due (may be early, never late)
@@ -72,23 +74,24 @@ class Schedule:
         raise NotImplementedError
 
     def on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
-        if entry.state is not STEPPING or msg.tick != entry.pending:
-            self._late_or_stale(entry, msg.tick, now)
-            return
-        self._accept(entry, 1, msg.compute_us, now, msg.cpu_us)
-        self._answered(entry, entry.slot, msg.action, now)
+        """An agent's ACTION (whatever is due has been expired): accepted, late or stale."""
+        raise NotImplementedError
 
     def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
+        """A host's HOST_ACTION: accepted, late, stale, or refused for its length."""
+        raise NotImplementedError
+
+    def _host_answer_ok(self, host: HostEntry, msg: P.HostAction, now: float) -> bool:
         if host.state is not STEPPING or msg.tick != host.pending:
             self._late_or_stale(host, msg.tick, now)
-            return
+            return False
         n = len(host.pending_idx)
         if len(msg.actions) != n:
             self.outbox.reject(host.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick} has "
                                f"{len(msg.actions)} actions; the observation listed {n} members", now)
-            return
+            return False
         self._accept(host, n, msg.compute_us, now, msg.cpu_us)
-        self._answered_many(host, msg.actions, now)
+        return True
 
     def withdraw(self, unit: Unit, keep_position: bool) -> None:
         """``unit`` leaves: what it owes counts missing; it is awaited no more."""
@@ -116,7 +119,7 @@ class Schedule:
     # --- shared ----------------------------------------------------------------------
 
     def _send_observation(self, unit: Unit, tick: int, now: float) -> None:
-        UNITS.move(unit, "observe")
+        """The observation for ``tick`` to ``unit`` (moved to STEPPING by the caller)."""
         unit.pending = tick
         unit.sent_at = now
         if type(unit) is AgentEntry:
@@ -136,7 +139,7 @@ class Schedule:
 
     def _accept(self, unit: Unit, n: int, compute_us: int, now: float, cpu_us: int | None) -> None:
         """``n`` agent-steps answered in time: the ledger, the unit, the measurement."""
-        UNITS.move(unit, "answer")
+        ANSWER(unit)
         unit.steps += n
         waited = now - unit.sent_at
         if compute_us > waited * 1e6 + COMPUTE_SLACK_US:  # it cannot have computed for longer than we waited
@@ -149,13 +152,15 @@ class Schedule:
         timings.agent_cpu_us += cpu
         unit.times[unit.times_n & (STEP_TIMES - 1)] = compute_us // n
         unit.times_n += 1
-        if timings.latency is not None:
+        latency = timings.latency
+        if latency is not None:
             us = waited * 1e6 - compute_us
-            timings.latency.record(us, n)
+            latency.record(us, n)
             timings.latency_sum_us += us * n
-        if waited > unit.deadline * self.settings.slow_fraction:
+        ledger = self.ledger
+        if waited > unit.deadline * self._slow_fraction:
             unit.slow += 1
-            self.ledger.slow += n
+            ledger.slow += n
             self.liveness.strike(unit)
         elif unit.strikes:
             self.liveness.clear(unit)
@@ -163,7 +168,6 @@ class Schedule:
         if first:
             unit.first_step_at = now
             self.registry.first_step(unit, n)
-        ledger = self.ledger
         ledger.outstanding -= n
         ledger.received += n
         m = self.windows.current
@@ -192,7 +196,7 @@ class Schedule:
 
     def _expire(self, unit: Unit) -> None:
         n = owed(unit)
-        UNITS.move(unit, "expire")
+        EXPIRE(unit)
         unit.missed += 1
         self.liveness.strike(unit)
         m = self.windows.current
@@ -206,11 +210,6 @@ class Schedule:
         if m is not None:
             m.on_expired(n)
 
-    def _answered(self, entry: AgentEntry, slot: int, action: int, now: float) -> None:
-        raise NotImplementedError
-
-    def _answered_many(self, host: HostEntry, actions: np.ndarray, now: float) -> None:
-        raise NotImplementedError
 
 
 class Lockstep(Schedule):
@@ -233,17 +232,23 @@ class Lockstep(Schedule):
         if not self.open:
             self._open_tick(now)
 
-    def _answered(self, entry: AgentEntry, slot: int, action: int, now: float) -> None:
-        self._moves[slot] = action
-        self._expected.discard(entry)
-        if not self._expected:
+    def on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
+        if entry.state is not STEPPING or msg.tick != entry.pending:
+            self._late_or_stale(entry, msg.tick, now)
+            return
+        self._accept(entry, 1, msg.compute_us, now, msg.cpu_us)
+        self._moves[entry.slot] = msg.action
+        expected = self._expected
+        expected.discard(entry)
+        if not expected:
             self._close_tick(now)
 
-    def _answered_many(self, host: HostEntry, actions: np.ndarray, now: float) -> None:
-        self._host_moves.append((host, host.pending_idx, actions))
-        self._expected.discard(host)
-        if not self._expected:
-            self._close_tick(now)
+    def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
+        if self._host_answer_ok(host, msg, now):
+            self._host_moves.append((host, host.pending_idx, msg.actions))
+            self._expected.discard(host)
+            if not self._expected:
+                self._close_tick(now)
 
     def withdraw(self, unit: Unit, keep_position: bool) -> None:
         super().withdraw(unit, keep_position)
@@ -273,6 +278,7 @@ class Lockstep(Schedule):
         deadline = 0.0
         self._expected = set(ready)
         tick = self.tick
+        OBSERVE_ALL(ready)
         for unit in ready:
             if unit.deadline > deadline:
                 deadline = unit.deadline
@@ -334,19 +340,25 @@ class Async(Schedule):
         if not queue and now + unit.deadline < self.due:
             self.due = now + unit.deadline
         queue[unit] = None
+        OBSERVE(unit)
         self._send_observation(unit, tick, now)
 
-    def _answered(self, entry: AgentEntry, slot: int, action: int, now: float) -> None:
+    def on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
+        if entry.state is not STEPPING or msg.tick != entry.pending:
+            self._late_or_stale(entry, msg.tick, now)
+            return
+        self._accept(entry, 1, msg.compute_us, now, msg.cpu_us)
         del self._queues[entry.deadline][entry]
-        self.world.move(slot, action)
+        self.world.move(entry.slot, msg.action)
         entry.tick += 1
         self._observe(entry, entry.tick, now)
 
-    def _answered_many(self, host: HostEntry, actions: np.ndarray, now: float) -> None:
-        del self._queues[host.deadline][host]
-        self.world.move_many(host.slots[host.pending_idx], actions)
-        host.tick += 1
-        self._observe(host, host.tick, now)
+    def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
+        if self._host_answer_ok(host, msg, now):
+            del self._queues[host.deadline][host]
+            self.world.move_many(host.slots[host.pending_idx], msg.actions)
+            host.tick += 1
+            self._observe(host, host.tick, now)
 
     def withdraw(self, unit: Unit, keep_position: bool) -> None:
         super().withdraw(unit, keep_position)

@@ -27,7 +27,7 @@ import numpy as np
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.fsm import IllegalTransition, Machine
 
-__all__ = ["AgentState", "UNITS", "Unit", "AgentEntry", "HostEntry", "Member", "IllegalTransition", "STEP_TIMES",
+__all__ = ["AgentState", "UNITS", "OBSERVE", "OBSERVE_ALL", "ANSWER", "EXPIRE", "Unit", "AgentEntry", "HostEntry", "Member", "IllegalTransition", "STEP_TIMES",
            "step_times", "owed", "unit_of"]
 
 #: Step times kept per unit (for ``agents``' p50 / p99), a power of two.
@@ -59,6 +59,9 @@ UNITS = Machine("unit", {
     (IDLE, "leave"): GONE,
     (STEPPING, "leave"): GONE,
 })
+#: the per-step moves, compiled from the table (UNITS.event)
+OBSERVE, ANSWER, EXPIRE = UNITS.event("observe"), UNITS.event("answer"), UNITS.event("expire")
+OBSERVE_ALL = UNITS.event_all("observe")
 
 
 @dataclasses.dataclass(slots=True, eq=False)
