@@ -11,7 +11,7 @@ import click
 from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
 from agentbus_zmq.agents.layout import PerHost
-from agentbus_zmq.agents.supervisor import RestartPolicy
+from agentbus_zmq.agents.restarts import RestartPolicy
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, limit_threads
 
 _ENV = {

@@ -15,7 +15,7 @@ of a single agent: the same ids, fewer processes.
 
 The parent supervises: it forwards SIGINT/SIGTERM to its children, reaps them, and
 exits non-zero if any child failed.  With ``--restart`` it forks a dead agent (or host)
-again, backing off and giving up as ``agents.supervisor`` decides.  Children die with the
+again, backing off and giving up as ``agents.restarts`` decides.  Children die with the
 parent (PR_SET_PDEATHSIG), so a SIGKILLed launcher leaves nothing behind.
 """
 
@@ -33,7 +33,7 @@ from agentbus_zmq.agents.host import Host
 from agentbus_zmq.agents.layout import host_layout
 from agentbus_zmq.agents.runtime import EXIT_REPLACED, Runtime
 from agentbus_zmq.agents.sdk import Agent
-from agentbus_zmq.agents.supervisor import Restart, RestartPolicy, Supervisor
+from agentbus_zmq.agents.restarts import Restart, RestartPolicy, RestartDecisions
 from agentbus_zmq.bus.config import set_batch_scheduling
 from agentbus_zmq.bus.signals import StopSignal
 
@@ -92,7 +92,7 @@ def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas:
 
     children = {spawn(child_id): child_id for child_id in ids}
     log.info("started %s", what)
-    return _supervise(children, spawn, Supervisor(policy) if restart else None)
+    return _supervise(children, spawn, RestartDecisions(policy) if restart else None)
 
 
 def _child(make: Callable[[str], Agent | Host], endpoint: str, child_id: str, parent: int, runtime_options: dict) -> int:
@@ -118,7 +118,7 @@ def _child(make: Callable[[str], Agent | Host], endpoint: str, child_id: str, pa
         return 1
 
 
-def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor: Supervisor | None) -> int:
+def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor: RestartDecisions | None) -> int:
     """Reap children; with a ``supervisor``, fork a dead agent again under the same id
     when it says so (the agent rejoins with HELLO and the coordinator replaces its
     registration), and stop everything when it gives up."""

@@ -250,12 +250,13 @@ def _emit(result: dict, fmt: str, output: str | None) -> None:
 
 def _registered(endpoint: str, cfg: BenchConfig) -> int:
     from agentbus_zmq.bus.client import BusUnavailable, ControlClient
+    from agentbus_zmq.bus.report import Stats
     from agentbus_zmq.bus.security import ClientKeys
 
     keys = ClientKeys.load(cfg.curve_server_key, cfg.curve_key) if cfg.curve_server_key else None
     with ControlClient(endpoint, curve=keys) as client:
         try:
-            n = client.request("stats", timeout=5)["agents"]
+            n = Stats.from_wire(client.request("stats", timeout=5)).agents
         except BusUnavailable as exc:
             raise click.UsageError(str(exc)) from None
     if n < 1:

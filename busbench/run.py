@@ -32,6 +32,7 @@ from agentbus_zmq.busbench.procs import Child
 from agentbus_zmq.coordinator.settings import Settings
 from agentbus_zmq.coordinator.world import WorldConfig
 from agentbus_zmq.bus.client import ControlClient
+from agentbus_zmq.bus.report import Roster, Stats
 from agentbus_zmq.bus.security import ClientKeys, generate
 
 _WORLD = WorldConfig()
@@ -255,17 +256,21 @@ def _agent_processes(launcher: Child | None) -> list[psutil.Process]:
         return []
 
 
-def _roster(client: ControlClient) -> dict:
-    """``stats`` with every page's agents merged (``agent_pids``, ``ready_ids``)."""
-    first = client.request("stats", {"page": 0}, timeout=5)
-    pages = [first] + [client.request("stats", {"page": k}, timeout=5) for k in range(1, first["pages"])]
-    return {**first, "agent_pids": {a: p for page in pages for a, p in page["agent_pids"].items()},
-            "ready_ids": [a for page in pages for a in page["ready_ids"]]}
+def _stats(client: ControlClient, page: int | None = None) -> Stats:
+    return Stats.from_wire(client.request("stats", {} if page is None else {"page": page}, timeout=5))
+
+
+def _roster(client: ControlClient) -> Roster:
+    """Every page of ``stats``' roster, merged (``agent_pids``, ``ready_ids``)."""
+    first = _stats(client, 0)
+    rosters = [first.roster] + [_stats(client, k).roster for k in range(1, first.pages)]
+    return Roster(agent_pids={a: p for r in rosters for a, p in r.agent_pids.items()},
+                  ready_ids=[a for r in rosters for a in r.ready_ids])
 
 
 def _pids(client: ControlClient) -> set[int]:
     """Every pid the coordinator lists for its agents (all pages of ``stats``)."""
-    return set(_roster(client)["agent_pids"].values())
+    return set(_roster(client).agent_pids.values())
 
 
 def _local(pids) -> list[psutil.Process]:
@@ -350,9 +355,9 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 now = time.monotonic()
                 if sampler is not None and not sampler.due(now) and chaos is None:
                     return
-                stats = client.request("stats", timeout=5)
+                stats = _stats(client)
                 if sampler is None:
-                    if stats["ready"] >= n:  # all up: start watching (and, with chaos, killing)
+                    if stats.ready >= n:  # all up: start watching (and, with chaos, killing)
                         sampler = MemorySampler(_coordinator(children), n)
                         if profiler is not None and not profiler.error:
                             agent_procs = _agent_processes(launcher)
@@ -362,7 +367,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 if sampler.due(now):
                     sampler.sample(now, _agent_processes(launcher) if launcher else _local(_pids(client)))
                 if chaos is not None:
-                    roster = stats if "agent_pids" in stats else _roster(client)
+                    roster = stats.roster if stats.roster is not None else _roster(client)
                     chaos.step(now, roster, {p.pid for p in _agent_processes(launcher)})
 
             window = client.wait(request, max(cfg.timeout, cfg.duration + 120) + 5, idle, "measure")
@@ -456,18 +461,18 @@ class Chaos:
         self.recoveries: list[float] = []
         self.kills = 0
 
-    def observe(self, now: float, stats: dict) -> None:
-        """Note the recoveries that ``stats`` shows."""
-        pids, ready = stats.get("agent_pids", {}), set(stats.get("ready_ids", ()))
+    def observe(self, now: float, roster: Roster) -> None:
+        """Note the recoveries that ``roster`` shows."""
+        pids, ready = roster.agent_pids, set(roster.ready_ids)
         for old_pid, (ids, killed_at) in list(self.pending.items()):
             if all(a in ready and pids.get(a) != old_pid for a in ids):
                 self.recoveries.append(now - killed_at)
                 del self.pending[old_pid]
 
-    def step(self, now: float, stats: dict, ours: set[int]) -> None:
+    def step(self, now: float, roster: Roster, ours: set[int]) -> None:
         """Note recoveries, then perhaps kill one of ``ours``."""
-        self.observe(now, stats)
-        pids, ready = stats.get("agent_pids", {}), set(stats.get("ready_ids", ()))
+        self.observe(now, roster)
+        pids, ready = roster.agent_pids, set(roster.ready_ids)
         dt, self.last = (now - self.last if self.last is not None else 0.0), now
         if self.rng.random() >= 1 - math.exp(-self.rate * dt):
             return

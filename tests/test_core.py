@@ -513,7 +513,7 @@ def test_ledger_always_balances(mode, script):
             received, sent_at = h.ledger.received, host.sent_at
             h.send(hpeer, P.HostAction(host.pending, np.full(n, i, np.uint8), 5))
             if h.ledger.received > received:
-                assert h.now - sent_at < 0.5 and kind == "host_act"
+                assert h.now - sent_at < host.deadline and kind == "host_act"
         elif kind == "host_late" and host is not None and host.overdue:
             h.send(hpeer, P.HostAction(host.overdue[0][0], np.zeros(host.overdue[0][1], np.uint8), 0))
         elif kind == "host_bye" and host is not None:
@@ -575,6 +575,18 @@ def test_a_host_registers_its_agents_in_one_exchange_and_steps_them_in_one_frame
     (nxt,) = host_obs(h.send(b"hp", P.HostAction(0, np.array([4, 4, 4], np.uint8), 30)))
     assert nxt.tick == 1 and h.ledger.received == 3 and h.ledger.sent == 6 and h.ledger.balanced()
     assert h.core.stats(h.now).to_wire()["ready"] == 3
+
+
+def test_a_hosts_frame_deadline_grows_with_its_members_and_its_welcome_says_so():
+    h = Harness(deadline=0.5, member_deadline=0.01)
+    ((_, welcome),) = host_hello(h, b"hp", count=20, ready=False)
+    assert welcome.params["deadline_ms"] == 700 and h.core.hosts["h1"].deadline == pytest.approx(0.7)
+    assert h.send(b"p1", P.Hello("a1", "test", 1))[0][1].params["deadline_ms"] == 500  # an agent alone: the deadline
+    h.send(b"hp", P.Heartbeat())
+    h.advance(0.6)                                  # past the agent's deadline, not the host's
+    assert h.ledger.missing == 0
+    h.advance(0.15)
+    assert h.ledger.missing == 20 and h.ledger.balanced()
 
 
 def test_lock_step_waits_for_hosts_and_agents_alike():

@@ -220,14 +220,15 @@ def test_running_out_of_file_descriptors_is_counted_and_logged_and_serving_goes_
 
 
 def test_chaos_never_kills_a_pid_a_peer_claimed():
+    from agentbus_zmq.bus.report import Roster
     from agentbus_zmq.busbench.run import Chaos
 
     bystander = subprocess.Popen(["sleep", "60"])
     ours = subprocess.Popen(["sleep", "60"])
     try:
         chaos = Chaos(rate=1e9)                           # kill at every chance
-        claimed = {"agent_pids": {"liar": bystander.pid, "zero": 0, "self": os.getpid(), "ours": ours.pid},
-                   "ready_ids": ["liar", "zero", "self", "ours"]}
+        claimed = Roster(agent_pids={"liar": bystander.pid, "zero": 0, "self": os.getpid(), "ours": ours.pid},
+                         ready_ids=["liar", "zero", "self", "ours"])
         for t in range(20):
             chaos.step(float(t), claimed, {ours.pid})
         assert bystander.poll() is None and chaos.kills == 1

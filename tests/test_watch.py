@@ -111,6 +111,9 @@ def test_busctl_status_and_agents_show_what_stats_says(bus):
     assert stats["session"] in table and "efficiency" in table and "3 registered" in table
     table = _busctl(bus, "agents", "--sort", "p99", "--limit", "2").stdout
     assert "2 agents, by p99" in table
+    ping = _busctl(bus, "ping").stdout                    # a command object (bus/commands/ping.py) and nothing else
+    assert re.fullmatch(rf"agentbus at {re.escape(bus.endpoint)}: session {stats['session']}, answered in "
+                        rf"[\d.]+ ms\n", ping), ping
 
 
 def test_busctl_says_where_it_tried_when_nothing_answers(tmp_path):

@@ -7,7 +7,7 @@ after a delay that doubles with each recent restart (``backoff_min`` to
 everything and exits non-zero, so that systemd's own limits (or the operator) take over
 instead of a fork loop.
 
-:class:`Supervisor` decides; ``agents.launcher`` does the forking.  Time is passed in,
+:class:`RestartDecisions` decides; ``agents.launcher`` does the forking.  Time is passed in,
 so the policy is tested by replaying scripted histories against a fake clock.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-__all__ = ["RestartPolicy", "Supervisor", "Restart", "GiveUp"]
+__all__ = ["RestartPolicy", "RestartDecisions", "Restart", "GiveUp"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,9 @@ class GiveUp:
     reason: str
 
 
-class Supervisor:
+class RestartDecisions:
+    """Whether, and when, each agent that died is forked again (it decides; the launcher acts)."""
+
     def __init__(self, policy: RestartPolicy = RestartPolicy()):
         self.policy = policy
         self._recent: dict[str, collections.deque[float]] = {}
