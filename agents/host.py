@@ -63,6 +63,8 @@ class Host:
         self.kind = self.agents[0].kind
         self.alive = np.ones(count, dtype=bool)
         self._plog = PeerLog(log)
+        #: members step on array rows (an array observation space), else on lists of ints
+        self._array_obs = False
 
     @property
     def forkable(self) -> bool:
@@ -77,6 +79,10 @@ class Host:
         WELCOME it would have had alone: its own id and arena)."""
         welcomes = [P.Welcome(welcome.session, agent_id, {**welcome.params, "arena": int(arena)})
                     for agent_id, arena in zip(self.ids, welcome.arenas.tolist())]
+        world = welcome.params.get("world")
+        spaces = world.get("spaces") if isinstance(world, dict) else None
+        self._array_obs = isinstance(spaces, dict) and isinstance(spaces.get("observation"), dict) \
+            and spaces["observation"].get("type") == "array"
         self.cls.start_batch(self.agents, welcomes)
 
     def step(self, msg: P.HostObservation, keepalive: Callable[[], None] | None = None) -> FrameResult:
@@ -101,7 +107,8 @@ class Host:
         else:
             agents = self.agents
             out = []
-            for k, (i, row) in enumerate(zip(members, msg.obs.tolist())):
+            rows = msg.obs if self._array_obs else msg.obs.tolist()
+            for k, (i, row) in enumerate(zip(members, rows)):
                 if keepalive is not None and k % KEEPALIVE_EVERY == KEEPALIVE_EVERY - 1:
                     keepalive()
                 try:
@@ -113,14 +120,14 @@ class Host:
                                    "host-mates go on", self.ids[i], type(exc).__name__, exc)
                     failed.append(i)
                     reason = f"step raised {type(exc).__name__}: {exc}"
-            actions = np.asarray(out, dtype=np.int64)
+            actions = np.stack([np.asarray(a) for a in out]) if out and np.ndim(out[0]) else np.asarray(out, dtype=np.int64)
         if failed:
             self.alive[failed] = False
             if actions is None:
                 actions = np.zeros(0, dtype=np.int64)
-        if actions.dtype.kind not in "iu":
+        if actions.ndim == 1 and actions.dtype.kind not in "iu":
             actions = actions.astype(np.int64)
-        small = actions.size == 0 or (actions.min() >= 0 and actions.max() < 256)
+        small = actions.ndim == 1 and (actions.size == 0 or (actions.min() >= 0 and actions.max() < 256))
         return FrameResult(actions.astype(np.uint8) if small else actions, failed, reason,
                            (time.perf_counter_ns() - t0) // 1000, (time.thread_time_ns() - c0) // 1000)
 
@@ -129,7 +136,7 @@ class Host:
         with one row of observations per member; else :class:`BadObservation`."""
         members, obs = msg.members, msg.obs
         count = len(self.agents)
-        if obs.ndim != 2 or obs.shape[0] != len(members):
+        if obs.ndim < 2 or (obs.ndim != 2 and not self._array_obs) or obs.shape[0] != len(members):
             raise BadObservation(f"HOST_OBSERVATION has {obs.shape} observations for {len(members)} members")
         if len(members) and (members.max() >= count or not self.alive[members].all()
                              or len(np.unique(members)) != len(members)):

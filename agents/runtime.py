@@ -163,7 +163,7 @@ class Runtime:
             if etype is P.Observation:
                 t0, c0 = time.perf_counter_ns(), thread_time_ns()
                 try:
-                    action = int(self.agent.step(event.obs))
+                    action = _action(self.agent.step(event.obs))
                 except BadObservation as exc:
                     self._refuse_observation(sock, event.tick, exc)
                     continue
@@ -256,6 +256,15 @@ class Runtime:
             except zmq.Again:
                 # Not connected yet, or the queue is full: liveness will sort it out.
                 log.debug("%s: could not queue a message to %s", self.agent_id, self.endpoint)
+
+
+def _action(value):
+    """A kind's action as it travels: an int, or an array for array action spaces."""
+    if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
+        import numpy as np
+
+        return np.asarray(value)
+    return int(value)
 
 
 def run(agent: Agent, endpoint: str, agent_id: str, **options) -> int:

@@ -20,8 +20,9 @@ Agents written in other languages speak the protocol in docs/protocol.md directl
 from __future__ import annotations
 
 from agentbus_zmq.bus.protocol import Welcome
+from agentbus_zmq.bus.spaces import Discrete, MultiDiscrete, Space, SpaceError, space_from_wire
 
-__all__ = ["Agent", "BadObservation", "BadWelcome"]
+__all__ = ["Agent", "BadObservation", "BadWelcome", "spaces_of"]
 
 
 class BadWelcome(ValueError):
@@ -36,8 +37,31 @@ class BadObservation(ValueError):
     goes on; any other exception from ``step`` stops the agent as BadWelcome does."""
 
 
+def spaces_of(welcome: Welcome) -> tuple[Space, Space]:
+    """The world's (observation, action) spaces from WELCOME (``params.world.spaces``;
+    a coordinator older than spaces describes its grid by ``outcomes`` and ``actions``).
+    :class:`BadWelcome` when there are none to read."""
+    world = welcome.params.get("world") if isinstance(welcome.params, dict) else None
+    if not isinstance(world, dict):
+        raise BadWelcome("WELCOME params carry no world")
+    try:
+        if "spaces" in world:
+            spaces = world["spaces"]
+            if not isinstance(spaces, dict):
+                raise SpaceError("world spaces must be a map")
+            return space_from_wire(spaces.get("observation")), space_from_wire(spaces.get("action"))
+        cells = world["width"] * world["height"]
+        return MultiDiscrete((cells, len(world["outcomes"]))), Discrete(len(world["actions"]))
+    except (SpaceError, KeyError, TypeError) as exc:
+        raise BadWelcome(f"WELCOME's world spaces cannot be used: {exc}") from None
+
+
 class Agent:
-    """Base class for agents.  Override :meth:`step`; the other hooks are optional."""
+    """Base class for agents.  Override :meth:`step`; the other hooks are optional.
+
+    What a step gets and returns follows the world's spaces (:func:`spaces_of`): a
+    list of ints (one per modality) for discrete observations, a numpy array for array
+    ones; an int for a discrete action, an array (or list) otherwise."""
 
     #: Reported to the coordinator in HELLO; must match ``[A-Za-z0-9._:@/+-]{1,128}``.
     kind = "custom"
@@ -54,8 +78,8 @@ class Agent:
         """Registered with a coordinator (again, after it restarted).  ``welcome.params``
         describes the world and the schedule; build or rebuild the model here."""
 
-    def step(self, obs: list[int]) -> int:
-        """Return the action for observation ``obs`` (one outcome index per modality)."""
+    def step(self, obs):
+        """Return the action for observation ``obs`` (see the class docstring)."""
         raise NotImplementedError("an Agent subclass must implement step()")
 
     def on_stop(self) -> None:

@@ -292,14 +292,19 @@ class Observation:
     """Coordinator -> agent: what the agent observes at ``tick``; answer with ACTION.
 
     tick: the step number this observation belongs to.
-    obs: one outcome index per observation modality.
+    obs: one outcome index per observation modality (a list of ints), or an array
+        (extension type 1) for a world whose observation space is an array.
+    info: optional; for worlds that have them, ``reward`` (float: the reward since the
+        last observation) and ``episode`` (int: it changes when an episode ended and the
+        next began).  Never sent by the grid.
     """
 
     tick: int
-    obs: list
+    obs: Any
+    info: dict | None = None
 
     def wire(self) -> tuple:
-        return (self.tick, self.obs)
+        return (self.tick, self.obs) if self.info is None else (self.tick, self.obs, self.info)
 
     @staticmethod
     def _accept(m: list) -> Observation | None:
@@ -313,13 +318,16 @@ class Observation:
 
     @classmethod
     def from_wire(cls, f: list) -> Observation:
-        _arity(f, 2, "OBSERVATION")
+        _arity(f, (2, 3), "OBSERVATION")
         obs = f[1]
-        if type(obs) is not list or not 0 < len(obs) <= _MAX_MODALITIES:
-            raise _bad(f"obs must be a list of 1..{_MAX_MODALITIES} outcome indices")
-        for o in obs:
-            _int(o, "obs[i]", 0, _U32_MAX)
-        return cls(_int(f[0], "tick", 0), obs)
+        if _is_array(obs):
+            _array(obs, "obs", _VALUE_KINDS, None, MAX_HOST_AGENTS)
+        elif type(obs) is not list or not 0 < len(obs) <= _MAX_MODALITIES:
+            raise _bad(f"obs must be a list of 1..{_MAX_MODALITIES} outcome indices, or an array")
+        else:
+            for o in obs:
+                _int(o, "obs[i]", 0, _U32_MAX)
+        return cls(_int(f[0], "tick", 0), obs, _info(f[2]) if len(f) == 3 else None)
 
 
 class _Answer:
@@ -345,7 +353,8 @@ class Action(_Answer):
     """Agent -> coordinator: the action chosen for ``tick``.
 
     tick: the tick of the OBSERVATION being answered.
-    action: index of the chosen action.
+    action: index of the chosen action, or an array for a world whose action space is
+        not discrete.
     compute_us: microseconds (wall clock) the agent spent computing it: the bus's
         latency is the round trip less this.
     cpu_us: optional; the CPU time (the thread's) of that computation, in microseconds:
@@ -378,7 +387,9 @@ class Action(_Answer):
         return None
 
     @staticmethod
-    def _payload(v: Any) -> int:
+    def _payload(v: Any):
+        if _is_array(v):
+            return _array(v, "action", _VALUE_KINDS, None, MAX_HOST_AGENTS)
         return _int(v, "action", 0, _U32_MAX)
 
 
@@ -487,14 +498,30 @@ class Reply:
 # --- agent hosts: one frame per host per tick (added in 0.2; version 1 unchanged) -------
 
 
-def _array(value: Any, name: str, kinds: str, ndim: int, max_len: int = MAX_HOST_AGENTS):
+def _array(value: Any, name: str, kinds: str, ndim: int | None, max_len: int = MAX_HOST_AGENTS, min_ndim: int = 0):
+    """``value`` as an array of one of ``kinds``, ``ndim`` dimensions (None: at least
+    ``min_ndim``) and at most ``max_len`` rows (elements, for a 0-D array)."""
     np = sys.modules.get("numpy")
     if np is None or type(value) is not np.ndarray:
         raise _bad(f"{name} must be an array (extension type {EXT_NDARRAY})")
-    if value.dtype.kind not in kinds or value.ndim != ndim or len(value) > max_len:
-        raise _bad(f"{name} must be a {ndim}-D array of kind {kinds!r} with at most {max_len} rows, "
+    dims_ok = value.ndim == ndim if ndim is not None else value.ndim >= min_ndim
+    if value.dtype.kind not in kinds or not dims_ok or (len(value) if value.ndim else 1) > max_len:
+        what = f"{ndim}-D" if ndim is not None else f"at least {min_ndim}-D"
+        raise _bad(f"{name} must be a {what} array of kind {kinds!r} with at most {max_len} rows, "
                    f"got {value.dtype} {value.shape}")
     return value
+
+
+#: kinds of numpy arrays a value (an observation, an action) may be
+_VALUE_KINDS = "biuf"
+
+
+def _info(value: Any) -> dict:
+    """OBSERVATION's and HOST_OBSERVATION's optional info map: ``reward``, ``episode``."""
+    info = _map(value, "info")
+    if not set(info) <= {"reward", "episode"}:
+        raise _bad(f"info holds only reward and episode, got {sorted(info)!r:.60}")
+    return info
 
 
 class _ArrayRecord:
@@ -582,25 +609,34 @@ class HostObservation(_ArrayRecord):
     HOST_ACTION.
 
     members: member indices (1-D unsigned array), the rows' order.
-    obs: one row per member, one column per modality (2-D unsigned array).
+    obs: one row per member: one column per modality (2-D unsigned array), or, for a
+        world whose observations are arrays, each row that member's array.
+    info: optional; ``reward`` and ``episode`` arrays, one entry per row (see OBSERVATION).
     """
 
     tick: int
     members: Any
     obs: Any
+    info: dict | None = None
 
     def wire(self) -> tuple:
-        return (self.tick, self.members, self.obs)
+        fields = (self.tick, self.members, self.obs)
+        return fields if self.info is None else (*fields, self.info)
 
     @classmethod
     def from_wire(cls, f: list) -> HostObservation:
-        _arity(f, 3, "HOST_OBSERVATION")
+        _arity(f, (3, 4), "HOST_OBSERVATION")
         members = _array(f[1], "members", "u", 1)
-        obs = _array(f[2], "obs", "u", 2)
-        if obs.shape[0] != len(members) or not 0 < obs.shape[1] <= _MAX_MODALITIES:
-            raise _bad(f"obs must have one row per member and 1..{_MAX_MODALITIES} columns, got {obs.shape} "
-                       f"for {len(members)} members")
-        return cls(_int(f[0], "tick", 0), members, obs)
+        obs = _array(f[2], "obs", _VALUE_KINDS, None, min_ndim=2)
+        if obs.shape[0] != len(members) or (obs.ndim == 2 and obs.dtype.kind == "u"
+                                              and not 0 < obs.shape[1] <= _MAX_MODALITIES):
+            raise _bad(f"obs must have one row per member (and 1..{_MAX_MODALITIES} columns of outcome indices), "
+                       f"got {obs.shape} for {len(members)} members")
+        info = _info(f[3]) if len(f) == 4 else None
+        for k, v in (info or {}).items():
+            if len(_array(v, f"info {k}", "iuf", 1)) != len(members):
+                raise _bad(f"info {k} must have one entry per member")
+        return cls(_int(f[0], "tick", 0), members, obs, info)
 
 
 @record(13)
@@ -609,7 +645,7 @@ class HostAction(_Answer, _ArrayRecord):
     """Host -> coordinator: the actions for HOST_OBSERVATION ``tick``, one per member
     listed there, in its order.
 
-    actions: 1-D integer array.
+    actions: 1-D integer array, or one row per member for a world whose actions are arrays.
     compute_us: microseconds the host spent computing them (all members together).
     cpu_us: optional; the CPU time of that computation (see ACTION).
     """
@@ -627,7 +663,7 @@ class HostAction(_Answer, _ArrayRecord):
 
     @staticmethod
     def _payload(v: Any):
-        return _array(v, "actions", "iu", 1)
+        return _array(v, "actions", _VALUE_KINDS, None, min_ndim=1)
 
 
 @record(14)
@@ -747,10 +783,12 @@ def encode(msg: Message) -> bytes:
     return _packer.pack((PROTOCOL_VERSION, _TYPE_CODE[type(msg)], *msg.wire()))
 
 
-def encode_observation(tick: int, obs: list) -> bytes:
-    """``encode(Observation(tick, obs))`` without building the record: the coordinator's
-    most frequent message."""
-    return _packer.pack((PROTOCOL_VERSION, _OBSERVATION, tick, obs))
+def encode_observation(tick: int, obs: Any, info: dict | None = None) -> bytes:
+    """``encode(Observation(tick, obs, info))`` without building the record: the
+    coordinator's most frequent message."""
+    if info is None:
+        return _packer.pack((PROTOCOL_VERSION, _OBSERVATION, tick, obs))
+    return _packer.pack((PROTOCOL_VERSION, _OBSERVATION, tick, obs, info))
 
 
 def array_ext(array) -> msgpack.ExtType:
@@ -762,10 +800,12 @@ def array_ext(array) -> msgpack.ExtType:
 _HOST_OBSERVATION = int(MsgType.HOST_OBSERVATION)
 
 
-def encode_host_observation(tick: int, members: Any, obs: Any) -> bytes:
-    """``encode(HostObservation(tick, members, obs))`` without building the record;
+def encode_host_observation(tick: int, members: Any, obs: Any, info: dict | None = None) -> bytes:
+    """``encode(HostObservation(tick, members, obs, info))`` without building the record;
     ``members`` may be an :func:`array_ext` made once for many frames."""
-    return _packer.pack((PROTOCOL_VERSION, _HOST_OBSERVATION, tick, members, obs))
+    if info is None:
+        return _packer.pack((PROTOCOL_VERSION, _HOST_OBSERVATION, tick, members, obs))
+    return _packer.pack((PROTOCOL_VERSION, _HOST_OBSERVATION, tick, members, obs, info))
 
 
 class WelcomeEncoder:

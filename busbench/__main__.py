@@ -22,6 +22,7 @@ from agentbus_zmq.bus.config import MODES, limit_threads
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.busbench import report as rpt
 from agentbus_zmq.agents.layout import PerHost
+from agentbus_zmq.coordinator.worlds import WorldUnavailable, parse_world_args
 from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_pool, measure_r1, run_one
 
 EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
@@ -94,6 +95,11 @@ class _Progress:
 @click.option("--per-host", type=PerHost(), default=_CFG.per_host,
               help="Agents per process: 1 (one process each), K (agent hosts of K: one frame per host per "
                    "tick), or auto (enough hosts to fill the cores). The no-bus pool uses the same layout.")
+@click.option("--world", default=_CFG.world, help="The world, as bus-coordinator --world takes it: grid, "
+              "pettingzoo:MODULE, a name from the agentbus.worlds entry points, or package.module:factory.")
+@click.option("--world-arg", "world_arg", multiple=True, metavar="KEY=VALUE",
+              help="An argument for the world (repeatable; VALUE as JSON where it parses). r1 and the pool use the "
+                   "same world.")
 @click.option("--arena-agents", type=click.IntRange(0), default=_CFG.arena_agents,
               help="Agents per arena (a copy of the world) at most; 0: every free cell.")
 @click.option("--connect", default=None, metavar="ENDPOINT",
@@ -132,7 +138,7 @@ class _Progress:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
-        height, per_host, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
+        height, per_host, world, world_arg, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         gate_on, profile_dir, metrics, model, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
@@ -153,20 +159,20 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
-                      per_host=per_host, arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
+                      per_host=per_host, world=world, world_args=parse_world_args(world_arg), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
                       model=model)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]
     if not connect:
         try:
-            world = cfg.world_config()
-        except ValueError as exc:
+            built = cfg.world_spec().build()
+        except (ValueError, WorldUnavailable) as exc:
             raise click.UsageError(str(exc)) from None
         for n in counts:
-            if n > world.capacity:
-                raise click.UsageError(f"{n} agents do not fit {world.max_arenas} arenas of the {width}x{height} "
-                                       f"world ({world.per_arena} agents each)")
+            if n > built.capacity:
+                raise click.UsageError(f"{n} agents do not fit the world {cfg.world_spec().describe()} (room for "
+                                       f"{built.capacity})")
             if cfg.hosts_for(n) == 1 and n > 4096:
                 raise click.UsageError(f"{n} agent processes is too many: give --per-host K or auto")
     result = {"tool": "busbench", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **environment(),

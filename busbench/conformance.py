@@ -29,7 +29,7 @@ import zmq
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
 from agentbus_zmq.coordinator.driver import Driver
-from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 
 __all__ = ["CHECKS", "Kit", "main"]
 

@@ -21,12 +21,13 @@ import click
 
 from agentbus_zmq.bus.config import limit_threads, set_batch_scheduling
 from agentbus_zmq.busbench.solo import measurement_options
+from agentbus_zmq.coordinator.worlds import WorldSpec
 
 #: seconds a pool may take to build its agents and warm up before it is abandoned
 SETUP_TIMEOUT_S = 300.0
 
 
-def _worker(kind: str, options: dict, world: dict, first: int, count: int, warmup: int, duration: float,
+def _worker(kind: str, options: dict, world: WorldSpec, first: int, count: int, warmup: int, duration: float,
             go_fd: int, out_fd: int) -> None:
     """One process of the pool: ``count`` agents (a host's worth, or one), their own world."""
     import numpy as np
@@ -36,14 +37,12 @@ def _worker(kind: str, options: dict, world: dict, first: int, count: int, warmu
     from agentbus_zmq.agents.host import Host
     from agentbus_zmq.agents.kinds import create
     from agentbus_zmq.bus import protocol as P
-    from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
-
-    env = GridWorld(WorldConfig(**world))
+    env = world.build()
     if count == 1:
         agent = create(kind, **options)
         agent.prepare()
         slot = env.place(f"pool-{first}")
-        agent.on_start(P.Welcome("pool", f"pool-{first}", {"world": env.params(), "arena": 0}))
+        agent.on_start(P.Welcome("pool", f"pool-{first}", {"world": env.params(), "arena": env.arena_of(slot)}))
 
         def step() -> int:
             env.move(slot, agent.step(env.observe(slot)))
@@ -52,7 +51,7 @@ def _worker(kind: str, options: dict, world: dict, first: int, count: int, warmu
         host = Host(lambda: create(kind, **options), "pool-", first, count)
         host.prepare()
         slots = np.array([env.place(i) for i in host.ids], dtype=np.int64)
-        host.on_start(P.HostWelcome("pool", "pool", {"world": env.params()}, env.arena[slots].astype(np.uint32)))
+        host.on_start(P.HostWelcome("pool", "pool", {"world": env.params()}, env.arenas_of(slots).astype(np.uint32)))
         members = np.arange(count, dtype=np.uint16)
 
         def step() -> int:
@@ -72,7 +71,7 @@ def _worker(kind: str, options: dict, world: dict, first: int, count: int, warmu
     os.write(out_fd, json.dumps({"steps": steps, "elapsed_s": clock() - start}).encode() + b"\n")
 
 
-def pool_rate(kind: str, options: dict, world: dict, agents: int, per_host: int, warmup: int,
+def pool_rate(kind: str, options: dict, world: WorldSpec, agents: int, per_host: int, warmup: int,
               duration: float) -> dict:
     from agentbus_zmq.agents.kinds import create
     from agentbus_zmq.agents.layout import host_layout

@@ -30,7 +30,8 @@ from agentbus_zmq.agents.layout import resolve_per_host
 from agentbus_zmq.bus.config import DEFAULTS
 from agentbus_zmq.busbench.procs import Child
 from agentbus_zmq.coordinator.settings import Settings
-from agentbus_zmq.coordinator.world import WorldConfig
+from agentbus_zmq.coordinator.grid import WorldConfig
+from agentbus_zmq.coordinator.worlds import WorldSpec
 from agentbus_zmq.bus.client import ControlClient
 from agentbus_zmq.bus.report import Roster, Stats
 from agentbus_zmq.bus.security import ClientKeys, generate
@@ -83,17 +84,30 @@ class BenchConfig:
     metrics: str | None = None
     #: explorer: its model from this .npz instead of the world (bus-agent --model)
     model: str | None = None
+    #: the world (bus-coordinator --world) and its arguments (--world-arg)
+    world: str = "grid"
+    world_args: dict = dataclasses.field(default_factory=dict)
 
-    def world(self) -> dict:
-        return {"width": self.width, "height": self.height, "obstacles": self.obstacles, "goals": self.goals,
-                "seed": self.seed, "arena_agents": self.arena_agents}
-
-    def world_config(self) -> WorldConfig:
-        return WorldConfig(**self.world())
+    def world_spec(self) -> WorldSpec:
+        """The world of every run (the bus, r1 and the pool alike): the grid from the grid
+        options, or ``world`` with ``world_args`` (and ``seed`` where it takes one)."""
+        if self.world == "grid":
+            return WorldSpec("grid", {"width": self.width, "height": self.height, "obstacles": self.obstacles,
+                                      "goals": self.goals, "seed": self.seed, "arena_agents": self.arena_agents,
+                                      **self.world_args})
+        return WorldSpec(self.world, dict(self.world_args)).with_defaults(seed=self.seed)
 
     def hosts_for(self, n: int) -> int:
         """Agents per process for ``n`` agents (``per_host`` resolved, auto included)."""
         return resolve_per_host(self.per_host, n, cores())
+
+    def world_options(self) -> list[str]:
+        """bus-coordinator's options for this world (the world's args, as the pool gets them)."""
+        spec = self.world_spec()
+        options = ["--world", spec.name]
+        for key, value in spec.args.items():
+            options += ["--world-arg", f"{key}={json.dumps(value)}"]
+        return options
 
     def kind_options(self) -> dict:
         """The options the agents get: the same for bus-agent and for r1 (solo)."""
@@ -138,7 +152,7 @@ def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
     """R_pool(N) in a process of its own (``python -m agentbus_zmq.busbench.pool``): the
     same agents in the same process layout, no messaging."""
     cmd = [sys.executable, "-m", "agentbus_zmq.busbench.pool", "--agents", str(n), "--per-host", str(per_host),
-           *cfg.agent_args(), "--world", json.dumps(cfg.world()), "--warmup", str(cfg.warmup),
+           *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(), "--warmup", str(cfg.warmup),
            "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
@@ -148,7 +162,7 @@ def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
 
 def measure_r1(cfg: BenchConfig) -> dict:
     """r1 in a process of its own (``python -m busbench.solo``)."""
-    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.solo", *cfg.agent_args(), "--world", json.dumps(cfg.world()),
+    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.solo", *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(),
            "--warmup", str(max(cfg.warmup, 100)), "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + cfg.solo_duration, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
@@ -292,9 +306,8 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
             progress: Callable[[str], None] = lambda s: None) -> dict:
     """Measure R(N) with ``n`` agents; returns the run's record (docs/busbench.md).
     ``pool`` is R_pool(N) measured for the same layout (None with --connect)."""
-    if cfg.connect is None and n > cfg.world_config().capacity:
-        raise ValueError(f"{n} agents do not fit {cfg.world_config().max_arenas} arenas of the {cfg.width}x"
-                         f"{cfg.height} world")
+    if cfg.connect is None and n > cfg.world_spec().build().capacity:
+        raise ValueError(f"{n} agents do not fit the world {cfg.world_spec().describe()}")
     tmp = tempfile.mkdtemp(prefix="busbench-")
     children: list[Child] = []
     errors: list[str] = []
@@ -314,9 +327,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
             bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
             coord = Child("coordinator", "agentbus_zmq.coordinator",
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
-                           "--deadline", str(cfg.deadline), "--width", str(cfg.width), "--height", str(cfg.height),
-                           "--obstacles", str(cfg.obstacles), "--goals", str(cfg.goals), "--seed", str(cfg.seed),
-                           "--arena-agents", str(cfg.arena_agents), "--spin-us", str(coordinator_spin),
+                           "--deadline", str(cfg.deadline), *cfg.world_options(), "--spin-us", str(coordinator_spin),
                            "--log-level", "WARNING", *server_args,
                            *(["--metrics", cfg.metrics] if cfg.metrics else [])],
                           log_path=f"{tmp}/coordinator.log")

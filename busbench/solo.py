@@ -15,20 +15,20 @@ import time
 import click
 
 from agentbus_zmq.bus.config import limit_threads
+from agentbus_zmq.coordinator.worlds import WorldSpec
 
 SOLO_ID = "solo"
 
 
-def solo_rate(kind: str, options: dict, world: dict, warmup_steps: int, duration: float) -> dict:
+def solo_rate(kind: str, options: dict, world: WorldSpec, warmup_steps: int, duration: float) -> dict:
     from agentbus_zmq.agents.kinds import create
-    from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+    from agentbus_zmq.bus import protocol as P
 
-    env = GridWorld(WorldConfig(**world))
+    env = world.build()
     agent = create(kind, **options)
     agent.prepare()
-    if hasattr(agent, "configure"):
-        agent.configure(env.params(), SOLO_ID)
     slot = env.place(SOLO_ID)
+    agent.on_start(P.Welcome("solo", SOLO_ID, {"world": env.params(), "arena": env.arena_of(slot)}))
     step, observe, move = agent.step, env.observe, env.move
     for _ in range(warmup_steps):
         move(slot, step(observe(slot)))
@@ -50,14 +50,14 @@ def solo_rate(kind: str, options: dict, world: dict, warmup_steps: int, duration
 def measurement_options(command):
     """The options a no-bus measurement (r1 here, R_pool in busbench.pool) takes: the
     agents' kind and options, the world, the warm-up and the duration.  The command gets
-    ``kind``, ``options`` (for the kind), ``world`` (a dict), ``warmup`` and ``duration``."""
+    ``kind``, ``options`` (for the kind), ``world`` (a WorldSpec), ``warmup`` and ``duration``."""
 
     @click.option("--kind", default="explorer")
     @click.option("--backend", default="numpy")
     @click.option("--policy-len", type=int, default=1)
     @click.option("--seed", type=int, default=0)
     @click.option("--model", default=None)
-    @click.option("--world", "world_json", default="{}", help="WorldConfig fields as JSON.")
+    @click.option("--world-spec", "world_json", default='{"name": "grid"}', help="The WorldSpec, as JSON.")
     @click.option("--warmup", type=int, default=50, help="Warm-up steps per agent.")
     @click.option("--duration", type=float, default=2.0)
     @functools.wraps(command)
@@ -65,7 +65,7 @@ def measurement_options(command):
         from agentbus_zmq.agents.kinds import kind_options
 
         options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed, model=model)
-        result = command(kind=kind, options=options, world=json.loads(world_json), **rest)
+        result = command(kind=kind, options=options, world=WorldSpec.from_json(world_json), **rest)
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
 

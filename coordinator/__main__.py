@@ -12,7 +12,8 @@ from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_loggin
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.coordinator.settings import MODES, ConfigError, Settings
-from agentbus_zmq.coordinator.world import WorldConfig
+from agentbus_zmq.coordinator.grid import WorldConfig
+from agentbus_zmq.coordinator.worlds import WorldSpec, WorldUnavailable, available_worlds, parse_world_args
 
 _ENV = {
     "bind": "BUS_ENDPOINT",
@@ -20,6 +21,8 @@ _ENV = {
     "deadline": "BUS_DEADLINE",
     "member_deadline": "BUS_MEMBER_DEADLINE",
     "heartbeat": "BUS_HEARTBEAT",
+    "world": "BUS_WORLD",
+    "world_arg": "BUS_WORLD_ARGS",
     "width": "BUS_WORLD_WIDTH",
     "height": "BUS_WORLD_HEIGHT",
     "obstacles": "BUS_WORLD_OBSTACLES",
@@ -58,6 +61,12 @@ _WORLD = WorldConfig()
                    "turn): a host of K agents gets --deadline + K x this.")
 @click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True,
               help=f"Heartbeat interval in seconds; a peer silent for {DEFAULTS.liveness} intervals is dead.")
+@click.option("--world", envvar=_ENV["world"], default="grid", show_default=True,
+              help=f"The world: {', '.join(available_worlds())} (found here), pettingzoo:MODULE (a PettingZoo "
+                   f"environment module), or package.module:factory (docs/worlds.md).")
+@click.option("--world-arg", "world_arg", envvar=_ENV["world_arg"], multiple=True, metavar="KEY=VALUE",
+              help="An argument for the world's factory (repeatable; VALUE read as JSON where it parses, e.g. 3, "
+                   "false, null, else as a string).")
 @click.option("--width", envvar=_ENV["width"], type=int, default=_WORLD.width, show_default=True)
 @click.option("--height", envvar=_ENV["height"], type=int, default=_WORLD.height, show_default=True)
 @click.option("--obstacles", envvar=_ENV["obstacles"], type=int, default=_WORLD.obstacles, show_default=True)
@@ -106,7 +115,7 @@ _WORLD = WorldConfig()
               help="Run COMMAND when the alert is raised or cleared, with BUS_ALERT_STATE, BUS_ALERT_EFFICIENCY, "
                    "BUS_ALERT_CAUSE ... in its environment.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(bind, mode, deadline, member_deadline, heartbeat, width, height, obstacles, goals, seed, arena_agents, max_arenas,
+def cli(bind, mode, deadline, member_deadline, heartbeat, world, world_arg, width, height, obstacles, goals, seed, arena_agents, max_arenas,
         endpoint_file, curve_secret, curve_clients, spin_us, setup_grace, max_pending, drop_after, metrics,
         efficiency_window, agent_cores, alert_threshold, alert_for, alert_hook, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
@@ -125,15 +134,16 @@ def cli(bind, mode, deadline, member_deadline, heartbeat, width, height, obstacl
             from agentbus_zmq.coordinator.prometheus import parse_address
 
             parse_address(metrics)
-        world = WorldConfig(width=width, height=height, obstacles=obstacles, goals=goals, seed=seed,
-                            arena_agents=arena_agents, max_arenas=max_arenas)
+        spec = world_spec(world, world_arg, width=width, height=height, obstacles=obstacles, goals=goals, seed=seed,
+                          arena_agents=arena_agents, max_arenas=max_arenas)
+        world = spec.build()
         check_endpoint(bind)
         curve = None
         if curve_secret or curve_clients:
             if not (curve_secret and curve_clients):
                 raise ValueError("CURVE needs both --curve-secret and --curve-clients")
             curve = ServerKeys.load(curve_secret, curve_clients)
-    except ValueError as exc:
+    except (ValueError, WorldUnavailable) as exc:
         raise click.UsageError(str(exc)) from None
     _raise_fd_limit()
     try:
@@ -145,6 +155,16 @@ def cli(bind, mode, deadline, member_deadline, heartbeat, width, height, obstacl
         hint = (" Another coordinator (or program) holds it: stop that one, or choose another --bind."
                 if exc.errno == zmq.EADDRINUSE else "")
         raise click.ClickException(f"cannot bind {bind}: {exc.strerror}.{hint}") from None
+
+
+def world_spec(name: str, pairs, **grid) -> WorldSpec:
+    """The world the options name: the grid options (``--width`` ...) are the grid's
+    arguments; every world gets ``--seed`` and ``--max-arenas`` if it takes them; a
+    ``--world-arg`` wins over both."""
+    args = parse_world_args(pairs)
+    if name == "grid":
+        return WorldSpec("grid", {**grid, **args})
+    return WorldSpec(name, args).with_defaults(seed=grid["seed"], max_arenas=grid["max_arenas"])
 
 
 def _raise_fd_limit() -> None:

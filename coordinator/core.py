@@ -49,7 +49,8 @@ from agentbus_zmq.coordinator.settings import MODES, ConfigError, Settings
 from agentbus_zmq.coordinator.units import (GONE, JOINING, AgentEntry, AgentState, HostEntry, IllegalTransition, Member,
                                             Unit)
 from agentbus_zmq.coordinator.window import Windows
-from agentbus_zmq.coordinator.world import GridWorld, World, WorldFull
+from agentbus_zmq.coordinator.grid import GridWorld
+from agentbus_zmq.coordinator.world import World, WorldFull
 
 __all__ = ["CoordinatorCore", "Settings", "ConfigError", "AgentState", "AgentEntry", "HostEntry", "Member",
            "IllegalTransition", "MODES", "STATS_DETAIL_MAX", "WARNINGS_PER_S"]

@@ -24,7 +24,7 @@ from agentbus_zmq.bus.clock import SystemClock
 from agentbus_zmq.bus.security import ZAP_ENDPOINT, ServerKeys, zap_verdict
 from agentbus_zmq.bus.signals import StopSignal
 from agentbus_zmq.coordinator.core import ConfigError, CoordinatorCore, Settings
-from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+from agentbus_zmq.coordinator.world import World
 
 __all__ = ["Driver", "serve"]
 
@@ -263,7 +263,7 @@ class Driver:
             self.exporter.close()
 
 
-def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | None = None,
+def serve(endpoint: str, settings: Settings, world: World, session: str | None = None,
           endpoint_file: str | None = None, curve: ServerKeys | None = None, spin: float = 0.0,
           metrics: str | None = None, alert_hook: str | None = None) -> CoordinatorCore:
     """Run the coordinator on ``endpoint`` until SIGINT/SIGTERM; returns the core.
@@ -278,7 +278,7 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
     if sockets.endpoint_is_public(endpoint) and curve is None:
         log.warning("binding %s beyond loopback without CURVE: anyone who can reach it can join and read the "
                     "traffic (docs/security.md)", endpoint)
-    core = CoordinatorCore(settings, GridWorld(world), session or uuid.uuid4().hex[:12],
+    core = CoordinatorCore(settings, world, session or uuid.uuid4().hex[:12],
                            key_patterns=curve.allowed if curve is not None else None, histograms=metrics is not None)
     hook = AlertHook(alert_hook, core.session) if alert_hook else None
     exporter = None
@@ -309,8 +309,8 @@ def serve(endpoint: str, settings: Settings, world: WorldConfig, session: str | 
                 with open(tmp, "w") as f:
                     f.write(driver.endpoint + "\n")
                 os.replace(tmp, endpoint_file)  # atomic: readers never see half a line
-            log.info("coordinator %s listening on %s (mode %s, %dx%d world, seed %d)", core.session, driver.endpoint,
-                     settings.mode, world.width, world.height, world.seed)
+            log.info("coordinator %s listening on %s (mode %s, world %s, capacity %d agents)", core.session,
+                     driver.endpoint, settings.mode, world.kind, world.capacity)
             driver.run(stop)
     finally:
         driver.close()

@@ -61,6 +61,8 @@ class Schedule:
         self.windows = windows
         self._plog = plog
         self._slow_fraction = settings.slow_fraction
+        #: the world reports rewards and episodes with each observation
+        self._info = self.world.has_info
         #: lock-step ticks closed (async: 0)
         self.tick = 0
         #: earliest time a deadline may be due (may be early, never late)
@@ -122,13 +124,15 @@ class Schedule:
         """The observation for ``tick`` to ``unit`` (moved to STEPPING by the caller)."""
         unit.pending = tick
         unit.sent_at = now
+        world = self.world
         if type(unit) is AgentEntry:
             n = 1
-            frame = P.encode_observation(tick, self.world.observe(unit.slot))
+            frame = P.encode_observation(tick, world.observe(unit.slot), world.info(unit.slot) if self._info else None)
         else:
             unit.pending_idx = unit.live_idx
             n = len(unit.live_idx)
-            frame = P.encode_host_observation(tick, unit.members_ext, self.world.observe_many(unit.live_slots))
+            frame = P.encode_host_observation(tick, unit.members_ext, world.observe_many(unit.live_slots),
+                                              world.info_many(unit.live_slots) if self._info else None)
         ledger = self.ledger
         ledger.sent += n
         ledger.outstanding += n
@@ -304,7 +308,14 @@ class Lockstep(Schedule):
         """The tick's actions, all at once, in slot (registration) order."""
         moves, self._moves = self._moves, {}
         host_moves, self._host_moves = self._host_moves, []
-        if host_moves:
+        if host_moves and not self.world.discrete_actions:  # array actions: one value per slot, in slot order
+            pairs = list(moves.items())
+            for host, idx, acts in host_moves:
+                still = host.live[idx]
+                pairs += zip(host.slots[idx[still]].tolist(), list(acts[still]))
+            pairs.sort(key=lambda p: p[0])
+            self.world.move_many([p[0] for p in pairs], [p[1] for p in pairs])
+        elif host_moves:
             slots = [np.fromiter(moves, np.int64, len(moves))]
             actions = [np.fromiter(moves.values(), np.int64, len(moves))]
             for host, idx, acts in host_moves:

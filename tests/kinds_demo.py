@@ -30,3 +30,27 @@ class NotAnAgent:
 
     def step(self, obs):
         return 0
+
+
+class SpaceChecker(Agent):
+    """A custom kind for any world: it reads the spaces from WELCOME (``spaces_of``) and
+    refuses (BadObservation) any observation that is not what they say, so a world whose
+    values did not reach the SDK as described shows as refused observations."""
+
+    kind = "space-checker"
+
+    def on_start(self, welcome) -> None:
+        from agentbus_zmq.agents.sdk import spaces_of
+
+        self.obs_space, self.act_space = spaces_of(welcome)
+        self.calls = 0
+
+    def step(self, obs):
+        import numpy as np
+
+        from agentbus_zmq.agents.sdk import BadObservation
+
+        if not self.obs_space.is_observation(obs):
+            raise BadObservation(f"{type(obs).__name__} {obs!r:.40} is not in {self.obs_space}")
+        self.calls += 1
+        return self.act_space.sample(np.random.default_rng(self.calls))

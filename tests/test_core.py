@@ -15,7 +15,7 @@ from agentbus_zmq.coordinator.core import (STATS_DETAIL_MAX, AgentEntry, AgentSt
                                            IllegalTransition, Settings)
 from agentbus_zmq.coordinator.ledger import Histogram
 from agentbus_zmq.coordinator.units import UNITS
-from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agentbus_zmq.agents.model import build_model
-from agentbus_zmq.coordinator.world import GOAL, GridWorld, WorldConfig
+from agentbus_zmq.coordinator.grid import GOAL, GridWorld, WorldConfig
 
 
 @pytest.mark.unit

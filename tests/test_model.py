@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agentbus_zmq.agents.model import ModelError, build_model, check_model, load_model, save_model
-from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 from tests.conftest import cli_env
 
 

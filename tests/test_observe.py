@@ -17,7 +17,7 @@ from agentbus_zmq.bus.clock import FakeClock
 from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
 from agentbus_zmq.coordinator.efficiency import LiveEfficiency, Sample
 from agentbus_zmq.coordinator.prometheus import render
-from agentbus_zmq.coordinator.world import GridWorld, WorldConfig
+from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent

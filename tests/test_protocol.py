@@ -231,9 +231,29 @@ def test_bad_host_frames_are_refused(msg):
 def test_host_arrays_must_have_the_documented_shapes():
     ext = lambda a: msgpack.ExtType(P.EXT_NDARRAY, msgpack.packb([a.dtype.str, list(a.shape), a.tobytes()]))
     members = np.arange(2, dtype=np.uint16)
-    for obs in (np.zeros((3, 2), np.uint16), np.zeros((2, 2), np.float64), np.zeros(2, np.uint16)):
+    for obs in (np.zeros((3, 2), np.uint16), np.zeros((2, 40), np.uint16), np.zeros(2, np.uint16),
+                np.zeros((2, 2), np.complex64)):
         assert _code(msgpack.packb([1, 12, 0, ext(members), ext(obs)])) == ErrorCode.BAD_FIELD
-    assert _code(msgpack.packb([1, 13, 0, ext(np.zeros(2, np.float32)), 0])) == ErrorCode.BAD_FIELD
+    for actions in (np.zeros((), np.int32), np.zeros(2, np.complex64)):
+        assert _code(msgpack.packb([1, 13, 0, ext(actions), 0])) == ErrorCode.BAD_FIELD
+    # an array world's rows: observations of any shape, one per member, and array actions
+    for obs in (np.zeros((2, 2), np.float64), np.zeros((2, 3, 4), np.float32)):
+        assert P.decode(msgpack.packb([1, 12, 0, ext(members), ext(obs)])).obs.shape == obs.shape
+    assert P.decode(msgpack.packb([1, 13, 0, ext(np.zeros((2, 3), np.float32)), 0])).actions.shape == (2, 3)
+    info = {"reward": ext(np.ones(2, np.float32)), "episode": ext(np.zeros(2, np.uint32))}
+    assert P.decode(msgpack.packb([1, 12, 0, ext(members), ext(np.zeros((2, 2), np.uint16)), info])).info["reward"][1] == 1
+    assert _code(msgpack.packb([1, 12, 0, ext(members), ext(np.zeros((2, 2), np.uint16)),
+                                {"reward": ext(np.ones(3, np.float32))}])) == ErrorCode.BAD_FIELD
+    assert _code(msgpack.packb([1, 3, 0, [1], {"cheat": 1}])) == ErrorCode.BAD_FIELD
+
+
+def test_single_agents_observe_and_act_in_arrays_where_the_world_says_so():
+    obs = np.arange(6, dtype=np.float32).reshape(2, 3)
+    msg = P.decode(P.encode(P.Observation(4, obs, {"reward": 1.5, "episode": 2})))
+    assert np.array_equal(msg.obs, obs) and msg.info == {"reward": 1.5, "episode": 2}
+    assert P.decode(P.encode(P.Observation(4, [1, 2]))) == P.Observation(4, [1, 2])      # version 1 as it was
+    act = P.decode(P.encode(P.Action(4, np.array([0.5, -1.0], np.float32), 3)))
+    assert act.action.tolist() == [0.5, -1.0] and act.compute_us == 3
 
 
 def test_the_welcome_encoder_makes_the_bytes_encode_makes():

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentbus_zmq.coordinator.world import AGENT, EMPTY, GOAL, OBSTACLE, WALL, GridWorld, WorldConfig, WorldFull
+from agentbus_zmq.coordinator.grid import AGENT, EMPTY, GOAL, OBSTACLE, WALL, GridWorld, WorldConfig, WorldFull
 
 UP, DOWN, LEFT, RIGHT, STAY = range(5)
 

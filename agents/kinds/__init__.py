@@ -32,6 +32,7 @@ __all__ = ["ENTRY_POINT_GROUP", "KINDS", "KindUnavailable", "available_kinds", "
 KINDS = {
     "explorer": "agentbus_zmq.agents.kinds.explorer:Explorer",
     "null": "agentbus_zmq.agents.kinds.null:NullAgent",
+    "random": "agentbus_zmq.agents.kinds.random:RandomAgent",
 }
 #: Installed packages add kinds here (pyproject.toml: [project.entry-points."agentbus.kinds"]).
 ENTRY_POINT_GROUP = "agentbus.kinds"
