@@ -65,6 +65,8 @@ class Host:
         self._plog = PeerLog(log)
         #: members step on array rows (an array observation space), else on lists of ints
         self._array_obs = False
+        #: each member's episode as the last frame said (worlds with episodes)
+        self._episode: list[int | None] = [None] * count
 
     @property
     def forkable(self) -> bool:
@@ -91,6 +93,8 @@ class Host:
         t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         self.check(msg)
         members = msg.members.tolist()
+        if msg.info is not None and "episode" in msg.info:
+            self._episodes(members, msg.info)
         failed: list[int] = []
         reason = ""
         if members and self.agents[members[0]].batched:
@@ -130,6 +134,14 @@ class Host:
         small = actions.ndim == 1 and (actions.size == 0 or (actions.min() >= 0 and actions.max() < 256))
         return FrameResult(actions.astype(np.uint8) if small else actions, failed, reason,
                            (time.perf_counter_ns() - t0) // 1000, (time.thread_time_ns() - c0) // 1000)
+
+    def _episodes(self, members: list[int], info: dict) -> None:
+        """Each member whose episode changed hears of it (``Agent.on_episode``)."""
+        rewards = info.get("reward")
+        for k, (i, episode) in enumerate(zip(members, info["episode"].tolist())):
+            if episode != self._episode[i]:
+                self._episode[i] = episode
+                self.agents[i].on_episode(episode, float(rewards[k]) if rewards is not None else 0.0)
 
     def check(self, msg: P.HostObservation) -> None:
         """A frame from the coordinator must list live members of this host, once each,

@@ -20,7 +20,7 @@ import numpy as np
 from agentbus_zmq.agents.sdk import BadWelcome
 
 __all__ = ["MAX_MODEL_BYTES", "MAX_SIDE", "Model", "ModelError", "build_model", "check_model", "check_world",
-           "load_model", "model_bytes", "save_model"]
+           "load_model", "model_bytes", "model_from_world", "save_model"]
 
 EMPTY, OBSTACLE, GOAL, AGENT, WALL = range(5)
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0), (0, 0))
@@ -31,15 +31,20 @@ P_BUMP = 0.1
 
 
 class Model:
-    """A, B, C, D as lists of float64 arrays (one entry per modality / factor), and E,
-    an optional prior over policies."""
+    """A, B, C, D as lists of float64 arrays (one entry per modality / factor), E, an
+    optional prior over policies, and the factors the agent controls (None: all)."""
 
-    def __init__(self, A: list, B: list, C: list, D: list, E=None):
+    def __init__(self, A: list, B: list, C: list, D: list, E=None, control_factors: list | None = None):
         self.A, self.B, self.C, self.D, self.E = A, B, C, D, E
+        self.control_factors = control_factors
 
     @property
     def num_states(self) -> int:
         return self.B[0].shape[0]
+
+    @property
+    def num_outcomes(self) -> tuple[int, ...]:
+        return tuple(a.shape[0] for a in self.A)
 
 
 #: Longest side of a world the explorer accepts.
@@ -217,3 +222,47 @@ def _axis_meaning(name: str, axis: int, i: int) -> str:
     if name == "C":
         return "outcomes of the " + ("location" if i == 0 else "found") + " modality"
     return "cells"
+
+
+def model_from_world(world: dict, max_bytes: int = MAX_MODEL_BYTES) -> Model:
+    """The generative model a world sends in WELCOME (``world.model``: A, B, C, D as
+    lists of arrays in pymdp's conventions, ``control_factors``), checked before pymdp
+    sees it: shapes that agree with each other, distributions that sum to 1, a size
+    under ``max_bytes``.  :class:`BadWelcome` names the first array that does not."""
+    m = world.get("model")
+    if not isinstance(m, dict) or not all(isinstance(m.get(k), list) and m[k] for k in "ABCD"):
+        raise BadWelcome("WELCOME's world model must be a map with non-empty lists A, B, C and D")
+    parts = {}
+    total = 0
+    for name, ndims in (("A", None), ("B", 3), ("C", 1), ("D", 1)):
+        arrays = []
+        for i, a in enumerate(m[name]):
+            if not isinstance(a, np.ndarray) or a.dtype.kind not in "iuf" or (ndims and a.ndim != ndims) \
+                    or a.ndim < 1 or not np.all(np.isfinite(a)):
+                raise BadWelcome(f"world model {name}{i} must be a finite numeric array"
+                                 f"{f' of {ndims} axes' if ndims else ''}")
+            total += a.size * 8
+            arrays.append(np.array(a, dtype=np.float64))  # a copy: what arrived is read-only
+        parts[name] = arrays
+    if total * 3 > max_bytes:
+        raise BadWelcome(f"the world's model needs about {total * 3 / 2**20:,.0f} MB, over {max_bytes / 2**20:,.0f} MB")
+    states = [b.shape[0] for b in parts["B"]]
+    for f, (b, d) in enumerate(zip(parts["B"], parts["D"])):
+        if b.shape[1] != b.shape[0] or d.shape != (b.shape[0],):
+            raise BadWelcome(f"world model B{f} must be (states, states, actions) and D{f} (states,); got "
+                             f"{b.shape} and {d.shape}")
+    if len(parts["D"]) != len(states) or len(parts["C"]) != len(parts["A"]):
+        raise BadWelcome("world model: one D per factor (B) and one C per modality (A)")
+    for i, (a, c) in enumerate(zip(parts["A"], parts["C"])):
+        if list(a.shape[1:]) != states or c.shape != (a.shape[0],):
+            raise BadWelcome(f"world model A{i} must be (outcomes, {', '.join(map(str, states))}) and C{i} "
+                             f"(outcomes,); got {a.shape} and {c.shape}")
+    for name in ("A", "B", "D"):
+        for i, a in enumerate(parts[name]):
+            if (a < 0).any() or np.abs(a.sum(axis=0) - 1).max() > _TOL:
+                raise BadWelcome(f"world model {name}{i}: every column must be a distribution (sum to 1)")
+    control = m.get("control_factors")
+    if control is not None and (not isinstance(control, list) or not control
+                                or not all(type(f) is int and 0 <= f < len(states) for f in control)):
+        raise BadWelcome(f"world model control_factors must list factors in [0, {len(states)})")
+    return Model(parts["A"], parts["B"], parts["C"], parts["D"], control_factors=control)

@@ -89,6 +89,8 @@ class Runtime:
         #: why the agent stopped on its own (its BYE's reason), and how it exits
         self.failure = ""
         self.exit: Exit | None = None
+        #: the world's episode as the last observation said (worlds with episodes)
+        self._episode: int | None = None
 
     @property
     def steps(self) -> int:
@@ -161,6 +163,8 @@ class Runtime:
                 continue
             etype = type(event)
             if etype is P.Observation:
+                if event.info is not None:
+                    self._info(event.info)
                 t0, c0 = time.perf_counter_ns(), thread_time_ns()
                 try:
                     action = _action(self.agent.step(event.obs))
@@ -225,6 +229,13 @@ class Runtime:
                 return 0.0
             elif etype is BadFrame:
                 self._plog.warning(now, "dropped a bad message from %s: %s", self.endpoint, event.error)
+
+    def _info(self, info: dict) -> None:
+        """A world's reward and episode: ``on_episode`` when the episode changed."""
+        episode = info.get("episode")
+        if type(episode) is int and episode != self._episode:
+            self._episode = episode
+            self.agent.on_episode(episode, float(info.get("reward", 0.0)))
 
     def _refuse_observation(self, sock: zmq.Socket, tick: int, exc: BadObservation) -> None:
         """Not answered (the coordinator counts it missing); reported to it, logged."""

@@ -82,6 +82,11 @@ class Agent:
         """Return the action for observation ``obs`` (see the class docstring)."""
         raise NotImplementedError("an Agent subclass must implement step()")
 
+    def on_episode(self, episode: int, reward: float) -> None:
+        """The world's episode changed (``info.episode``: the last one ended, this one
+        began; called before the first ``step`` of the new one); ``reward`` the reward
+        that came with this observation.  Worlds without episodes never call it."""
+
     def on_stop(self) -> None:
         """The runtime is stopping (signal, or the coordinator said BYE for good)."""
 

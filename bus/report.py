@@ -126,6 +126,8 @@ class Stats(_View):
     measurements: dict = dataclasses.field(default_factory=dict)
     stragglers: dict = dataclasses.field(default_factory=dict)
     live: LiveView = dataclasses.field(default_factory=LiveView)
+    #: the world: its kind and figures (the grid's goal_visits; episodes and rewards)
+    world: dict = dataclasses.field(default_factory=dict)
     pages: int = 1
     roster: Roster | None = None
 

@@ -29,7 +29,7 @@ import zmq
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
 from agentbus_zmq.coordinator.driver import Driver
-from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
+from agentbus_zmq.coordinator.worlds import WorldSpec, WorldUnavailable, parse_world_args
 
 __all__ = ["CHECKS", "Kit", "main"]
 
@@ -90,9 +90,10 @@ class _Watched(Driver):
 
 
 class Kit:
-    def __init__(self, command: list[str], timeout: float = 30.0):
+    def __init__(self, command: list[str], timeout: float = 30.0, world: WorldSpec = WorldSpec("grid", {"seed": 0})):
         self.command = command
         self.timeout = timeout
+        self.world = world
         self.tmp = tempfile.mkdtemp(prefix="bus-conformance-")
         self.endpoint = f"ipc://{self.tmp}/bus.ipc"
         self.bus = _Watched(self._core("conformance-1"), self.endpoint)
@@ -109,7 +110,7 @@ class Kit:
         return self.bus.peer
 
     def _core(self, session: str) -> CoordinatorCore:
-        return CoordinatorCore(Settings(deadline=2.0, heartbeat=HEARTBEAT_S), GridWorld(WorldConfig(seed=0)), session)
+        return CoordinatorCore(Settings(deadline=2.0, heartbeat=HEARTBEAT_S), self.world.build(), session)
 
     def pump(self, seconds: float) -> None:
         """Run the coordinator for ``seconds``: frames in, checks, frames out."""
@@ -267,11 +268,19 @@ class Kit:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds the agent may take to say HELLO, and to get ready after WELCOME.")
+@click.option("--world", default="grid", show_default=True, help="The world the coordinator runs, as "
+              "bus-coordinator --world takes it (docs/worlds.md).")
+@click.option("--world-arg", "world_arg", multiple=True, metavar="KEY=VALUE", help="An argument for the world.")
 @click.argument("command", nargs=-1, required=True)
-def cli(fmt, timeout, command):
+def cli(fmt, timeout, world, world_arg, command):
     """Run COMMAND (an agent, in any language) against a coordinator and check it follows
     docs/protocol.md: one PASS/FAIL line per rule, exit 1 if any failed."""
-    results = Kit(list(command), timeout).run()
+    try:
+        spec = WorldSpec(world, parse_world_args(world_arg)).with_defaults(seed=0)
+        spec.build()
+    except WorldUnavailable as exc:
+        raise click.UsageError(str(exc)) from None
+    results = Kit(list(command), timeout, spec).run()
     if fmt == "json":
         click.echo(json.dumps({"command": shlex.join(command), "passed": all(r.passed for r in results),
                                "checks": [dataclasses.asdict(r) | {"rule": CHECKS[r.name]} for r in results]},

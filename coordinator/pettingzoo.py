@@ -87,6 +87,8 @@ class PettingZooWorld(World):
         self._reward: list[float] = []
         self._free_slots: list[int] = []
         self.episodes = 0
+        #: rewards the bus agents earned in all (stats' world figures)
+        self.reward = 0.0
 
     # --- membership -------------------------------------------------------------
 
@@ -222,6 +224,7 @@ class PettingZooWorld(World):
             slot = arena.holders.get(name)
             if slot is not None:
                 self._reward[slot] += float(reward)
+                self.reward += float(reward)
         if not env.agents:  # every agent done: the next episode
             arena.episode += 1
             self.episodes += 1
@@ -240,7 +243,7 @@ class PettingZooWorld(World):
                 "agents_per_arena": len(self.names), "agent_names": list(self.names), "seed": self.seed}
 
     def figures(self) -> dict:
-        return {"episodes": self.episodes}
+        return {"episodes": self.episodes, "reward": self.reward}
 
     def state_hash(self) -> str:
         h = hashlib.blake2b(digest_size=8)

@@ -33,6 +33,7 @@ def stats(core, now: float, page: int | None = None) -> Stats:
         agents=n, ready=reg.ready, hosts=len(reg.hosts), arenas=core.world.arenas, tick=core.schedule.tick,
         ledger=LedgerView(**core.ledger.snapshot()), restarts=dict(sorted(reg.restarts.items())[:PAGE_SIZE]),
         goal_visits=core.world.figures().get("goal_visits", 0),
+        world={"kind": core.world.kind, **core.world.figures()},
         connections={**connections, "open": connections["accepted"] - connections["disconnected"]},
         pending=reg.joining, measurements={"running": core.windows.current is not None, "queued": core.windows.queued},
         stragglers=core.liveness.straggler_table(), live=LiveView(**core.live.figures()), pages=page_count(n),

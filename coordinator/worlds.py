@@ -7,6 +7,8 @@ NAME is
 * ``pettingzoo:MODULE``, any PettingZoo environment module with ``parallel_env(**args)``
   (or an AEC-only ``env(**args)``): one environment per arena
   (:mod:`agentbus_zmq.coordinator.pettingzoo`);
+* ``pymdp:ENV``, one of pymdp's own environments (``tmaze``), each agent in its own copy,
+  its generative model in WELCOME (:mod:`agentbus_zmq.coordinator.pymdp_world`);
 * a name that an installed package declares in the entry-point group ``agentbus.worlds``;
 * ``package.module:factory``, a callable returning a :class:`~agentbus_zmq.coordinator.world.World`.
 
@@ -118,6 +120,11 @@ class WorldSpec:
 
     def _factory(self):
         name = self.name
+        if name.startswith("pymdp:"):
+            from agentbus_zmq.coordinator.pymdp_world import PymdpWorld
+
+            env = name.partition(":")[2]
+            return lambda **args: PymdpWorld(env, **args)
         if name.startswith("pettingzoo:"):
             module = name.partition(":")[2]
             if not _MODULE.match(module):

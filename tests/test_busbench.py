@@ -224,9 +224,10 @@ def test_spin_auto_only_where_every_spinner_has_a_core():
 
 def test_the_no_bus_pool_runs_the_same_layout_as_the_bus_run():
     from agentbus_zmq.busbench.pool import pool_rate
+    from agentbus_zmq.coordinator.worlds import WorldSpec
 
-    hosts = pool_rate("null", {}, {}, agents=5, per_host=2, warmup=5, duration=0.2)
-    singles = pool_rate("null", {}, {}, agents=3, per_host=1, warmup=5, duration=0.2)
+    hosts = pool_rate("null", {}, WorldSpec(), agents=5, per_host=2, warmup=5, duration=0.2)
+    singles = pool_rate("null", {}, WorldSpec(), agents=3, per_host=1, warmup=5, duration=0.2)
     assert (hosts["processes"], hosts["per_host"], singles["processes"]) == (3, 2, 3)
     assert hosts["steps"] > 0 and singles["steps"] > 0 and hosts["rate"] == hosts["steps"] / hosts["elapsed_s"]
 

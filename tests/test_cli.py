@@ -92,7 +92,7 @@ def test_busbench_explorer_table(tmp_path):
 
 def test_busbench_refuses_more_agents_than_every_arena_holds():
     r = _busbench("--agents", "300000", "--per-host", "auto")
-    assert r.returncode == 2 and "do not fit 10000 arenas" in r.stderr
+    assert r.returncode == 2 and "300000 agents do not fit the world grid" in r.stderr and "room for 230000" in r.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

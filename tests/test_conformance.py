@@ -14,8 +14,9 @@ from tests.conftest import cli_env
 from tests.test_spec import _minimal_agent
 
 
-def _conformance(*command: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench.conformance", "--format", "json", "--", *command],
+def _conformance(*command: str, world: tuple[str, ...] = ()) -> dict:
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench.conformance", "--format", "json", *world, "--",
+                        *command],
                        capture_output=True, text=True, env=cli_env(), timeout=180, stdin=subprocess.DEVNULL)
     report = json.loads(r.stdout)
     assert r.returncode == (0 if report["passed"] else 1)
@@ -30,6 +31,12 @@ def _failed(report: dict) -> list[str]:
 @pytest.mark.parametrize("kind", ["null", "explorer"])
 def test_our_agent_kinds_pass(kind):
     report = _conformance(sys.executable, "-m", "agentbus_zmq.agents", "--kind", kind, "--log-level", "ERROR")
+    assert _failed(report) == [], report
+
+
+def test_an_agent_passes_in_a_world_of_arrays_too():
+    report = _conformance(sys.executable, "-m", "agentbus_zmq.agents", "--kind", "random", "--log-level", "ERROR",
+                          world=("--world", "pettingzoo:mpe2.simple_spread_v3", "--world-arg", "N=2"))
     assert _failed(report) == [], report
 
 

@@ -170,6 +170,50 @@ def test_the_grid_as_a_parallel_env_passes_pettingzoos_own_api_test():
     parallel_api_test(parallel_env(agents=4, max_cycles=20), num_cycles=60)
 
 
+@pytest.mark.unit
+def test_explorers_built_from_the_tmazes_own_model_beat_random_agents_in_it():
+    """pymdp's T-maze as a world: its generative model travels in WELCOME and the
+    explorer builds itself from it; over 60 episodes it earns more than a random agent."""
+    from agentbus_zmq.agents.kinds.explorer import Explorer
+    from agentbus_zmq.agents.kinds.random import RandomAgent
+
+    world = WorldSpec("pymdp:tmaze", {"seed": 2}).build()
+    totals = {}
+    for name, agent in (("explorer", Explorer(seed=1)), ("random", RandomAgent(seed=1))):
+        agent.prepare()
+        slot = world.place(name)
+        agent.on_start(P.decode(P.encode(P.Welcome("s", name, {"world": world.params(), "arena": slot}))))
+        totals[name] = 0.0
+        episode = 0
+        for _ in range(180):                                 # 60 episodes of 3 moves, told as the runtime tells them
+            info = world.info(slot)
+            totals[name] += info["reward"]
+            if info["episode"] != episode:
+                episode = info["episode"]
+                agent.on_episode(episode, info["reward"])
+            world.move(slot, agent.step(world.observe(slot)))
+        totals[name] += world.info(slot)["reward"]
+    assert totals["explorer"] > totals["random"] + 60, totals    # measured: 111-117 against 7-14 (seeds 1-4)
+    assert world.figures()["episodes"] == 120
+
+
+@pytest.mark.unit
+def test_a_worlds_model_is_checked_before_pymdp_sees_it():
+    from agentbus_zmq.agents.model import model_from_world
+    from agentbus_zmq.agents.sdk import BadWelcome
+
+    good = WorldSpec("pymdp:tmaze").build().params()
+    assert model_from_world(good).num_outcomes == (4, 3, 2)
+    model = good["model"]
+    for broken, words in (({**model, "A": [model["A"][0][:2]] + model["A"][1:]}, "A0"),
+                          ({**model, "B": [model["B"][0] * 2, model["B"][1]]}, "distribution"),
+                          ({**model, "D": model["D"][:1]}, "one D per factor"),
+                          ({**model, "control_factors": [5]}, "control_factors"),
+                          ({**model, "C": "no"}, "non-empty lists")):
+        with pytest.raises(BadWelcome, match=words):
+            model_from_world({**good, "model": broken})
+
+
 # --- through the bus: processes and hosts, lock-step and async ------------------------
 
 
@@ -178,7 +222,10 @@ def test_the_grid_as_a_parallel_env_passes_pettingzoos_own_api_test():
     (RPS, ["max_cycles=20"], ["--kind", "tests.kinds_demo:SpaceChecker", "--per-host", "2"], "async"),
     (SPREAD, ["N=3", "max_cycles=10"], ["--kind", "tests.kinds_demo:SpaceChecker"], "lockstep"),
     (SPREAD, ["N=3", "max_cycles=10"], ["--kind", "random", "--per-host", "3"], "async"),
-], ids=["rps-processes-lockstep", "rps-hosts-async-custom", "spread-processes-lockstep-custom", "spread-hosts-async"])
+    ("pymdp:tmaze", [], ["--kind", "explorer"], "lockstep"),
+    ("pymdp:tmaze", [], ["--kind", "explorer", "--per-host", "3"], "async"),
+], ids=["rps-processes-lockstep", "rps-hosts-async-custom", "spread-processes-lockstep-custom", "spread-hosts-async",
+        "tmaze-explorers-lockstep", "tmaze-explorer-hosts-async"])
 def test_pettingzoo_environments_run_through_the_bus(bus, world, args, agent_args, mode):
     world_args = [a for pair in args for a in ("--world-arg", pair)]
     bus.coordinator(None, "--world", world, *world_args, "--mode", mode)
@@ -188,6 +235,10 @@ def test_pettingzoo_environments_run_through_the_bus(bus, world, args, agent_arg
     stats = bus.stats()
     assert stats["agents"] == 6 and stats["arenas"] >= 2
     assert "received" not in stats["ledger"]["errors"]     # no observation refused: every one was what WELCOME said
+    figures = stats["world"]
+    assert figures["kind"] == world.partition(":")[0] and figures["episodes"] > 0
+    if world == "pymdp:tmaze":                              # explorers told of each new episode, alone or in hosts
+        assert figures["reward"] / figures["episodes"] > 0.5, figures
 
 
 def test_busbench_runs_a_pettingzoo_world_with_r1_and_the_pool_in_the_same_world(tmp_path):

@@ -50,8 +50,8 @@ class Explorer(Agent):
 
             self._own_model = load_model(model)  # ModelError (a ValueError) now, not at WELCOME
         self._impl = None
-        #: cells of the world it models (an observed location must be one of them)
-        self._states = 0
+        #: outcomes of each modality it models (an observation must be within them)
+        self._outcomes: tuple[int, ...] = ()
 
     @property
     def forkable(self) -> bool:
@@ -72,14 +72,21 @@ class Explorer(Agent):
         """Build (or check) the model for ``world`` (WELCOME's ``params["world"]``)."""
         seed = zlib.crc32(agent_id.encode()) ^ self.seed
         model = self._model_for(world)
-        self._states = model.num_states
+        self._outcomes = model.num_outcomes
         self._impl = (_NumpyImpl if self.backend == "numpy" else _JaxImpl)(model, self.policy_len, seed)
 
     def _model_for(self, world: dict):
-        """The model file's (checked against ``world``), or one built from ``world``;
+        """The model file's (checked against ``world``), the world's own generative model
+        (``world.model``: pymdp's environments send theirs), or one built from the grid;
         either way the world is validated first (BadWelcome)."""
-        from agentbus_zmq.agents.model import build_model, check_model  # numpy: not at import
+        from agentbus_zmq.agents.model import build_model, check_model, model_from_world  # numpy: not at import
 
+        if self._own_model is None and isinstance(world, dict) and "model" in world:
+            model = model_from_world(world)
+            if self.backend != "numpy" and (len(model.B) > 1 or model.control_factors):
+                raise BadWelcome("the jax explorer models single-factor worlds (the grid); use --backend numpy "
+                                 "for this world's model")
+            return model
         if self._own_model is None:
             return build_model(world)
         check_model(self._own_model, world, self.policy_len)
@@ -89,10 +96,16 @@ class Explorer(Agent):
         self.configure(welcome.params["world"], welcome.agent_id)
 
     def step(self, obs: list[int]) -> int:
-        if len(obs) != 2 or not (0 <= obs[0] < self._states and 0 <= obs[1] < N_FOUND):
-            raise BadObservation(f"explorer observations are [cell in [0, {self._states}), outcome in "
-                                 f"[0, {N_FOUND})], got {obs!r:.60}")
+        outcomes = self._outcomes
+        if type(obs) is not list or len(obs) != len(outcomes) or not all(0 <= o < n for o, n in zip(obs, outcomes)):
+            raise BadObservation(f"explorer observations are one outcome per modality, below {list(outcomes)}, "
+                                 f"got {obs!r:.60}")
         return self._impl.step(obs)
+
+    def on_episode(self, episode: int, reward: float) -> None:
+        """A new episode: beliefs start again from the prior (D)."""
+        if self._impl is not None and hasattr(self._impl, "reset"):
+            self._impl.reset()
 
     # --- in an agent host -------------------------------------------------------------
 
@@ -102,7 +115,7 @@ class Explorer(Agent):
         JAX, one batched agent steps them all: one compile per host, one call a tick."""
         model = agents[0]._model_for(welcomes[0].params["world"])
         for agent in agents:
-            agent._states = model.num_states
+            agent._outcomes = model.num_outcomes
         seeds = [zlib.crc32(w.agent_id.encode()) ^ a.seed for a, w in zip(agents, welcomes)]
         if agents[0].backend == "jax" and len(agents) > 1:
             batch = _JaxBatch(model, agents[0].policy_len, seeds)
@@ -114,10 +127,10 @@ class Explorer(Agent):
 
     @classmethod
     def step_batch(cls, agents: list[Explorer], obs) -> object:
-        states = agents[0]._states
-        if obs.ndim != 2 or obs.shape[1] != 2 or (len(obs) and (obs.min() < 0 or obs[:, 0].max() >= states
-                                                                   or obs[:, 1].max() >= N_FOUND)):
-            raise BadObservation(f"explorer observations are rows [cell in [0, {states}), outcome in [0, {N_FOUND})]")
+        outcomes = agents[0]._outcomes
+        if obs.ndim != 2 or obs.shape[1] != len(outcomes) or (len(obs) and (
+                obs.min() < 0 or any(obs[:, m].max() >= n for m, n in enumerate(outcomes)))):
+            raise BadObservation(f"explorer observations are rows of one outcome per modality, below {list(outcomes)}")
         return agents[0]._impl.step_rows([a._row for a in agents], obs)
 
 
@@ -133,9 +146,15 @@ class _NumpyImpl:
         self.agent = LegacyAgent(
             A=_obj_array(model.A), B=_obj_array(model.B), C=_obj_array(model.C), D=_obj_array(model.D),
             **({"E": model.E} if model.E is not None else {}),
+            **({"control_fac_idx": list(model.control_factors)} if model.control_factors else {}),
             policy_len=policy_len, gamma=GAMMA, alpha=ALPHA, use_states_info_gain=True,
             use_param_info_gain=False, action_selection="stochastic", inference_algo="VANILLA",
         )
+        #: the factor whose action travels (the world's one controllable factor)
+        self._control = model.control_factors[0] if model.control_factors else 0
+
+    def reset(self) -> None:
+        self.agent.reset()
 
     def step(self, obs: list[int]) -> int:
         agent = self.agent
@@ -146,7 +165,7 @@ class _NumpyImpl:
         # never reads it back, so keep only the last one (flat memory over long runs).
         if agent.prev_actions is not None and len(agent.prev_actions) > 1:
             del agent.prev_actions[:-1]
-        return int(action[0])
+        return int(action[self._control])
 
 
 def _obj_array(arrays: list):

@@ -19,7 +19,7 @@ class StatsCommand(Command):
     name = "stats"
     args_doc = "`page` (optional int)"
     result_doc = ("`session, mode, uptime_s, agents, ready, hosts, arenas, tick, goal_visits, ledger, restarts, "
-                  "connections, pending, measurements, stragglers, live, pages`; with at most 128 agents, or for the "
+                  "connections, pending, measurements, stragglers, live, world, pages`; with at most 128 agents, or for the "
                   "`page` asked for (128 agents a page, by id), also `page, agent_ids, agent_pids` (id -> pid, as the "
                   "agent claimed it; a host's agents have the host's pid), `agent_hosts` (id -> host id), "
                   "`ready_ids, host_ids`")
