@@ -93,8 +93,8 @@ class Host:
         t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         self.check(msg)
         members = msg.members.tolist()
-        if msg.info is not None and "episode" in msg.info:
-            self._episodes(members, msg.info)
+        if msg.info is not None:
+            self._info(members, msg.info)
         failed: list[int] = []
         reason = ""
         if members and self.agents[members[0]].batched:
@@ -135,13 +135,17 @@ class Host:
         return FrameResult(actions.astype(np.uint8) if small else actions, failed, reason,
                            (time.perf_counter_ns() - t0) // 1000, (time.thread_time_ns() - c0) // 1000)
 
-    def _episodes(self, members: list[int], info: dict) -> None:
-        """Each member whose episode changed hears of it (``Agent.on_episode``)."""
-        rewards = info.get("reward")
-        for k, (i, episode) in enumerate(zip(members, info["episode"].tolist())):
-            if episode != self._episode[i]:
+    def _info(self, members: list[int], info: dict) -> None:
+        """Each member hears of its new episode (``Agent.on_episode``) and its reward
+        (``Agent.on_reward``), as an agent of its own process does."""
+        rewards = info["reward"].tolist() if "reward" in info else [0.0] * len(members)
+        episodes = info["episode"].tolist() if "episode" in info else [None] * len(members)
+        for i, episode, reward in zip(members, episodes, rewards):
+            agent = self.agents[i]
+            if episode is not None and episode != self._episode[i]:
                 self._episode[i] = episode
-                self.agents[i].on_episode(episode, float(rewards[k]) if rewards is not None else 0.0)
+                agent.on_episode(episode, float(reward))
+            agent.on_reward(float(reward))
 
     def check(self, msg: P.HostObservation) -> None:
         """A frame from the coordinator must list live members of this host, once each,

@@ -231,11 +231,14 @@ class Runtime:
                 self._plog.warning(now, "dropped a bad message from %s: %s", self.endpoint, event.error)
 
     def _info(self, info: dict) -> None:
-        """A world's reward and episode: ``on_episode`` when the episode changed."""
-        episode = info.get("episode")
+        """A world's reward and episode: ``on_episode`` when the episode changed, then
+        ``on_reward``."""
+        episode, reward = info.get("episode"), info.get("reward", 0.0)
+        reward = float(reward) if type(reward) in (int, float) else 0.0
         if type(episode) is int and episode != self._episode:
             self._episode = episode
-            self.agent.on_episode(episode, float(info.get("reward", 0.0)))
+            self.agent.on_episode(episode, reward)
+        self.agent.on_reward(reward)
 
     def _refuse_observation(self, sock: zmq.Socket, tick: int, exc: BadObservation) -> None:
         """Not answered (the coordinator counts it missing); reported to it, logged."""

@@ -82,6 +82,11 @@ class Agent:
         """Return the action for observation ``obs`` (see the class docstring)."""
         raise NotImplementedError("an Agent subclass must implement step()")
 
+    def on_reward(self, reward: float) -> None:
+        """The reward the world gave since the last observation (``info.reward``), told
+        before the ``step`` of the observation it came with.  Worlds without rewards
+        never call it."""
+
     def on_episode(self, episode: int, reward: float) -> None:
         """The world's episode changed (``info.episode``: the last one ended, this one
         began; called before the first ``step`` of the new one); ``reward`` the reward

@@ -37,7 +37,7 @@ def test_a_kind_by_module_path_or_entry_point(tmp_path, monkeypatch):
     ("tests.kinds_demo:Missing", "tests.kinds_demo has no Missing"),
     ("tests.kinds_demo:NotAnAgent", "is not an agent (subclass agentbus_zmq.agents.sdk.Agent"),
     ("json:JSONDecoder", "is not an agent"),
-    ("no-such-kind", "unknown agent kind 'no-such-kind': use one of explorer, null"),
+    ("no-such-kind", "unknown agent kind 'no-such-kind': use one of explorer, learner, null, random"),
     ("bad target:X", "is not package.module:ClassName"),
 ])
 def test_a_kind_that_cannot_be_used_says_why(kind, message):

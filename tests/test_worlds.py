@@ -198,6 +198,36 @@ def test_explorers_built_from_the_tmazes_own_model_beat_random_agents_in_it():
 
 
 @pytest.mark.unit
+def test_the_learner_learns_a_world_it_has_no_model_for():
+    """The learner knows only the spaces; in the grid as a PettingZoo environment (a
+    reward on a goal) it earns far more than a random agent, and than itself with its
+    Dirichlet learning frozen (priors too strong to move): the learning is what pays."""
+    from agentbus_zmq.agents.kinds.learner import Learner
+    from agentbus_zmq.agents.kinds.random import RandomAgent
+
+    totals = {"learner": 0.0, "random": 0.0, "frozen": 0.0}
+    for seed in (1, 2, 3):
+        world = WorldSpec("pettingzoo:agentbus_zmq.coordinator.grid_parallel",
+                          {"agents": 1, "max_cycles": 40, "seed": seed}).build()
+        for name, agent in (("learner", Learner(seed=seed)), ("random", RandomAgent(seed=seed)),
+                            ("frozen", Learner(seed=seed, concentration=1e6))):
+            agent.prepare()
+            slot = world.place(name)                         # an arena of its own
+            agent.on_start(P.Welcome("s", name, {"world": world.params(), "arena": world.arena_of(slot)}))
+            episode = 0
+            for _ in range(40 * 15):                         # 15 episodes, told as the runtime tells them
+                info = world.info(slot)
+                totals[name] += info["reward"]
+                if info["episode"] != episode:
+                    episode = info["episode"]
+                    agent.on_episode(episode, info["reward"])
+                agent.on_reward(info["reward"])
+                world.move(slot, agent.step(world.observe(slot)))
+    # measured: 299 against 133 (random) and 98 (frozen)
+    assert totals["learner"] > 1.8 * max(totals["random"], totals["frozen"]), totals
+
+
+@pytest.mark.unit
 def test_a_worlds_model_is_checked_before_pymdp_sees_it():
     from agentbus_zmq.agents.model import model_from_world
     from agentbus_zmq.agents.sdk import BadWelcome
@@ -224,8 +254,10 @@ def test_a_worlds_model_is_checked_before_pymdp_sees_it():
     (SPREAD, ["N=3", "max_cycles=10"], ["--kind", "random", "--per-host", "3"], "async"),
     ("pymdp:tmaze", [], ["--kind", "explorer"], "lockstep"),
     ("pymdp:tmaze", [], ["--kind", "explorer", "--per-host", "3"], "async"),
+    ("pettingzoo:agentbus_zmq.coordinator.grid_parallel", ["agents=1", "max_cycles=20"],
+     ["--kind", "learner", "--per-host", "3"], "lockstep"),
 ], ids=["rps-processes-lockstep", "rps-hosts-async-custom", "spread-processes-lockstep-custom", "spread-hosts-async",
-        "tmaze-explorers-lockstep", "tmaze-explorer-hosts-async"])
+        "tmaze-explorers-lockstep", "tmaze-explorer-hosts-async", "grid-learners-in-hosts"])
 def test_pettingzoo_environments_run_through_the_bus(bus, world, args, agent_args, mode):
     world_args = [a for pair in args for a in ("--world-arg", pair)]
     bus.coordinator(None, "--world", world, *world_args, "--mode", mode)

@@ -31,6 +31,7 @@ __all__ = ["ENTRY_POINT_GROUP", "KINDS", "KindUnavailable", "available_kinds", "
 #: kind name -> "module:class"; imported only when used, so ``null`` never loads pymdp.
 KINDS = {
     "explorer": "agentbus_zmq.agents.kinds.explorer:Explorer",
+    "learner": "agentbus_zmq.agents.kinds.learner:Learner",
     "null": "agentbus_zmq.agents.kinds.null:NullAgent",
     "random": "agentbus_zmq.agents.kinds.random:RandomAgent",
 }

@@ -1,0 +1,117 @@
+"""``learner``: a pymdp agent that learns a discrete world it has no model for.
+
+It knows only the world's spaces (WELCOME's ``spaces``): a multi-discrete (or discrete)
+observation and a discrete action.  It takes the first modality for its state (the
+grid's cell, say; observed exactly), and learns the rest with pymdp's Dirichlet
+parameter learning: the other modalities' likelihoods (A, ``update_A``) and the
+transitions under each action (B, ``update_B``), both from flat priors of concentration
+``concentration``.  What it prefers (C) it learns from the world's rewards (``info``):
+each outcome's preference is the mean reward it came with, so an outcome that pays
+becomes one it seeks and, once there, stays with.  A world without rewards gives it no
+preferences, and it explores.
+
+Measured in the grid as a PettingZoo environment (one agent an arena, a reward on a
+goal, 40-step episodes, seeds 1-3, 15 episodes each): 299 rewards, against 133 for a
+random agent and 98 for itself with its learning frozen (tests/test_worlds.py).  The
+gain comes from staying on a goal once it has learnt that it pays, and from the moves
+learnt along the way, not from a map: with policy length 1 it plans one move ahead, and
+its state being observed, it spends no time on state information gain.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from agentbus_zmq.agents.sdk import Agent, BadObservation, BadWelcome, spaces_of
+from agentbus_zmq.bus.protocol import Welcome
+from agentbus_zmq.bus.spaces import Discrete, MultiDiscrete
+
+__all__ = ["Learner"]
+
+#: the largest state space it models (B is S x S x actions)
+MAX_STATES = 1024
+#: preference scale: C[m][o] = SCALE x the mean reward outcome o came with
+SCALE = 4.0
+
+
+class Learner(Agent):
+    kind = "learner"
+    OPTIONS = ("seed",)
+
+    def __init__(self, seed: int = 0, concentration: float = 0.1):
+        self.seed = seed
+        self.concentration = concentration
+        self._agent = None
+        self._reward = 0.0
+
+    def prepare(self) -> None:
+        from agentbus_zmq.agents.kinds._pymdp import legacy_agent_class
+
+        legacy_agent_class()
+
+    def on_start(self, welcome: Welcome) -> None:
+        import numpy as np
+        from pymdp.legacy import utils
+
+        from agentbus_zmq.agents.kinds._pymdp import legacy_agent_class
+
+        obs_space, act_space = spaces_of(welcome)
+        if not isinstance(act_space, Discrete):
+            raise BadWelcome(f"the learner acts in discrete action spaces, not {act_space}")
+        nvec = list(obs_space.nvec) if isinstance(obs_space, MultiDiscrete) else \
+            [obs_space.n] if isinstance(obs_space, Discrete) else None
+        if nvec is None or nvec[0] > MAX_STATES:
+            raise BadWelcome(f"the learner models discrete observations of at most {MAX_STATES} states in their "
+                             f"first modality, not {obs_space}")
+        self.nvec, S, conc = nvec, nvec[0], self.concentration
+        np.random.seed((zlib.crc32(welcome.agent_id.encode()) ^ self.seed) % 2**32)
+        A, pA = utils.obj_array(len(nvec)), utils.obj_array(len(nvec))
+        A[0] = np.eye(S)
+        pA[0] = np.eye(S)
+        for m in range(1, len(nvec)):
+            pA[m] = np.full((nvec[m], S), conc)
+            A[m] = pA[m] / pA[m].sum(axis=0)
+        pB, B = utils.obj_array(1), utils.obj_array(1)
+        pB[0] = np.full((S, S, act_space.n), conc)
+        B[0] = pB[0] / pB[0].sum(axis=0)
+        C, D = utils.obj_array(len(nvec)), utils.obj_array(1)
+        for m, n in enumerate(nvec):
+            C[m] = np.zeros(n)
+        D[0] = np.full(S, 1.0 / S)
+        self._sum = [np.zeros(n) for n in nvec]
+        self._count = [np.zeros(n) for n in nvec]
+        self._agent = legacy_agent_class()(
+            A=A, B=B, C=C, D=D, pA=pA, pB=pB, lr_pA=1.0, lr_pB=1.0, modalities_to_learn=list(range(1, len(nvec))),
+            factors_to_learn=[0], policy_len=1, gamma=8.0, alpha=8.0, use_states_info_gain=False,
+            use_param_info_gain=False, action_selection="stochastic", inference_algo="VANILLA")
+        self._utils, self._np = utils, np
+        self._prev = None
+
+    def on_reward(self, reward: float) -> None:
+        self._reward = reward
+
+    def on_episode(self, episode: int, reward: float) -> None:
+        self._prev = None  # the next move starts a new episode: no transition to learn from
+
+    def step(self, obs):
+        np, agent = self._np, self._agent
+        if type(obs) is not list or len(obs) != len(self.nvec) or not all(0 <= o < n for o, n in zip(obs, self.nvec)):
+            raise BadObservation(f"learner observations are one outcome per modality, below {self.nvec}")
+        agent.infer_states(obs)
+        if self._prev is not None:
+            agent.update_B(self._prev)
+        agent.update_A(obs)
+        reward, self._reward = self._reward, 0.0
+        for m, o in enumerate(obs):  # preferences: the mean reward each outcome came with
+            self._sum[m][o] += reward
+            self._count[m][o] += 1
+            agent.C[m] = SCALE * self._sum[m] / np.maximum(self._count[m], 1)
+        prev = self._utils.obj_array(len(agent.qs))
+        for i, q in enumerate(agent.qs):
+            prev[i] = q.copy()
+        self._prev = prev
+        agent.infer_policies()
+        action = agent.sample_action()
+        if agent.prev_actions is not None and len(agent.prev_actions) > 1:
+            del agent.prev_actions[:-1]
+        return int(action[0])
