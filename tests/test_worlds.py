@@ -141,6 +141,29 @@ def test_a_pettingzoo_world_fills_arenas_by_agent_name_and_counts_rewards_and_ep
 
 
 @pytest.mark.unit
+def test_an_aec_only_environment_runs_through_aec_to_parallel():
+    world = WorldSpec("pettingzoo:tests.aec_only", {"max_cycles": 4}).build()
+    slots = np.array([world.place("a"), world.place("b")])
+    for _ in range(4):
+        world.move_many(slots, [0, 1])
+    assert world.figures() == {"episodes": 1, "reward": 0.0} and world.info(slots[1])["reward"] == 4.0
+
+
+@pytest.mark.unit
+def test_a_world_by_entry_point_name(tmp_path, monkeypatch):
+    info = tmp_path / "agentbus_demo_worlds-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: agentbus-demo-worlds\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[agentbus.worlds]\ntiny = agentbus_zmq.coordinator.worlds:grid\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from agentbus_zmq.coordinator.worlds import available_worlds
+
+    assert available_worlds()["tiny"] == "agentbus_zmq.coordinator.worlds:grid"
+    world = WorldSpec("tiny", {"width": 3, "height": 2, "obstacles": 0, "goals": 1}).build()
+    assert world.kind == "grid" and world.capacity == 6 * 10_000
+
+
+@pytest.mark.unit
 def test_the_coordinator_sends_spaces_arrays_and_info_for_a_pettingzoo_world():
     core = CoordinatorCore(Settings(deadline=5.0), WorldSpec(SPREAD, {"N": 3, "seed": 0}).build(), "s",
                            clock=FakeClock())
