@@ -23,19 +23,17 @@ hands the same one to the coordinator, to r1 and to the no-bus pool.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.metadata
 import inspect
 import json
 import re
 
+from agentbus_zmq.bus import plugins
 from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 from agentbus_zmq.coordinator.world import World
 
 __all__ = ["ENTRY_POINT_GROUP", "WorldSpec", "WorldUnavailable", "available_worlds", "parse_world_args"]
 
 ENTRY_POINT_GROUP = "agentbus.worlds"
-_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 _MODULE = re.compile(r"[A-Za-z_][\w.]*\Z")
 
 
@@ -57,10 +55,7 @@ BUILTIN = {"grid": "agentbus_zmq.coordinator.worlds:grid"}
 
 def available_worlds() -> dict[str, str]:
     """Worlds known by name: the built-in ones, then installed packages' entry points."""
-    worlds = dict(BUILTIN)
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        worlds.setdefault(ep.name, ep.value)
-    return worlds
+    return plugins.available(BUILTIN, ENTRY_POINT_GROUP)
 
 
 def parse_world_args(pairs: list[str] | tuple[str, ...]) -> dict:
@@ -133,20 +128,10 @@ class WorldSpec:
             from agentbus_zmq.coordinator.pettingzoo import PettingZooWorld
 
             return lambda **args: PettingZooWorld(module, **args)
-        target = name if ":" in name else available_worlds().get(name)
-        if target is None:
-            raise WorldUnavailable(f"unknown world {name!r}: use one of {', '.join(available_worlds())}, "
-                                   f"pettingzoo:MODULE, or package.module:factory")
-        if not _TARGET.match(target):
-            raise WorldUnavailable(f"world {name!r}: {target!r} is not package.module:factory")
-        module_name, _, attr = target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:  # noqa: BLE001 - the integrator's module: any failure, in one line
-            raise WorldUnavailable(f"world {name!r}: cannot import {module_name}: {type(exc).__name__}: {exc}") from None
-        factory = getattr(module, attr, None)
+        factory = plugins.load(name, BUILTIN, ENTRY_POINT_GROUP, "world", WorldUnavailable,
+                               form="pettingzoo:MODULE, pymdp:ENV, or package.module:factory")
         if not callable(factory):
-            raise WorldUnavailable(f"world {name!r}: {module_name} has no callable {attr}")
+            raise WorldUnavailable(f"world {name!r}: {factory!r:.60} is not callable")
         return factory
 
     def describe(self) -> str:

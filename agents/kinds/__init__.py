@@ -17,13 +17,11 @@ says what to do.
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import os
-import re
 import sys
 
 from agentbus_zmq.agents.sdk import Agent
+from agentbus_zmq.bus import plugins
 
 __all__ = ["ENTRY_POINT_GROUP", "KINDS", "KindUnavailable", "available_kinds", "create", "kind_class",
            "kind_options"]
@@ -37,7 +35,6 @@ KINDS = {
 }
 #: Installed packages add kinds here (pyproject.toml: [project.entry-points."agentbus.kinds"]).
 ENTRY_POINT_GROUP = "agentbus.kinds"
-_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
 
 class KindUnavailable(RuntimeError):
@@ -47,35 +44,17 @@ class KindUnavailable(RuntimeError):
 def available_kinds() -> dict[str, str]:
     """Every kind known by name: the built-ins, then installed packages' entry points
     (a built-in name cannot be taken over)."""
-    kinds = dict(KINDS)
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        kinds.setdefault(ep.name, ep.value)
-    return kinds
+    return plugins.available(KINDS, ENTRY_POINT_GROUP)
 
 
 def kind_class(kind: str) -> type[Agent]:
     """The Agent class for ``kind`` (a name, or ``module:ClassName``)."""
-    target = kind if ":" in kind else available_kinds().get(kind)
-    if target is None:
-        raise KindUnavailable(f"unknown agent kind {kind!r}: use one of {', '.join(available_kinds())}, or "
-                              f"package.module:ClassName")
-    if not _TARGET.match(target):
-        raise KindUnavailable(f"agent kind {kind!r}: {target!r} is not package.module:ClassName")
-    module_name, _, class_name = target.partition(":")
-    if os.getcwd() not in sys.path:  # as `python -m` would: a kind in the current directory imports
+    if ":" in kind and os.getcwd() not in sys.path:  # as `python -m` would: a kind in the current directory imports
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except KindUnavailable:
-        raise
-    except Exception as exc:  # noqa: BLE001 - an integrator's module: any failure is theirs, in one line
-        raise KindUnavailable(f"agent kind {kind!r}: cannot import {module_name}: {type(exc).__name__}: {exc} "
-                              f"(is it installed, or in the current directory?)") from None
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise KindUnavailable(f"agent kind {kind!r}: {module_name} has no {class_name}")
+    cls = plugins.load(kind, KINDS, ENTRY_POINT_GROUP, "agent kind", KindUnavailable,
+                       " (is it installed, or in the current directory?)", "package.module:ClassName")
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
-        raise KindUnavailable(f"agent kind {kind!r}: {target} is not an agent (subclass "
+        raise KindUnavailable(f"agent kind {kind!r}: {cls!r:.60} is not an agent (subclass "
                               f"agentbus_zmq.agents.sdk.Agent and implement step)")
     return cls
 
