@@ -78,6 +78,11 @@ def test_the_wheel_and_the_sdist_hold_one_namespace_and_every_layer(dist):
     assert tops == {NS, f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
     for layer in ("bus/protocol.py", "coordinator/core.py", "agents/session.py", "busbench/run.py"):
         assert f"{NS}/{layer}" in names
+    # every module of the checkout's four layers is in the wheel (a subpackage missing from
+    # pyproject's package list installs nothing, and only a non-editable install shows it)
+    sources = {f"{NS}/{p.relative_to(ROOT).as_posix()}" for layer in ("bus", "agents", "coordinator", "busbench")
+               for p in (ROOT / layer).rglob("*.py")}
+    assert sources - set(names) == set()
     assert f"{NS}/__init__.py" not in names  # a namespace package: nothing else can shadow its layers
     import tarfile
 

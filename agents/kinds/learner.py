@@ -15,7 +15,10 @@ goal, 40-step episodes, seeds 1-3, 15 episodes each): 299 rewards, against 133 f
 random agent and 98 for itself with its learning frozen (tests/test_worlds.py).  The
 gain comes from staying on a goal once it has learnt that it pays, and from the moves
 learnt along the way, not from a map: with policy length 1 it plans one move ahead, and
-its state being observed, it spends no time on state information gain.
+its state being observed, it spends no time on state information gain.  Its reward does
+not rise across episodes (each starts at a new place it cannot plan its way from): a
+horizon of 3 moves (``--policy-len 3``) costs 78 ms a step and moved the first five
+episodes' 137 rewards to the last five's 158 over the same seeds, not a result yet.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ SCALE = 4.0
 
 class Learner(Agent):
     kind = "learner"
-    OPTIONS = ("seed",)
+    OPTIONS = ("seed", "policy_len")
 
-    def __init__(self, seed: int = 0, concentration: float = 0.1):
+    def __init__(self, seed: int = 0, concentration: float = 0.1, policy_len: int = 1):
         self.seed = seed
         self.concentration = concentration
+        self.policy_len = policy_len
         self._agent = None
         self._reward = 0.0
 
@@ -82,7 +86,7 @@ class Learner(Agent):
         self._count = [np.zeros(n) for n in nvec]
         self._agent = legacy_agent_class()(
             A=A, B=B, C=C, D=D, pA=pA, pB=pB, lr_pA=1.0, lr_pB=1.0, modalities_to_learn=list(range(1, len(nvec))),
-            factors_to_learn=[0], policy_len=1, gamma=8.0, alpha=8.0, use_states_info_gain=False,
+            factors_to_learn=[0], policy_len=self.policy_len, gamma=8.0, alpha=8.0, use_states_info_gain=False,
             use_param_info_gain=False, action_selection="stochastic", inference_algo="VANILLA")
         self._utils, self._np = utils, np
         self._prev = None
