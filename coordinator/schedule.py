@@ -20,6 +20,7 @@ measurement windows what happens, never the other way round.
 
 from __future__ import annotations
 
+import abc
 import collections
 import math
 
@@ -44,8 +45,9 @@ __all__ = ["Schedule", "Lockstep", "Async", "SCHEDULES", "COMPUTE_SLACK_US"]
 COMPUTE_SLACK_US = 1000
 
 
-class Schedule:
-    """What both schedules share: sending observations and accepting answers."""
+class Schedule(abc.ABC):
+    """What both schedules share: sending observations and accepting answers.  The
+    abstract methods are what makes one schedule differ from another."""
 
     mode = ""
 
@@ -71,17 +73,17 @@ class Schedule:
 
     # --- the interface the facade calls --------------------------------------------------
 
+    @abc.abstractmethod
     def on_ready(self, unit: Unit, now: float) -> None:
         """``unit`` (just marked ready) may be scheduled."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def on_action(self, entry: AgentEntry, msg: P.Action, now: float) -> None:
         """An agent's ACTION (whatever is due has been expired): accepted, late or stale."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
         """A host's HOST_ACTION: accepted, late, stale, or refused for its length."""
-        raise NotImplementedError
 
     def _host_answer_ok(self, host: HostEntry, msg: P.HostAction, now: float) -> bool:
         if host.state is not STEPPING or msg.tick != host.pending:
@@ -111,9 +113,9 @@ class Schedule:
     def settle(self, now: float) -> None:
         """After units left: go on without them."""
 
+    @abc.abstractmethod
     def expire_due(self, now: float) -> None:
         """Expire every observation whose deadline has passed; recompute ``due``."""
-        raise NotImplementedError
 
     def stop(self) -> None:
         self.stopping = True
