@@ -60,10 +60,13 @@ def read_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
         return {}
 
 
-def dotenv_defaults(options: dict[str, str], path: str | os.PathLike = ".env") -> dict[str, str]:
-    """click ``default_map`` from ``.env``: ``options`` maps parameter name -> variable."""
+def dotenv_defaults(options: dict[str, str], path: str | os.PathLike = ".env",
+                    multiple: tuple[str, ...] = ()) -> dict:
+    """click ``default_map`` from ``.env``: ``options`` maps parameter name -> variable.
+    A repeatable option (``multiple``) is split on whitespace, as click splits its
+    environment variable."""
     env = read_dotenv(path)
-    return {param: env[var] for param, var in options.items() if var in env}
+    return {param: env[var].split() if param in multiple else env[var] for param, var in options.items() if var in env}
 
 
 def configure_logging(level: str = "INFO") -> None:

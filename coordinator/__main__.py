@@ -66,7 +66,7 @@ _WORLD = WorldConfig()
                    f"environment module), or package.module:factory (docs/worlds.md).")
 @click.option("--world-arg", "world_arg", envvar=_ENV["world_arg"], multiple=True, metavar="KEY=VALUE",
               help="An argument for the world's factory (repeatable; VALUE read as JSON where it parses, e.g. 3, "
-                   "false, null, else as a string).")
+                   "false, null, else as a string; in BUS_WORLD_ARGS, several separated by spaces).")
 @click.option("--width", envvar=_ENV["width"], type=int, default=_WORLD.width, show_default=True)
 @click.option("--height", envvar=_ENV["height"], type=int, default=_WORLD.height, show_default=True)
 @click.option("--obstacles", envvar=_ENV["obstacles"], type=int, default=_WORLD.obstacles, show_default=True)
@@ -183,7 +183,7 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="bus-coordinator", default_map=dotenv_defaults(_ENV))
+    cli.main(args=argv, prog_name="bus-coordinator", default_map=dotenv_defaults(_ENV, multiple=("world_arg",)))
 
 
 if __name__ == "__main__":

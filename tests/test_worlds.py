@@ -107,6 +107,27 @@ def test_world_args_are_json_literals_where_they_parse_and_strings_otherwise():
 
 
 @pytest.mark.unit
+def test_the_world_and_its_arguments_come_from_dotenv_and_the_environment_too(tmp_path, monkeypatch):
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    import agentbus_zmq.coordinator.__main__ as coordinator
+    from agentbus_zmq.bus.config import dotenv_defaults
+
+    (tmp_path / ".env").write_text(f"BUS_WORLD={RPS}\nBUS_WORLD_ARGS=max_cycles=5 num_actions=3\n")
+    built = []
+    with mock.patch("agentbus_zmq.coordinator.driver.serve", lambda bind, settings, world, **kw: built.append(world)):
+        r = CliRunner().invoke(coordinator.cli, [], default_map=dotenv_defaults(coordinator._ENV, tmp_path / ".env",
+                                                                                 multiple=("world_arg",)))
+        assert r.exit_code == 0, r.output
+        r = CliRunner(env={"BUS_WORLD": "grid", "BUS_WORLD_ARGS": "width=3 obstacles=0"}).invoke(coordinator.cli, [])
+        assert r.exit_code == 0, r.output
+    assert built[0].kind == "pettingzoo" and built[0].env_args == {"max_cycles": 5, "num_actions": 3}
+    assert built[1].kind == "grid" and built[1].width == 3
+
+
+@pytest.mark.unit
 def test_worlds_by_name_fail_in_one_line_that_says_what_to_do():
     for name, words in (("nowhere", "unknown world"), ("pettingzoo:not a module", "module path"),
                         ("tests.kinds_demo:Walker", "not a World"), ("no.such.module:f", "cannot import"),
