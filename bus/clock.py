@@ -7,26 +7,27 @@ they are given.  :class:`FakeClock` has the same interface and moves only when t
 
 from __future__ import annotations
 
+import abc
 import os
 import time
 
 __all__ = ["Clock", "SystemClock", "FakeClock"]
 
 
-class Clock:
+class Clock(abc.ABC):
     """What a core may ask of time: wall time, CPU time, the machine's load."""
 
+    @abc.abstractmethod
     def now(self) -> float:
         """Monotonic seconds."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def cpu(self) -> tuple[float, float]:
         """CPU seconds of (this process, this thread)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load(self) -> float:
         """The machine's one-minute load average."""
-        raise NotImplementedError
 
 
 class SystemClock(Clock):

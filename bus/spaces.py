@@ -17,6 +17,7 @@ protocol's numpy extension type.  A discrete action is an int; the others are ar
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any
@@ -34,18 +35,20 @@ class SpaceError(ValueError):
     """A space that cannot be described or carried; the message says which part."""
 
 
-class Space:
+class Space(abc.ABC):
     """Base of the three kinds."""
 
+    @abc.abstractmethod
     def to_wire(self) -> dict:
-        raise NotImplementedError
+        """The space as a plain map (the module docstring)."""
 
+    @abc.abstractmethod
     def contains(self, value: Any) -> bool:
-        raise NotImplementedError
+        """Whether ``value`` is a value of the space."""
 
+    @abc.abstractmethod
     def sample(self, rng) -> Any:
         """A value of the space from ``rng`` (a numpy Generator)."""
-        raise NotImplementedError
 
     def is_observation(self, value: Any) -> bool:
         """Whether ``value`` is an observation of this space as it is delivered: a list
@@ -58,9 +61,9 @@ class Space:
             self.contains(value[0]) if isinstance(self, Discrete) else self.contains(value))
 
     @property
+    @abc.abstractmethod
     def size(self) -> int:
         """Values in one observation or action (the modalities, or array elements)."""
-        raise NotImplementedError
 
 
 def _names(names, n: int, what: str) -> tuple[str, ...]:

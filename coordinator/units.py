@@ -105,7 +105,8 @@ class Unit:
 
     @property
     def name(self) -> str:
-        raise NotImplementedError
+        """How logs and stats name the unit (each kind of unit says)."""
+        return f"unit {self.peer.hex()}"
 
 
 @dataclasses.dataclass(slots=True, eq=False)

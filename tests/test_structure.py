@@ -154,6 +154,24 @@ def test_a_new_control_command_is_one_object_served_by_the_coordinator_and_offer
         COMMANDS.pop("echo-test", None)
 
 
+def test_a_command_offered_to_busctl_must_say_how_it_shows_and_every_command_must_execute():
+    with pytest.raises(ValueError, match="no console"):
+        @command
+        class Mute(Command):
+            name = "mute-test"
+            cli = "mute-test"
+
+            def execute(self, server, call, parsed):
+                return {}
+
+    class Idle(Command):
+        name = "idle-test"
+
+    with pytest.raises(TypeError, match="execute"):
+        Idle()
+    assert "mute-test" not in COMMANDS and "idle-test" not in COMMANDS
+
+
 def test_busctl_offers_a_subcommand_for_every_command_that_asks_for_one():
     from agentbus_zmq.bus.ctl import cli
 

@@ -16,6 +16,7 @@ nothing above ``bus/``: the coordinator is reached only through :class:`Server`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import pkgutil
@@ -64,8 +65,10 @@ class Server(Protocol):
         """Start (or queue) a measurement; the coordinator replies when it closes."""
 
 
-class Command:
-    """One CONTROL command.  Subclasses set ``name`` and override what they need."""
+class Command(abc.ABC):
+    """One CONTROL command.  Subclasses set ``name`` and implement :meth:`execute`; one
+    that busctl offers (``cli``) also has ``console(ctl, **options)``: ask
+    (``ctl.request(name, args)``) and print what came back."""
 
     name: ClassVar[str] = ""
     #: the protocol table's args and result columns (docs/protocol.md)
@@ -81,13 +84,9 @@ class Command:
         Arguments a command does not know are ignored (as the protocol has always done)."""
         return None
 
+    @abc.abstractmethod
     def execute(self, server: Server, call: Call, parsed: Any) -> dict | None:
         """The REPLY's result, or None when the server answers later."""
-        raise NotImplementedError(f"{type(self).__name__}.execute")
-
-    def console(self, ctl, **options) -> None:
-        """busctl: ask (``ctl.request(name, args)``) and print what came back."""
-        raise NotImplementedError(f"{type(self).__name__}.console")
 
 
 #: name -> command, every command this package holds
@@ -98,6 +97,8 @@ def command(cls: type[Command]) -> type[Command]:
     """Register a command class (one instance serves every request)."""
     if not cls.name or cls.name in COMMANDS:
         raise ValueError(f"command {cls.__name__}: name {cls.name!r} missing or taken")
+    if cls.cli and not callable(getattr(cls, "console", None)):
+        raise ValueError(f"command {cls.__name__}: busctl offers it ({cls.cli!r}) but it has no console()")
     COMMANDS[cls.name] = cls()
     return cls
 
