@@ -62,6 +62,9 @@ class WorldConfig:
     obstacles: int = 2
     goals: int = 2
     seed: int = 0
+    #: the layout's own seed, where it must stay while ``seed`` changes the placements
+    #: (a world whose episodes start agents anew on one layout); None: ``seed``
+    layout_seed: int | None = None
     #: agents per arena at most (0: every free cell)
     arena_agents: int = 0
     #: arenas the world may open
@@ -99,7 +102,7 @@ class GridWorld(World):
         self.config = config
         self.width, self.height = config.width, config.height
         self.cells = config.width * config.height
-        rng = random.Random(config.seed)
+        rng = random.Random(config.seed if config.layout_seed is None else config.layout_seed)
         layout = rng.sample(range(self.cells), config.obstacles + config.goals)
         self._set_layout(frozenset(layout[: config.obstacles]), frozenset(layout[config.obstacles:]))
         self._rng = random.Random(config.seed + 1)

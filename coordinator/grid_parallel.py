@@ -3,6 +3,9 @@
 One arena of the grid with ``agents`` agents named ``agent_0`` ..: observations are the
 grid's ``[cell, found]`` (a MultiDiscrete), actions its five moves (a Discrete), a
 reward of 1 for standing on a goal, no termination, truncation after ``max_cycles``.
+Each episode draws its layout from ``reset``'s seed, unless ``layout_seed`` fixes one
+layout for every episode (then only the agents' starting cells change): a world where
+what an agent learns about the place carries over from one episode to the next.
 PettingZoo's own ``parallel_api_test`` passes for it (tests/test_worlds.py), and it runs
 on the bus like any PettingZoo environment::
 
@@ -26,9 +29,9 @@ class GridParallelEnv(ParallelEnv):
     metadata = {"name": "agentbus_grid_v0", "render_modes": []}
 
     def __init__(self, agents: int = 4, max_cycles: int = 100, width: int = 5, height: int = 5, obstacles: int = 2,
-                 goals: int = 2):
+                 goals: int = 2, layout_seed: int | None = None):
         self._n, self.max_cycles = agents, max_cycles
-        self._config = dict(width=width, height=height, obstacles=obstacles, goals=goals)
+        self._config = dict(width=width, height=height, obstacles=obstacles, goals=goals, layout_seed=layout_seed)
         if agents > width * height - obstacles:
             raise ValueError(f"{agents} agents do not fit a {width}x{height} grid with {obstacles} obstacles")
         self.possible_agents = [f"agent_{i}" for i in range(agents)]

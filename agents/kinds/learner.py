@@ -5,20 +5,20 @@ observation and a discrete action.  It takes the first modality for its state (t
 grid's cell, say; observed exactly), and learns the rest with pymdp's Dirichlet
 parameter learning: the other modalities' likelihoods (A, ``update_A``) and the
 transitions under each action (B, ``update_B``), both from flat priors of concentration
-``concentration``.  What it prefers (C) it learns from the world's rewards (``info``):
-each outcome's preference is the mean reward it came with, so an outcome that pays
-becomes one it seeks and, once there, stays with.  A world without rewards gives it no
-preferences, and it explores.
+``concentration``; it picks moves by expected free energy with the parameters'
+information gain (curious about the moves it has not tried).  What it prefers it learns
+from the world's rewards (``info``): each outcome's mean reward, and from those each
+state's worth by backward induction on the learnt B (:meth:`Learner._value`), which
+becomes its preference (C) over the state modality: a plan one move long then heads for
+a goal many moves away.  A world without rewards gives it no preferences, and it
+explores.
 
-Measured in the grid as a PettingZoo environment (one agent an arena, a reward on a
-goal, 40-step episodes, seeds 1-3, 15 episodes each): 299 rewards, against 133 for a
-random agent and 98 for itself with its learning frozen (tests/test_worlds.py).  The
-gain comes from staying on a goal once it has learnt that it pays, and from the moves
-learnt along the way, not from a map: with policy length 1 it plans one move ahead, and
-its state being observed, it spends no time on state information gain.  Its reward does
-not rise across episodes (each starts at a new place it cannot plan its way from): a
-horizon of 3 moves (``--policy-len 3``) costs 78 ms a step and moved the first five
-episodes' 137 rewards to the last five's 158 over the same seeds, not a result yet.
+Measured in the grid as a PettingZoo environment with one layout for every episode
+(one agent an arena, a reward for each step on a goal, 40-step episodes, seeds 1-4), four
+learners together: 4 rewards in the first episode, 124 an episode over episodes 11-15, where random agents
+earned 11 and the learner with its learning frozen 9 (tests/test_worlds.py); with a new
+layout every episode, 463 over 15 episodes against 184 for random agents.  0.6 ms a
+step (25 states, five actions, policy length 1).
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ __all__ = ["Learner"]
 MAX_STATES = 1024
 #: preference scale: C[m][o] = SCALE x the mean reward outcome o came with
 SCALE = 4.0
+#: backward induction: the discount of a state's worth per move, the sweeps at most, and
+#: the change in worth below which a sweep ends it
+GAMMA = 0.9
+DEPTH = 30
+TOLERANCE = 1e-3
 
 
 class Learner(Agent):
@@ -84,10 +89,11 @@ class Learner(Agent):
         D[0] = np.full(S, 1.0 / S)
         self._sum = [np.zeros(n) for n in nvec]
         self._count = [np.zeros(n) for n in nvec]
+        self._v = np.zeros(S)
         self._agent = legacy_agent_class()(
             A=A, B=B, C=C, D=D, pA=pA, pB=pB, lr_pA=1.0, lr_pB=1.0, modalities_to_learn=list(range(1, len(nvec))),
             factors_to_learn=[0], policy_len=self.policy_len, gamma=8.0, alpha=8.0, use_states_info_gain=False,
-            use_param_info_gain=False, action_selection="stochastic", inference_algo="VANILLA")
+            use_param_info_gain=True, action_selection="stochastic", inference_algo="VANILLA")
         self._utils, self._np = utils, np
         self._prev = None
 
@@ -96,6 +102,28 @@ class Learner(Agent):
 
     def on_episode(self, episode: int, reward: float) -> None:
         self._prev = None  # the next move starts a new episode: no transition to learn from
+
+    def _value(self):
+        """Each state's worth under the model learnt so far: the reward expected there
+        (its own outcome's, and through ``A`` the other modalities'), plus, discounted by
+        ``GAMMA``, the best next state's worth under ``B`` -- backward induction on the
+        learnt model (value iteration, warm-started from the last step's, at most
+        ``DEPTH`` sweeps).  It becomes the preference over the state modality, so a plan
+        one move long heads for a goal many moves away, along transitions it has learnt."""
+        np, agent = self._np, self._agent
+        paid = [self._sum[m] / np.maximum(self._count[m], 1) for m in range(len(self.nvec))]
+        worth = paid[0].copy()
+        for m in range(1, len(self.nvec)):
+            worth += paid[m] @ agent.A[m]
+        B, v = agent.B[0], self._v
+        for _ in range(DEPTH):
+            nxt = worth + GAMMA * np.einsum("tsa,t->sa", B, v).max(axis=1)
+            done = np.abs(nxt - v).max() < TOLERANCE
+            v = nxt
+            if done:
+                break
+        self._v = v
+        return v
 
     def step(self, obs):
         np, agent = self._np, self._agent
@@ -106,10 +134,10 @@ class Learner(Agent):
             agent.update_B(self._prev)
         agent.update_A(obs)
         reward, self._reward = self._reward, 0.0
-        for m, o in enumerate(obs):  # preferences: the mean reward each outcome came with
+        for m, o in enumerate(obs):  # the mean reward each outcome came with
             self._sum[m][o] += reward
             self._count[m][o] += 1
-            agent.C[m] = SCALE * self._sum[m] / np.maximum(self._count[m], 1)
+        agent.C[0] = SCALE * self._value()
         prev = self._utils.obj_array(len(agent.qs))
         for i, q in enumerate(agent.qs):
             prev[i] = q.copy()
