@@ -23,7 +23,8 @@ from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.busbench import report as rpt
 from agentbus_zmq.agents.layout import PerHost
 from agentbus_zmq.coordinator.worlds import WorldUnavailable, parse_world_args
-from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_pool, measure_r1, run_one
+from agentbus_zmq.busbench.peer import PEERS
+from agentbus_zmq.busbench.run import BenchConfig, cores, environment, measure_peer, measure_pool, measure_r1, run_one
 
 EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED = 1, 3, 130
 _CFG = BenchConfig()
@@ -104,6 +105,10 @@ class _Progress:
               help="Agents per arena (a copy of the world) at most; 0: every free cell.")
 @click.option("--connect", default=None, metavar="ENDPOINT",
               help="Measure a coordinator already running there instead of starting one.")
+@click.option("--peer", type=click.Choice([*PEERS, "none"]), default=_CFG.peer,
+              help="Also step the same agents, in the same process layout and world, under the tool a user would "
+                   "pick instead (gym: Gymnasium's AsyncVectorEnv from a central loop), alternating with the bus "
+                   "run: R_peer and R / R_peer (peer_rate, efficiency_peer_rate).")
 @click.option("--spin", type=click.Choice(["auto", "off", "agents", "all"]), default=_CFG.spin,
               help="Busy-poll for the next message instead of sleeping at once: auto does it where every "
                    "spinning process has a core of its own (docs/performance.md).")
@@ -138,7 +143,7 @@ class _Progress:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
-        height, per_host, world, world_arg, arena_agents, connect, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
+        height, per_host, world, world_arg, arena_agents, connect, peer, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         gate_on, profile_dir, metrics, model, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
@@ -160,7 +165,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
                       per_host=per_host, world=world, world_args=parse_world_args(world_arg), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
-                      model=model)
+                      model=model, peer=None if peer == "none" or connect else peer)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]
@@ -194,7 +199,11 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
                     if not connect:
                         progress(f"{tag}measuring the ceiling ({n} agents, {cfg.hosts_for(n)} a process, no bus)")
                         pool = measure_pool(cfg, n, cfg.hosts_for(n))
-                    run = run_one(cfg, n, solos[-1]["rate"], pool, lambda text, tag=tag: progress(tag + text))
+                    peer_run = None
+                    if cfg.peer:
+                        progress(f"{tag}measuring the peer ({n} agents under {cfg.peer}, {cfg.hosts_for(n)} a process)")
+                        peer_run = measure_peer(cfg, n, cfg.hosts_for(n))
+                    run = run_one(cfg, n, solos[-1]["rate"], pool, lambda text, tag=tag: progress(tag + text), peer_run)
                     run["single_agent_rate"] = solos[-1]["rate"]
                     per_n[n].append(run)
                     failed |= bool(run["errors"])

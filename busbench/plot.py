@@ -25,6 +25,10 @@ def plot(result: dict, path: str) -> None:
     if pooled:
         ax1.plot([r["agents"] for r in pooled], [r["pool_rate"] for r in pooled], "^:", color="C2",
                  label="same agents, no bus: R_pool(N)")
+    peered = [r for r in runs if r.get("peer_rate")]
+    if peered:
+        ax1.plot([r["agents"] for r in peered], [r["peer_rate"] for r in peered], "D-.", color="C3",
+                 label="same agents, Gymnasium AsyncVectorEnv: R_peer(N)")
     ax1.plot(n, [r["rate"] for r in runs], "o-", color="C0", lw=2, label="agentbus R(N)")
     if any(r.get("repeat", 1) > 1 for r in runs):
         ax1.fill_between(n, [r["spread"]["rate"][0] for r in runs], [r["spread"]["rate"][1] for r in runs],
@@ -42,7 +46,11 @@ def plot(result: dict, path: str) -> None:
     if pooled:
         ax2.plot([r["agents"] for r in pooled], [100 * r["efficiency_pool"] for r in pooled], "^:", color="C2",
                  lw=2, label="E_pool = R / R_pool (the bus's share)")
-    ax2.set(xlabel="agents N", ylabel="efficiency (%)", title="Coordination efficiency", ylim=(0, 110))
+    if peered:
+        ax2.plot([r["agents"] for r in peered], [100 * r["efficiency_peer_rate"] for r in peered], "D-.", color="C3",
+                 lw=2, label="R / R_peer (above 100: ahead of the peer)")
+    ax2.set(xlabel="agents N", ylabel="efficiency (%)", title="Coordination efficiency",
+            ylim=(0, max(110, *(105 * r["efficiency_peer_rate"] for r in peered))))
     ax2.legend(loc="lower left", fontsize=8)
     for ax in (ax1, ax2):
         if max(n) > 20 * min(n):  # counts over decades: a log axis keeps the small ones apart

@@ -12,7 +12,7 @@ __all__ = ["aggregate", "Check", "requirements", "compare", "gate", "table", "ma
 #: Scalar run fields summarised by their median over repeats.
 _MEDIAN_KEYS = ("rate", "efficiency", "efficiency_peer", "overhead", "elapsed_s", "coordinator_cpu_us_per_step",
                 "coordinator_thread_cpu_us_per_step", "compute_share", "ready_s", "single_agent_rate", "pool_rate",
-                "efficiency_pool", "efficiency_live", "agent_cpu_s")
+                "efficiency_pool", "efficiency_live", "agent_cpu_s", "peer_rate", "efficiency_peer_rate")
 _SUM_KEYS = ("steps", "ticks", "lost_steps", "late_steps", "missing_steps", "undeliverable")
 
 
@@ -55,7 +55,9 @@ def aggregate(repeats: list[dict]) -> dict:
                                                                 if c["recovery_s"]["p50"] is not None)
                                        if recoveries else None, "max": max(recoveries) if recoveries else None}}
     out["balanced"] = all(r["ledger"]["balanced"] for r in ok)
-    out["spread"] = {k: [min(r[k] for r in ok), max(r[k] for r in ok)] for k in ("rate", "efficiency", "efficiency_pool")
+    out["peer"] = ok[0].get("peer")
+    out["spread"] = {k: [min(r[k] for r in ok), max(r[k] for r in ok)]
+                     for k in ("rate", "efficiency", "efficiency_pool", "efficiency_peer_rate")
                      if all(r.get(k) is not None for r in ok)}
     out["repeats"] = repeats
     return out
@@ -149,7 +151,7 @@ _TRACKED = (("rate", True), ("efficiency", True), ("latency_p50_ms", False), ("p
 #: What ``--gate-on ratios`` compares: figures a run measures against itself (efficiency
 #: against r1 and against the no-bus ceiling, both taken in the same run), the share of
 #: steps lost, and memory per agent: none moves with the machine's speed.
-_RATIOS = (("efficiency", True), ("efficiency_pool", True), ("pss_per_agent_mb", False))
+_RATIOS = (("efficiency", True), ("efficiency_pool", True), ("efficiency_peer_rate", True), ("pss_per_agent_mb", False))
 #: Lost steps are compared by difference (a baseline of 0 has no ratio): one point more
 #: of the steps lost is a regression.
 LOST_SHARE_TOLERANCE = 0.01
@@ -205,7 +207,7 @@ def gate(checks: list[Check], changes: list[Change], max_regression_pct: float |
 
 # --- rendering -------------------------------------------------------------------------
 
-_COLUMNS = ("agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool", "E_live", "p50 ms", "p95 ms", "p99 ms",
+_COLUMNS = ("agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool", "R_peer", "R/R_peer", "E_live", "p50 ms", "p95 ms", "p99 ms",
             "coord us/step", "RSS MB", "PSS MB", "ready s", "lost")
 
 
@@ -221,6 +223,8 @@ def _cells(r: dict) -> list[str]:
     return [str(r["agents"]), str(r.get("per_host", 1)), rate, f"{r['efficiency']:.1%}", f"{r['efficiency_peer']:.1%}",
             "-" if pool is None else f"{pool:.0f}",
             "-" if r.get("efficiency_pool") is None else f"{r['efficiency_pool']:.1%}",
+            "-" if r.get("peer_rate") is None else f"{r['peer_rate']:.0f}",
+            "-" if r.get("efficiency_peer_rate") is None else f"{r['efficiency_peer_rate']:.2f}",
             "-" if r.get("efficiency_live") is None else f"{r['efficiency_live']:.1%}", f"{lat['p50']:.2f}",
             f"{lat['p95']:.2f}", f"{lat['p99']:.2f}", f"{r['coordinator_cpu_us_per_step']:.1f}",
             f"{mem.get('rss_per_agent', float('nan')):.1f}", f"{mem.get('pss_per_agent', float('nan')):.1f}",
@@ -239,7 +243,8 @@ def _footer(result: dict) -> list[str]:
         line += f"; medians of {cfg['repeat']} repeats, steps/s (min-max)"
     return [line, "K = agents per process (1: one process each; more: agent hosts); E(N) = R(N) / (min(N, C) x r1); "
                   "E_peer = R(N) / (N x r1); E_pool = R(N) / R_pool(N), R_pool the same agents in the same processes "
-                  "with no bus; E_live = the coordinator's live efficiency over the window (agent CPU in steps / "
+                  "with no bus; R_peer = the same agents and processes under the peer (--peer gym: Gymnasium's "
+                  "AsyncVectorEnv from a central loop), R/R_peer above 1: the bus is ahead; E_live = the coordinator's live efficiency over the window (agent CPU in steps / "
                   "(window x min(N, C)), no r1); latency = round trip minus agent compute"]
 
 

@@ -87,6 +87,8 @@ class BenchConfig:
     #: the world (bus-coordinator --world) and its arguments (--world-arg)
     world: str = "grid"
     world_args: dict = dataclasses.field(default_factory=dict)
+    #: the peer measured beside every run (busbench.peer.PEERS), or None
+    peer: str | None = "gym"
 
     def world_spec(self) -> WorldSpec:
         """The world of every run (the bus, r1 and the pool alike): the grid from the grid
@@ -157,6 +159,18 @@ def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         raise RuntimeError(f"the no-bus pool measurement failed (status {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_peer(cfg: BenchConfig, n: int, per_host: int) -> dict:
+    """R_peer(N) in a process of its own (``python -m agentbus_zmq.busbench.peer``): the
+    same agents in the same process layout under Gymnasium's AsyncVectorEnv."""
+    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.peer", "--agents", str(n), "--per-host", str(per_host),
+           *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(), "--warmup", str(cfg.warmup),
+           "--duration", str(cfg.solo_duration)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"the peer measurement ({cfg.peer}) failed (status {out.returncode}):\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -303,9 +317,10 @@ def _local(pids) -> list[psutil.Process]:
 
 
 def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
-            progress: Callable[[str], None] = lambda s: None) -> dict:
+            progress: Callable[[str], None] = lambda s: None, peer: dict | None = None) -> dict:
     """Measure R(N) with ``n`` agents; returns the run's record (docs/busbench.md).
-    ``pool`` is R_pool(N) measured for the same layout (None with --connect)."""
+    ``pool`` is R_pool(N) and ``peer`` R_peer(N), measured for the same layout (None with
+    --connect, or without a peer)."""
     if cfg.connect is None and n > cfg.world_spec().build().capacity:
         raise ValueError(f"{n} agents do not fit the world {cfg.world_spec().describe()}")
     tmp = tempfile.mkdtemp(prefix="busbench-")
@@ -341,8 +356,8 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 restart = (["--restart", "--restart-backoff", "0.05", "--max-restarts", str(10**9)]
                            if cfg.chaos_kill_rate > 0 else [])
                 agents = Child("agents", "agentbus_zmq.agents",
-                               ["--endpoint", endpoint, "--replicas", str(n), "--per-host", str(per_host), "--id",
-                                "bench", "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(),
+                               ["--endpoint", endpoint, "--replicas", str(n), "--per-host", str(per_host),
+                                "--id", "bench", "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(),
                                 *client_args, *restart],
                                log_path=f"{tmp}/agents.log")
                 children.append(agents)
@@ -420,6 +435,9 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
         "efficiency": rate / (min(n, c) * r1),
         "pool_rate": pool["rate"] if pool else None,
         "efficiency_pool": rate / pool["rate"] if pool else None,
+        "peer": peer["peer"] if peer else None,
+        "peer_rate": peer["rate"] if peer else None,
+        "efficiency_peer_rate": rate / peer["rate"] if peer else None,
         "efficiency_peer": rate / (n * r1),
         "overhead": 1 - rate / (min(n, c) * r1),
         "latency_ms": {k: v / 1000 for k, v in window["latency_us"].items()},

@@ -54,3 +54,33 @@ class SpaceChecker(Agent):
             raise BadObservation(f"{type(obs).__name__} {obs!r:.40} is not in {self.obs_space}")
         self.calls += 1
         return self.act_space.sample(np.random.default_rng(self.calls))
+
+
+class CellParity(Agent):
+    """A deterministic kind for checking what reaches an agent and what comes back: it
+    answers 1 (down) on an even cell and 0 (up) on an odd one, and counts its steps."""
+
+    kind = "cell-parity"
+
+    def __init__(self):
+        self.steps = 0
+
+    def step(self, obs: list[int]) -> int:
+        if type(obs) is not list:
+            raise TypeError(f"a grid observation is a list of ints, not {type(obs).__name__}")
+        self.steps += 1
+        return 1 if obs[0] % 2 == 0 else 0
+
+
+class Busy(Agent):
+    """Works (spins) one millisecond a step, then stays: a known cost to find in a budget."""
+
+    kind = "busy"
+
+    def step(self, obs) -> int:
+        import time
+
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+        return 4

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -230,6 +231,52 @@ def test_the_no_bus_pool_runs_the_same_layout_as_the_bus_run():
     singles = pool_rate("null", {}, WorldSpec(), agents=3, per_host=1, warmup=5, duration=0.2)
     assert (hosts["processes"], hosts["per_host"], singles["processes"]) == (3, 2, 3)
     assert hosts["steps"] > 0 and singles["steps"] > 0 and hosts["rate"] == hosts["steps"] / hosts["elapsed_s"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("count, rows", [(1, 1), (2, 3)])
+def test_the_peers_environment_is_its_agents_turned_inside_out(count, rows):
+    """A Gymnasium environment whose action is its agents' observations (padded rows
+    ignored) and whose observation is their actions, as the agents themselves answer."""
+    from agentbus_zmq.busbench.peer import _agents_env
+    from agentbus_zmq.coordinator.worlds import WorldSpec
+
+    world = WorldSpec().build()
+    env = _agents_env("tests.kinds_demo:CellParity", {}, world.params(), [0] * count, 1, rows, world.spaces())
+    assert env.action_space.shape == (rows, 2) and env.observation_space.shape == (rows,)
+    actions, _ = env.reset(seed=0)
+    cells = np.array([[2, 0], [7, 1], [99, 99]])[:rows]
+    actions, reward, terminated, truncated, _ = env.step(cells)
+    assert actions[:count].tolist() == [1, 0][:count] and not (terminated or truncated)
+    env.close()
+
+
+def test_the_peer_runs_the_same_layout_as_the_bus_run():
+    from agentbus_zmq.busbench.peer import peer_rate
+    from agentbus_zmq.coordinator.worlds import WorldSpec
+
+    hosts = peer_rate("tests.kinds_demo:CellParity", {}, WorldSpec(), agents=5, per_host=2, warmup=3, duration=0.3)
+    singles = peer_rate("null", {}, WorldSpec(), agents=3, per_host=1, warmup=3, duration=0.3)
+    assert (hosts["processes"], hosts["per_host"], singles["processes"]) == (3, 2, 3)
+    for run in (hosts, singles):
+        assert run["peer"] == "gym" and run["ticks"] > 0 and run["steps"] == run["ticks"] * (5 if run is hosts else 3)
+        assert run["rate"] == pytest.approx(run["steps"] / run["elapsed_s"])
+
+
+def test_the_tick_budget_lays_each_hosts_tick_end_to_end_for_the_bus_and_the_peer():
+    """Every tick of every host is found, each segment in causal order (none negative),
+    and the agents' segment is the work they do: two agents of 1 ms a step in a host."""
+    from agentbus_zmq.busbench.budget import bus_budget, peer_budget
+
+    for budget in (bus_budget, peer_budget):
+        result = budget("tests.kinds_demo:Busy", {}, agents=4, per_host=2, ticks=60, warmup=5)
+        segments = result["segments"]
+        assert segments["tick"]["n"] >= 2 * 55, (budget.__name__, segments)      # two hosts, (almost) every tick
+        assert all(s["p50_us"] >= 0 for s in segments.values()), segments
+        assert 2000 <= segments["agents"]["p50_us"] < 2000 + 1500, segments        # 2 x 1 ms, and not the wait
+        parts = sum(segments[k]["mean_us"] for k in ("coordinator", "to the agents", "agents", "back",
+                                                      "waiting for others"))
+        assert parts == pytest.approx(segments["tick"]["mean_us"], rel=0.05), segments
 
 
 @pytest.mark.unit

@@ -69,6 +69,9 @@ def test_busbench_json_reports_every_key(tmp_path):
     assert run["repeats"][0]["ledger"]["balanced"] and run["repeat"] == 1
     assert run["efficiency"] == pytest.approx(run["rate"] / (min(2, result["cores"]) * result["single_agent_rate"]))
     assert run["efficiency_peer"] == pytest.approx(run["rate"] / (2 * result["single_agent_rate"]))
+    # the peer (Gymnasium's AsyncVectorEnv) beside every run: a contract for scripts
+    assert run["peer"] == "gym" and run["peer_rate"] > 0
+    assert run["efficiency_peer_rate"] == pytest.approx(run["rate"] / run["peer_rate"])
     assert run["efficiency_median_r1"] == pytest.approx(
         run["rate"] / (min(2, result["cores"]) * result["single_agent"]["rate"]))
     assert set(run["latency_ms"]) == {"p50", "p95", "p99"}
@@ -83,10 +86,11 @@ def test_busbench_explorer_table(tmp_path):
     r = _busbench("--agents", "2", "--duration", "1", "--warmup", "10")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split()[:7] == ["agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool"]
-    agents, k, rate, _, _, pool, e_pool = lines[1].split()[:7]
-    assert (agents, k) == ("2", "1") and float(rate) > 0 and float(pool) > 0
+    assert lines[0].split()[:9] == ["agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool", "R_peer", "R/R_peer"]
+    agents, k, rate, _, _, pool, e_pool, peer, versus = lines[1].split()[:9]
+    assert (agents, k) == ("2", "1") and float(rate) > 0 and float(pool) > 0 and float(peer) > 0
     assert float(e_pool.rstrip("%")) == pytest.approx(100 * float(rate) / float(pool), abs=1.5)
+    assert float(versus) == pytest.approx(float(rate) / float(peer), abs=0.01)
     assert "kind explorer (numpy" in r.stdout
 
 
