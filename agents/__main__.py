@@ -23,6 +23,7 @@ _ENV = {
     "model": "BUS_MODEL",
     "replicas": "BUS_AGENT_REPLICAS",
     "per_host": "BUS_AGENT_PER_HOST",
+    "lanes": "BUS_AGENT_LANES",
     "heartbeat": "BUS_HEARTBEAT",
     "seed": "BUS_SEED",
     "log_level": "BUS_LOG_LEVEL",
@@ -67,6 +68,9 @@ def default_agent_id() -> str:
 @click.option("--per-host", envvar=_ENV["per_host"], type=PerHost(), default="1", show_default=True,
               help="With --replicas: agents per process. K runs them in ceil(N / K) agent hosts (one frame "
                    "per host per tick); auto: enough hosts to fill the cores, and no more.")
+@click.option("--lanes", envvar=_ENV["lanes"], type=click.IntRange(1, 16), default=1, show_default=True,
+              help="With --per-host: each host process registers its agents as this many hosts (lanes) and steps "
+                   "one lane while the others' answers travel, so its core does not wait on the round trip.")
 @click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True)
 @click.option("--sched", envvar=_ENV["sched"], type=click.Choice(["batch", "default"]), default="batch",
               show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
@@ -90,7 +94,7 @@ def default_agent_id() -> str:
 @click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: this agent's .key_secret file.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host, heartbeat, sched, restart, max_restarts,
+def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host, lanes, heartbeat, sched, restart, max_restarts,
         restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
@@ -111,7 +115,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
     agent_id = agent_id or default_agent_id()
     try:  # the longest id the replicas will use, checked before anything forks
         Hello.from_wire([agent_id if replicas == 1 else f"{agent_id}-{replicas}", kind, 0])
-        Hello.from_wire([f"{agent_id}-host{replicas}", kind, 0])
+        Hello.from_wire([f"{agent_id}-host{replicas}-{lanes}", kind, 0])
     except ProtocolError as exc:
         raise click.UsageError(f"invalid agent id: {exc.reason}") from None
     try:
@@ -131,7 +135,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
             raise click.UsageError(f"{replicas} agent processes is too many for one launcher: "
                                    "give --per-host K or --per-host auto")
         status = launch(lambda: create(kind, **options), endpoint, agent_id, replicas, per_host, batch=sched == "batch",
-                        restart=restart, policy=policy, heartbeat=heartbeat, max_steps=max_steps, curve=curve,
+                        restart=restart, policy=policy, lanes=lanes, heartbeat=heartbeat, max_steps=max_steps, curve=curve,
                         spin=spin_us / 1e6)
     except KindUnavailable as exc:
         raise click.ClickException(str(exc)) from None

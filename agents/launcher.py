@@ -47,7 +47,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas: int = 1, per_host: int = 1,
-           batch: bool = True, restart: bool = False, policy: RestartPolicy = RestartPolicy(),
+           batch: bool = True, restart: bool = False, policy: RestartPolicy = RestartPolicy(), lanes: int = 1,
            **runtime_options) -> int:
     """Run ``replicas`` agents made by ``factory``, ``per_host`` to a process; returns
     the exit status.
@@ -73,7 +73,10 @@ def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas:
 
         def make(child_id: str):
             first, count = layout[child_id]
-            return Host(factory, f"{agent_id}-", first, count)
+            if lanes <= 1 or count < 2:
+                return Host(factory, f"{agent_id}-", first, count)
+            return [(Host(factory, f"{agent_id}-", first + sub - 1, n), f"{child_id}-{k}")
+                    for k, (sub, n) in enumerate(host_layout(count, -(-count // lanes)), 1)]
 
         ids = list(layout)
         what = f"{replicas} {template.kind} agents in {len(ids)} hosts ({agent_id}-1 .. {agent_id}-{replicas})"
@@ -110,9 +113,14 @@ def _child(make: Callable[[str], Agent | Host], endpoint: str, child_id: str, pa
             pass  # not Linux: the supervisor's signal forwarding still applies
         if os.getppid() != parent:
             return 1  # the launcher died before we could ask to die with it
-        agent = make(child_id)
-        agent.prepare()
-        return Runtime(agent, endpoint, child_id, **runtime_options).run()
+        made = make(child_id)
+        if isinstance(made, list):  # lanes: one process, several host registrations
+            (agent, lane_id), *more = made
+            for host, _ in made:
+                host.prepare()
+            return Runtime(agent, endpoint, lane_id, lanes=more, **runtime_options).run()
+        made.prepare()
+        return Runtime(made, endpoint, child_id, **runtime_options).run()
     except BaseException:
         log.exception("%s failed", child_id)
         return 1

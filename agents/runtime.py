@@ -29,7 +29,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import select
 import time
 
 import zmq
@@ -68,90 +67,117 @@ class Exit(enum.IntEnum):
     REPLACED = EXIT_REPLACED
 
 
+class _Lane:
+    """One registration with the coordinator: an agent (or a host of agents), its id, its
+    session and its socket.  A process runs one lane, or several hosts as lanes."""
+
+    __slots__ = ("agent", "agent_id", "session", "sock", "episode")
+
+    def __init__(self, agent: Agent | Host, agent_id: str, session: AgentSession):
+        self.agent = agent
+        self.agent_id = agent_id
+        self.session = session
+        self.sock: zmq.Socket | None = None
+        #: the world's episode as the last observation said (worlds with episodes)
+        self.episode: int | None = None
+
+
 class Runtime:
     """Runs ``agent`` (one agent, or a Host of many, whose id ``agent_id`` then is the
-    host's) against the coordinator at ``endpoint`` until signalled."""
+    host's) against the coordinator at ``endpoint`` until signalled.
+
+    ``lanes``: more hosts (with their ids) run by the same loop in this process, each its
+    own registration, session and socket (one ZeroMQ context).  In lock-step per arena
+    or async, a host of two lanes steps one lane's agents while the other lane's answer
+    and next observation travel: the round trip is hidden behind work instead of waited
+    for (docs/performance.md, the tick's budget)."""
 
     def __init__(self, agent: Agent | Host, endpoint: str, agent_id: str, heartbeat: float = config.DEFAULTS.heartbeat,
                  liveness: int = config.DEFAULTS.liveness, backoff_min: float = config.DEFAULTS.backoff_min,
                  backoff_max: float = config.DEFAULTS.backoff_max, max_steps: int = 0,
-                 curve: ClientKeys | None = None, spin: float = 0.0):
-        self.agent = agent
+                 curve: ClientKeys | None = None, spin: float = 0.0, lanes: list[tuple[Host, str]] = ()):
         self.endpoint = endpoint
-        self.agent_id = agent_id
         self.max_steps = max_steps
         self.curve = curve
         self.spin = spin
         # a bad id raises ProtocolError here, not on the wire
-        self.session = AgentSession(agent_id, agent.kind, os.getpid(), heartbeat, liveness, backoff_min, backoff_max,
-                                    members=agent.members if isinstance(agent, Host) else None)
+        self.lanes = [_Lane(a, i, AgentSession(i, a.kind, os.getpid(), heartbeat, liveness, backoff_min, backoff_max,
+                                               members=a.members if isinstance(a, Host) else None))
+                      for a, i in [(agent, agent_id), *lanes]]
+        self.agent, self.agent_id, self.session = agent, agent_id, self.lanes[0].session
         self._plog = PeerLog(log)
         #: why the agent stopped on its own (its BYE's reason), and how it exits
         self.failure = ""
         self.exit: Exit | None = None
-        #: the world's episode as the last observation said (worlds with episodes)
-        self._episode: int | None = None
 
     @property
     def steps(self) -> int:
-        return self.session.steps
+        return sum(lane.session.steps for lane in self.lanes)
 
     def run(self) -> int:
-        session = self.session
         clock = time.monotonic
-        sock = poller = None
         spin_until = 0.0
         with StopSignal() as stop:
+            poller = zmq.Poller()
+            poller.register(stop.fd, zmq.POLLIN)
             try:
                 while stop.requested is None and self.exit is None:
                     now = clock()
-                    if session.state is SessionState.BACKING_OFF:
-                        if sock is not None:
-                            sock.close(linger=0)
-                            sock = None
-                        # Interruptible sleep: a stop signal ends the wait at once.
-                        select.select([stop.fd], [], [], min(session.next_timeout(now), MAX_POLL_S))
-                        session.on_timer(clock())
-                        continue
-                    if session.state is SessionState.CONNECTING:
-                        sock = sockets.dealer(self.endpoint, curve=self.curve)
-                        poller = zmq.Poller()
-                        poller.register(sock, zmq.POLLIN)
-                        poller.register(stop.fd, zmq.POLLIN)
-                        session.connect(now)
-                    if session.has_output:
-                        self._flush(sock)
+                    wait = MAX_POLL_S
+                    for lane in self.lanes:
+                        session = lane.session
+                        if session.state is SessionState.BACKING_OFF and lane.sock is not None:
+                            poller.unregister(lane.sock)
+                            lane.sock.close(linger=0)
+                            lane.sock = None
+                        if session.state is SessionState.CONNECTING:
+                            lane.sock = sockets.dealer(self.endpoint, curve=self.curve)
+                            poller.register(lane.sock, zmq.POLLIN)
+                            session.connect(now)
+                        if session.has_output and lane.sock is not None:
+                            self._flush(lane)
+                        wait = min(wait, session.next_timeout(now))
                     events = None
                     if spin_until:  # busy-poll for the next observation, bounded, then sleep
                         while not events and stop.requested is None and clock() < spin_until:
                             events = poller.poll(0)
                         spin_until = 0.0
                     if not events:
-                        events = poller.poll(min(session.next_timeout(clock()), MAX_POLL_S) * 1000)
-                    if events:  # the socket or the stop pipe: draining the socket is harmless
-                        spin_until = self._drain(sock)
-                    was = session.state
-                    session.on_timer(clock())
-                    if session.state is SessionState.BACKING_OFF and was is not SessionState.BACKING_OFF:
-                        log.info("%s: no word from %s for %.1f s%s; reconnecting in %.2f s", self.agent_id,
-                                 self.endpoint, session.expiry,
-                                 "" if was is SessionState.REGISTERED or self.curve is None else
-                                 " (is this agent's CURVE key on the coordinator's allow-list?)",
-                                 session.reconnect_at - clock())
+                        events = poller.poll(max(wait, 0.0) * 1000)
+                    if events:  # a socket or the stop pipe: draining a socket is harmless
+                        ready = {sock for sock, _ in events}
+                        for lane in self.lanes:
+                            if lane.sock is not None and lane.sock in ready and self.exit is None:
+                                spin_until = self._drain(lane) or spin_until
+                    for lane in self.lanes:
+                        self._on_timer(lane, clock())
             finally:
-                session.stop(clock(), self.failure or "agent stopping")
-                if sock is not None:
-                    bye = session.take_outbox()
-                    self._flush_frames(sock, bye)
-                    sock.close(linger=100 if bye else 0)
-                self.agent.on_stop()
-        log.info("%s stopped after %d steps", self.agent_id, session.steps)
+                for lane in self.lanes:
+                    lane.session.stop(clock(), self.failure or "agent stopping")
+                    if lane.sock is not None:
+                        bye = lane.session.take_outbox()
+                        self._flush_frames(lane, bye)
+                        lane.sock.close(linger=100 if bye else 0)
+                    lane.agent.on_stop()
+        for lane in self.lanes:
+            log.info("%s stopped after %d steps", lane.agent_id, lane.session.steps)
         return int(self.exit) if self.exit is not None else 0
 
-    def _drain(self, sock: zmq.Socket) -> float:
-        """Handle what the socket holds; after a step, return to poll (cheaper than a
-        recv that raises Again).  Returns when to stop busy-polling (0: don't)."""
-        session = self.session
+    def _on_timer(self, lane: _Lane, now: float) -> None:
+        session = lane.session
+        was = session.state
+        session.on_timer(now)
+        if session.state is SessionState.BACKING_OFF and was is not SessionState.BACKING_OFF:
+            log.info("%s: no word from %s for %.1f s%s; reconnecting in %.2f s", lane.agent_id,
+                     self.endpoint, session.expiry,
+                     "" if was is SessionState.REGISTERED or self.curve is None else
+                     " (is this agent's CURVE key on the coordinator's allow-list?)",
+                     session.reconnect_at - now)
+
+    def _drain(self, lane: _Lane) -> float:
+        """Handle what the lane's socket holds; after a step, return to poll (cheaper
+        than a recv that raises Again).  Returns when to stop busy-polling (0: don't)."""
+        session, sock, agent = lane.session, lane.sock, lane.agent
         while True:
             try:
                 frame = sock.recv(NOBLOCK)
@@ -164,112 +190,116 @@ class Runtime:
             etype = type(event)
             if etype is P.Observation:
                 if event.info is not None:
-                    self._info(event.info)
+                    self._info(lane, event.info)
                 t0, c0 = time.perf_counter_ns(), thread_time_ns()
                 try:
-                    action = _action(self.agent.step(event.obs))
+                    action = _action(agent.step(event.obs))
                 except BadObservation as exc:
-                    self._refuse_observation(sock, event.tick, exc)
+                    self._refuse_observation(lane, event.tick, exc)
                     continue
                 except Exception as exc:  # noqa: BLE001 - the agent's own code: stop, say why
-                    self._fail("step", exc)
+                    self._fail(lane, "step", exc)
                     return 0.0
                 cpu_us = (thread_time_ns() - c0) // 1000
                 compute_us = (time.perf_counter_ns() - t0) // 1000
                 session.act(event.tick, action, compute_us, time.monotonic(), cpu_us)
-                self._flush(sock)
-                if self.max_steps and session.steps >= self.max_steps:
+                self._flush(lane)
+                if self.max_steps and self.steps >= self.max_steps:
                     self.exit = Exit.DONE
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is P.HostObservation:
                 try:
-                    result = self.agent.step(event, lambda: self._keepalive(sock))
+                    result = agent.step(event, self._keepalive)
                 except BadObservation as exc:
-                    self._refuse_observation(sock, event.tick, exc)
+                    self._refuse_observation(lane, event.tick, exc)
                     continue
                 now = time.monotonic()
                 if result.failed:
                     session.leave(result.failed, result.reason, now)
                 session.act_many(event.tick, result.actions, result.compute_us, now, result.cpu_us)
-                self._flush(sock)
-                if not self.agent.alive.any():
+                self._flush(lane)
+                if not any(lane.agent.alive.any() for lane in self.lanes):
                     log.error("%s: every agent of this host has failed; stopping", self.agent_id)
                     self.failure = "every agent of this host failed"
                     self.exit = Exit.FAILED
-                elif self.max_steps and session.steps >= self.max_steps:
+                elif self.max_steps and self.steps >= self.max_steps:
                     self.exit = Exit.DONE
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is Welcomed:
                 if event.new_session:
-                    log.info("%s registered with coordinator session %s at %s", self.agent_id,
+                    log.info("%s registered with coordinator session %s at %s", lane.agent_id,
                              event.welcome.session, self.endpoint)
                     try:
-                        self.agent.on_start(event.welcome)
+                        agent.on_start(event.welcome)
                     except Exception as exc:  # noqa: BLE001 - BadWelcome, or the agent's own bug
-                        self._fail("on_start", exc)
+                        self._fail(lane, "on_start", exc)
                         return 0.0
                     session.ready(time.monotonic())  # building a model may take seconds
-                self._flush(sock)
+                self._flush(lane)
             elif etype is Refused:
                 if event.fatal:
-                    log.error("%s: %s; stopping (exit status %d)", self.agent_id, event.error.reason[:300],
+                    log.error("%s: %s; stopping (exit status %d)", lane.agent_id, event.error.reason[:300],
                               EXIT_REPLACED)
                     self.exit = Exit.REPLACED
                     return 0.0
                 if event.rehello:
-                    self._plog.info(now, "%s: coordinator says %s; saying HELLO again", self.agent_id,
+                    self._plog.info(now, "%s: coordinator says %s; saying HELLO again", lane.agent_id,
                                     ErrorCode(event.error.code).name)
-                    self._flush(sock)
+                    self._flush(lane)
                 else:
-                    self._plog.warning(now, "%s: coordinator refused a message: %s", self.agent_id,
+                    self._plog.warning(now, "%s: coordinator refused a message: %s", lane.agent_id,
                                        event.error.reason[:300])
             elif etype is Left:
-                log.info("%s: coordinator left (%s); reconnecting in %.2f s", self.agent_id, event.reason[:300],
+                log.info("%s: coordinator left (%s); reconnecting in %.2f s", lane.agent_id, event.reason[:300],
                          session.reconnect_at - now)
                 return 0.0
             elif etype is BadFrame:
                 self._plog.warning(now, "dropped a bad message from %s: %s", self.endpoint, event.error)
 
-    def _info(self, info: dict) -> None:
+    def _info(self, lane: _Lane, info: dict) -> None:
         """A world's reward and episode: ``on_episode`` when the episode changed, then
         ``on_reward``."""
         episode, reward = info.get("episode"), info.get("reward", 0.0)
         reward = float(reward) if type(reward) in (int, float) else 0.0
-        if type(episode) is int and episode != self._episode:
-            self._episode = episode
-            self.agent.on_episode(episode, reward)
-        self.agent.on_reward(reward)
+        if type(episode) is int and episode != lane.episode:
+            lane.episode = episode
+            lane.agent.on_episode(episode, reward)
+        lane.agent.on_reward(reward)
 
-    def _refuse_observation(self, sock: zmq.Socket, tick: int, exc: BadObservation) -> None:
+    def _refuse_observation(self, lane: _Lane, tick: int, exc: BadObservation) -> None:
         """Not answered (the coordinator counts it missing); reported to it, logged."""
         now = time.monotonic()
-        self._plog.warning(now, "%s: refused the observation for tick %d: %s", self.agent_id, tick, exc)
-        self.session.report(ErrorCode.BAD_FIELD, f"observation for tick {tick} refused: {exc}", now)
-        self._flush(sock)
+        self._plog.warning(now, "%s: refused the observation for tick %d: %s", lane.agent_id, tick, exc)
+        lane.session.report(ErrorCode.BAD_FIELD, f"observation for tick {tick} refused: {exc}", now)
+        self._flush(lane)
 
-    def _fail(self, hook: str, exc: Exception) -> None:
+    def _fail(self, lane: _Lane, hook: str, exc: Exception) -> None:
         """The agent's own code raised: one line (the traceback at DEBUG), BYE with the
         reason, exit EXIT_AGENT_FAILED."""
         self.failure = f"{hook} raised {type(exc).__name__}: {exc}"
-        log.error("%s: %s; stopping (exit status %d)", self.agent_id, self.failure[:500], EXIT_AGENT_FAILED)
-        log.debug("%s: %s traceback", self.agent_id, hook, exc_info=exc)
+        log.error("%s: %s; stopping (exit status %d)", lane.agent_id, self.failure[:500], EXIT_AGENT_FAILED)
+        log.debug("%s: %s traceback", lane.agent_id, hook, exc_info=exc)
         self.exit = Exit.FAILED
 
-    def _keepalive(self, sock: zmq.Socket) -> None:
-        self.session.keepalive(time.monotonic())
-        if self.session.has_output:
-            self._flush(sock)
+    def _keepalive(self) -> None:
+        """During a long frame: every lane's heartbeat, as it falls due."""
+        now = time.monotonic()
+        for lane in self.lanes:
+            if lane.sock is not None:
+                lane.session.keepalive(now)
+                if lane.session.has_output:
+                    self._flush(lane)
 
-    def _flush(self, sock: zmq.Socket) -> None:
-        self._flush_frames(sock, self.session.take_outbox())
+    def _flush(self, lane: _Lane) -> None:
+        self._flush_frames(lane, lane.session.take_outbox())
 
-    def _flush_frames(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+    def _flush_frames(self, lane: _Lane, frames: list[bytes]) -> None:
         for frame in frames:
             try:
-                sock.send(frame, NOBLOCK)
+                lane.sock.send(frame, NOBLOCK)
             except zmq.Again:
                 # Not connected yet, or the queue is full: liveness will sort it out.
-                log.debug("%s: could not queue a message to %s", self.agent_id, self.endpoint)
+                log.debug("%s: could not queue a message to %s", lane.agent_id, self.endpoint)
 
 
 def _action(value):

@@ -96,6 +96,9 @@ class _Progress:
 @click.option("--per-host", type=PerHost(), default=_CFG.per_host,
               help="Agents per process: 1 (one process each), K (agent hosts of K: one frame per host per "
                    "tick), or auto (enough hosts to fill the cores). The no-bus pool uses the same layout.")
+@click.option("--lanes", type=click.IntRange(1, 16), default=_CFG.lanes,
+              help="With hosts: each host process registers its agents as this many lanes and steps one while the "
+                   "others' round trips travel (bus-agent --lanes). The pool and the peer keep the same processes.")
 @click.option("--world", default=_CFG.world, help="The world, as bus-coordinator --world takes it: grid, "
               "pettingzoo:MODULE, a name from the agentbus.worlds entry points, or package.module:factory.")
 @click.option("--world-arg", "world_arg", multiple=True, metavar="KEY=VALUE",
@@ -143,7 +146,7 @@ class _Progress:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
-        height, per_host, world, world_arg, arena_agents, connect, peer, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
+        height, per_host, lanes, world, world_arg, arena_agents, connect, peer, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         gate_on, profile_dir, metrics, model, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
@@ -164,7 +167,7 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
-                      per_host=per_host, world=world, world_args=parse_world_args(world_arg), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
+                      per_host=per_host, lanes=lanes, world=world, world_args=parse_world_args(world_arg), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
                       model=model, peer=None if peer == "none" or connect else peer)
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:

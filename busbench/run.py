@@ -87,6 +87,8 @@ class BenchConfig:
     #: the world (bus-coordinator --world) and its arguments (--world-arg)
     world: str = "grid"
     world_args: dict = dataclasses.field(default_factory=dict)
+    #: host processes register their agents as this many lanes (bus-agent --lanes)
+    lanes: int = 1
     #: the peer measured beside every run (busbench.peer.PEERS), or None
     peer: str | None = "gym"
 
@@ -357,7 +359,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                            if cfg.chaos_kill_rate > 0 else [])
                 agents = Child("agents", "agentbus_zmq.agents",
                                ["--endpoint", endpoint, "--replicas", str(n), "--per-host", str(per_host),
-                                "--id", "bench", "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(),
+                                "--lanes", str(cfg.lanes), "--id", "bench", "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(),
                                 *client_args, *restart],
                                log_path=f"{tmp}/agents.log")
                 children.append(agents)

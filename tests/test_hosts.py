@@ -225,6 +225,28 @@ def test_hosts_use_no_more_processes_than_asked(bus):
     assert bus.stats()["hosts"] == len(hosts)
 
 
+@pytest.mark.parametrize("mode", ["async", "lockstep"])
+def test_a_host_process_of_two_lanes_is_two_hosts_to_the_coordinator_and_one_process(bus, mode):
+    """--lanes 2: each host process registers its agents as two hosts (one socket, one
+    session each, one loop); both step, a kill takes both, a restart brings both back."""
+    bus.coordinator(None, "--mode", mode)
+    launcher = bus.agents(7, "--kind", "null", "--per-host", "4", "--lanes", "2", "--restart", "--restart-backoff",
+                          "0.1")
+    stats = bus.wait_agents(7)
+    assert sorted(stats["host_ids"]) == ["t-host1-1", "t-host1-2", "t-host2-1", "t-host2-2"]
+    processes = psutil.Process(launcher.pid).children()
+    assert len(processes) == 2 and {stats["agent_pids"][f"t-{i}"] for i in range(1, 8)} == {p.pid for p in processes}
+    request = bus.client.send("measure", {"agents": 7, "warmup_steps": 70, "steps": 1400})
+    result = bus.client.wait(request, 60, None, "measure")
+    assert result["steps"] >= 1400 and result["window"]["missing"] == 0 and result["ledger"]["balanced"]
+    victim = stats["agent_pids"]["t-1"]
+    os.kill(victim, signal.SIGKILL)
+    stats = wait_until(lambda: (s := bus.stats())["ready"] == 7 and s["agent_pids"]["t-1"] != victim and s, 30,
+                       "the restarted process's two lanes to rejoin")
+    assert stats["restarts"] == {"t-1": 1, "t-2": 1, "t-3": 1, "t-4": 1} and stats["hosts"] == 4
+    assert stats["ledger"]["balanced"]
+
+
 # --- without a bus -------------------------------------------------------------------
 
 @pytest.mark.unit
