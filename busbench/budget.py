@@ -123,14 +123,15 @@ def _summary(segments: dict[str, list[float]]) -> dict:
 
 
 def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int, warmup: int) -> dict:
-    """Lock-step ticks of ``agents`` agents in hosts of ``per_host``, the coordinator in
-    this process; returns each segment's mean and median."""
+    """Lock-step ticks of ``agents`` agents in hosts of ``per_host`` (1: a process each),
+    the coordinator in this process; returns each segment's mean and median."""
     from agentbus_zmq.bus import protocol as P
     from agentbus_zmq.busbench.procs import Child
     from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
     from agentbus_zmq.coordinator.driver import Driver
     from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 
+    ANSWERS, OBSERVATIONS = {P.MsgType.ACTION, P.MsgType.HOST_ACTION}, {P.MsgType.OBSERVATION, P.MsgType.HOST_OBSERVATION}
     sent: dict[bytes, list[float]] = {}
     answered: dict[bytes, list[float]] = {}
     closes: list[float] = []  # when each tick's last answer was read
@@ -145,13 +146,13 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
             t = time.monotonic()
             tick = self.core.tick
             super().receive(peer, frames, now, key)
-            if P.unpack(frames[0])[1] == P.MsgType.HOST_ACTION:
+            if P.unpack(frames[0])[1] in ANSWERS:
                 answered.setdefault(peer, []).append(t)
             if self.core.tick != tick:
                 closes.append(t)
 
         def deliver(self, peer, frame, now):
-            if P.unpack(frame)[1] == P.MsgType.HOST_OBSERVATION:
+            if P.unpack(frame)[1] in OBSERVATIONS:
                 self._out.append(peer)
             return True
 
@@ -190,7 +191,8 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
         path = os.path.join(trace, f"steps-{pid}.json")
         if not os.path.exists(path):
             continue
-        count = len(next(e for e in core.registry.by_peer.values() if e.peer == peer).live_idx)
+        unit = core.registry.by_peer[peer]
+        count = len(unit.live_idx) if hasattr(unit, "live_idx") else 1
         first, last = _frames(path, count)
         sends, reads = np.asarray(sent.get(peer, [])), np.asarray(answered.get(peer, []))
         for s in sends[warmup:warmup + ticks]:
