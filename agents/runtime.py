@@ -39,7 +39,7 @@ from agentbus_zmq.agents.session import AgentSession, BadFrame, Left, Refused, S
 from agentbus_zmq.bus import config
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus import sockets
-from agentbus_zmq.bus.logs import PeerLog
+from agentbus_zmq.bus.logs import PeerLog, printable
 from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.security import ClientKeys
 from agentbus_zmq.bus.signals import StopSignal
@@ -238,7 +238,7 @@ class Runtime:
                 self._flush(lane)
             elif etype is Refused:
                 if event.fatal:
-                    log.error("%s: %s; stopping (exit status %d)", lane.agent_id, event.error.reason[:300],
+                    log.error("%s: %s; stopping (exit status %d)", lane.agent_id, printable(event.error.reason),
                               EXIT_REPLACED)
                     self.exit = Exit.REPLACED
                     return 0.0
@@ -250,7 +250,7 @@ class Runtime:
                     self._plog.warning(now, "%s: coordinator refused a message: %s", lane.agent_id,
                                        event.error.reason[:300])
             elif etype is Left:
-                log.info("%s: coordinator left (%s); reconnecting in %.2f s", lane.agent_id, event.reason[:300],
+                log.info("%s: coordinator left (%s); reconnecting in %.2f s", lane.agent_id, printable(event.reason),
                          session.reconnect_at - now)
                 return 0.0
             elif etype is BadFrame:

@@ -14,7 +14,6 @@ the coordinator cannot be reached it says where it tried and what the transport 
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 
@@ -22,25 +21,27 @@ import click
 
 from agentbus_zmq.bus.client import BusUnavailable, ControlClient, ControlFailed
 from agentbus_zmq.bus.commands import COMMANDS, Command
-from agentbus_zmq.bus.commands.agents import agents_table, fetch_all, sort_rows
+from agentbus_zmq.bus.commands.agents import agents_table, fetch, sort_rows
 from agentbus_zmq.bus.commands.stats import status_view
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, dotenv_defaults
+from agentbus_zmq.bus.logs import printable
 from agentbus_zmq.bus.report import Stats
 from agentbus_zmq.bus.security import ClientKeys
 
 __all__ = ["main", "safe_text"]
 
+#: pages of agents ``busctl top`` reads each refresh (1,024 agents): a refresh a second
+#: must not cost the coordinator a walk of its whole registry
+TOP_PAGES = 8
 _ENV = {"endpoint": "BUS_ENDPOINT", "curve_server_key": "BUS_CURVE_SERVER_KEY", "curve_key": "BUS_CURVE_KEY"}
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def safe_text(value: object, limit: int = 200) -> str:
     """A string a coordinator sent, made safe for the terminal: control characters
-    escaped, rich markup neutralised, at most ``limit`` characters."""
+    escaped (bus.logs.printable), rich markup neutralised, at most ``limit`` characters."""
     from rich.markup import escape
 
-    text = _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
-    return escape(text[:limit] + ("…" if len(text) > limit else ""))
+    return escape(printable(value, limit))
 
 
 class Ctl:
@@ -135,7 +136,9 @@ def top(ctl: Ctl, interval: float, rows: int, iterations: int):
     def frame():
         try:
             stats = Stats.from_wire(ctl.request("stats"))
-            table = agents_table(sort_rows(fetch_all(ctl), "p50")[:rows], f"slowest {rows} agents (p50)", ctl.text)
+            seen, pages = fetch(ctl, max_pages=TOP_PAGES)
+            among = f" of the first {len(seen):,} by id" if pages > TOP_PAGES else ""
+            table = agents_table(sort_rows(seen, "p50")[:rows], f"slowest {rows} agents (p50){among}", ctl.text)
             return Group(status_view(stats, ctl.endpoint, ctl.text), table)
         except click.ClickException as exc:
             from rich.text import Text

@@ -5,14 +5,35 @@ otherwise let it write to our disk at its own pace.  :class:`PeerLog` lets throu
 ``per_s`` lines a second of each format string and, once that second is over, one line
 saying how many it held back; the events themselves are counted elsewhere (the ledger,
 stats).  It never reads a clock: callers pass ``now``, so sans-IO cores stay testable.
+
+Text a peer chose (a BYE's or an ERROR's reason, an id) is never written raw: every
+string argument goes through :func:`printable` first, so a newline cannot forge a log
+line and an escape sequence cannot reach a terminal that shows the log.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 
-__all__ = ["PeerLog"]
+__all__ = ["PeerLog", "printable"]
+
+#: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: object, limit: int = 300) -> str:
+    """``value`` as one line of plain text: control characters escaped (``\\x0a``),
+    at most ``limit`` characters of it (then an ellipsis)."""
+    text = str(value)
+    cut = text[:limit]
+    return _CONTROL.sub(_escape, cut) + ("…" if len(text) > limit else "")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class PeerLog:
@@ -34,7 +55,7 @@ class PeerLog:
             self.roll(now)
         n = self._counts[fmt] = self._counts[fmt] + 1
         if n <= self.per_s:
-            self.logger.log(level, fmt, *args)
+            self.logger.log(level, fmt, *[printable(a) if isinstance(a, str) else a for a in args])
             return True
         self._levels[fmt] = level
         self.suppressed += 1

@@ -286,10 +286,15 @@ class CoordinatorCore:
         if type(unit) is not HostEntry:
             self.outbox.reject(peer, ErrorCode.NOT_REGISTERED, "HOST_BYE from a peer that is not a host", now)
             return
+        left = []
         for index in msg.members:
             if index < len(unit.ids) and unit.live[index]:
-                log.warning("%s: agent %s left: %s", unit.name, unit.ids[index], msg.reason or "bye")
+                left.append(unit.ids[index])
                 self._forget(self.registry.agents[unit.ids[index]], now, keep_position=False)
+        if left:  # one line a frame, whatever it names
+            self._plog.warning(now, "%s: %d %s left (%s%s): %s", unit.name, len(left),
+                               "agent" if len(left) == 1 else "agents", left[0],
+                               f" .. {left[-1]}" if len(left) > 1 else "", msg.reason or "bye")
         self.schedule.settle(now)
 
     # --- departures: settled in one order -------------------------------------------

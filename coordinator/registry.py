@@ -19,17 +19,20 @@ import numpy as np
 
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.protocol import ErrorCode
-from agentbus_zmq.bus.report import page_slice
+from agentbus_zmq.bus.report import PAGE_SIZE, page_slice
 from agentbus_zmq.bus.security import id_allowed
 from agentbus_zmq.coordinator.outbox import Outbox
 from agentbus_zmq.coordinator.settings import ConfigError, Settings
 from agentbus_zmq.coordinator.units import (JOINING, UNITS, AgentEntry, HostEntry, Member, Unit, unit_of)
 from agentbus_zmq.coordinator.world import World, WorldFull
 
-__all__ = ["Registry", "MAX_TRACKED_IDS", "WorldFull"]
+__all__ = ["Registry", "MAX_TRACKED_IDS", "RESTARTS_KEPT", "WorldFull"]
 
 #: Agent ids whose registrations are counted for ``restarts`` in stats (bounded memory).
 MAX_TRACKED_IDS = 65_536
+#: The agent ids ``restarts`` keeps: the most recently re-registered (stats shows them,
+#: sorted, at a cost that does not grow with the session).
+RESTARTS_KEPT = PAGE_SIZE
 
 
 class Registry:
@@ -52,8 +55,9 @@ class Registry:
         self.ready = 0
         #: registrations per agent id this session (restarts = registrations - 1)
         self._registrations: collections.Counter = collections.Counter()
-        #: the agent ids registered more than once, and how many times again
-        self.restarts: dict[str, int] = {}
+        #: the agent ids registered more than once, and how many times again: the
+        #: RESTARTS_KEPT most recent, oldest first
+        self.restarts: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.stopping = False
         self._welcomes = P.WelcomeEncoder(session, {
             "mode": settings.mode,
@@ -97,8 +101,11 @@ class Registry:
         for holder, name in holders.items():
             if holder.peer == peer or self._may_replace(holder, token, key, now):
                 continue
-            # if its connection is in fact gone, the probe finds out and the next HELLO gets in
-            self.outbox.send(holder, P.encode(P.Heartbeat()), now)
+            # if its connection is in fact gone, the probe finds out and the next HELLO gets in;
+            # once per heartbeat interval at most, however many HELLOs are refused
+            if now - holder.probed_at >= self.settings.heartbeat:
+                holder.probed_at = now
+                self.outbox.send(holder, P.encode(P.Heartbeat()), now)
             self.outbox.reject(peer, ErrorCode.ID_TAKEN, f"{who}: id {name!r} is registered by {holder.name}, whose "
                                                          f"connection is alive", now)
             return None
@@ -209,6 +216,9 @@ class Registry:
             self._registrations[agent_id] += 1
             if self._registrations[agent_id] > 1:
                 self.restarts[agent_id] = self._registrations[agent_id] - 1
+                self.restarts.move_to_end(agent_id)
+                if len(self.restarts) > RESTARTS_KEPT:
+                    self.restarts.popitem(last=False)
 
     # --- what it tells agents, and reports -------------------------------------------
 

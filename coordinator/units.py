@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import math
 
 import numpy as np
 
@@ -102,6 +103,8 @@ class Unit:
     #: the last STEP_TIMES step times (wall, per agent, microseconds), a ring
     times: list = dataclasses.field(default_factory=lambda: [0] * STEP_TIMES)
     times_n: int = 0
+    #: when a refused HELLO for its ids last made the registry probe it (ID_TAKEN)
+    probed_at: float = -math.inf
 
     @property
     def name(self) -> str:

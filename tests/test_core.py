@@ -161,14 +161,49 @@ def test_a_new_connection_with_the_welcome_token_takes_the_registration_over():
 def test_a_live_id_cannot_be_taken_without_its_token():
     h = Harness()
     h.hello(b"victim", "a1")
+    probes = []
     for token in ("", "0" * 32, "not-the-token"):
         out = h.send(b"thief", P.Hello("a1", "test", 1, token))
         assert [(p, m.code) for p, m in out if type(m) is P.Error] == [(b"thief", ErrorCode.ID_TAKEN)]
-        assert [p for p, m in out if type(m) is P.Heartbeat] == [b"victim"]  # probed: is it really alive?
+        probes.append([p for p, m in out if type(m) is P.Heartbeat])
+    assert probes == [[b"victim"], [], []]  # probed (is it really alive?), once a heartbeat interval
     assert h.core.agents["a1"].peer == b"victim"
     out = h.send(b"victim", P.Action(0, 3, 0))               # the victim is never interrupted
     assert observations(out, b"victim") and h.ledger.received == 1
     assert h.ledger.errors["ID_TAKEN"] == 3
+
+
+def test_refused_hellos_probe_the_holder_once_a_heartbeat_interval_however_many_come():
+    """A thief's HELLO flood is not reflected onto its victim: 1,000 refusals over three
+    heartbeat intervals cost the victim three probes, not 1,000."""
+    h = Harness(heartbeat=1.0, liveness=3, deadline=100.0)
+    h.hello(b"victim", "a1")
+    probes = refused = 0
+    for i in range(1000):
+        h.now = i * 0.003
+        if i % 100 == 0:
+            h.send(b"victim", P.Heartbeat())              # the victim is alive throughout
+        out = h.send(b"thief", P.Hello("a1", "test", 1))
+        refused += sum(1 for _, m in out if type(m) is P.Error and m.code == ErrorCode.ID_TAKEN)
+        probes += sum(1 for p, m in out if p == b"victim" and type(m) is P.Heartbeat)
+    assert refused == 1000 and probes == 3
+    assert h.core.agents["a1"].peer == b"victim"
+
+
+def test_restarts_keep_the_most_recent_ids_so_stats_costs_the_same_all_session():
+    """Every re-registration used to stay in ``restarts`` for the session (and every
+    stats sorted them all); it keeps the RESTARTS_KEPT most recent."""
+    from agentbus_zmq.coordinator.registry import RESTARTS_KEPT
+
+    h = Harness()
+    for i in range(RESTARTS_KEPT + 50):
+        for peer in (b"first-%d" % i, b"again-%d" % i):      # registered twice: one restart
+            h.hello(peer, f"a{i}")
+            h.send(peer, P.Bye("leaving"))
+    restarts = h.core.registry.restarts
+    assert len(restarts) == RESTARTS_KEPT and list(restarts)[-1] == f"a{RESTARTS_KEPT + 49}"
+    assert "a0" not in restarts and all(n == 1 for n in restarts.values())
+    assert len(h.core.stats(h.now).restarts) == RESTARTS_KEPT
 
 
 def test_an_id_whose_connection_went_silent_may_be_taken():

@@ -9,6 +9,7 @@ clock (test_core.py), not again here.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,37 @@ def test_a_hello_flood_with_a_live_agents_id_never_takes_it(bus):
         assert stats["agent_pids"]["victim"] == victim_pid and stats["restarts"] == {}
         assert stats["ledger"]["received"] > steps_before + 100  # the victim stepped on throughout
     finally:
+        thief.close(linger=0)
+
+
+def test_a_hello_flood_is_not_reflected_onto_the_agent_whose_id_it_names(bus):
+    """Each refused HELLO used to probe the holder with a HEARTBEAT, unthrottled: a thief
+    could make the bus send its victim tens of thousands a second.  Now at most one probe
+    per heartbeat interval (0.5 s) reaches it, whatever the thief sends."""
+    bus.coordinator(None, "--mode", "async", "--heartbeat", "0.5")
+    victim, thief = sockets.dealer(bus.endpoint), sockets.dealer(bus.endpoint)
+    try:
+        victim.send(P.encode(P.Hello("victim", "raw", os.getpid())))
+        _next(victim, P.Welcome)
+        victim.send(P.encode(P.Heartbeat()))                  # ready
+        heartbeats = refused = 0
+        start = time.monotonic()
+        while time.monotonic() - start < 1.0:                 # 1 s of HELLOs, as fast as they go
+            for _ in range(50):
+                thief.send(P.encode(P.Hello("victim", "raw", os.getpid())))
+            for msg in _drain(victim):
+                if type(msg) is P.Heartbeat:
+                    heartbeats += 1
+                elif type(msg) is P.Observation:              # it answers and stays alive
+                    victim.send(P.encode(P.Action(msg.tick, 4, 0)))
+            refused += sum(type(m) is P.Error and m.code == P.ErrorCode.ID_TAKEN for m in _drain(thief))
+            victim.send(P.encode(P.Heartbeat()))
+        elapsed = time.monotonic() - start
+        assert refused >= 100, refused
+        assert heartbeats <= elapsed / 0.5 + 3, (heartbeats, refused)  # probes, plus the regular beat
+        assert bus.stats()["agent_ids"] == ["victim"]
+    finally:
+        victim.close(linger=0)
         thief.close(linger=0)
 
 
@@ -363,3 +395,63 @@ def router_frames(router: zmq.Socket):
             return router.recv_multipart()[1]
 
     return Frames()
+
+
+def _serve_agents_pages(router: zmq.Socket, proc: subprocess.Popen, pages: int, rows: int) -> list[int]:
+    """Answer every ``agents`` request as a hostile coordinator would (claiming ``pages``
+    pages of ``rows`` rows each) until busctl exits; the pages it asked for."""
+    asked: list[int] = []
+    row = {"id": "\x1b[2J[link=http://evil]x[/link]", "pid": 1, "host": "", "kind": "k", "state": "stepping",
+           "steps": 1, "late": 0, "missed": 0, "slow": 0, "last_seen_s": 0.0}
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if not router.poll(100):
+            continue
+        peer, frame = router.recv_multipart()
+        msg = P.decode(frame)
+        if type(msg) is P.Control and msg.command == "agents":
+            asked.append(msg.args.get("page", 0))
+            result = {"page": asked[-1], "pages": pages, "agents": [row] * rows}
+            router.send_multipart([peer, P.encode(P.Reply(msg.request_id, True, result))])
+    return asked
+
+
+def test_busctl_asks_for_the_pages_it_shows_whatever_a_coordinator_claims(tmp_path):
+    """``pages: 10**9`` once made busctl agents ask for ever, and 200 rows a page made each
+    page as big as the coordinator liked: --limit 5 now asks for the first page only
+    (pages are in id order) and keeps 5 rows."""
+    endpoint = f"ipc://{tmp_path}/evil.ipc"
+    router = sockets.router(endpoint)
+    proc = subprocess.Popen([sys.executable, "-m", "agentbus_zmq.bus.ctl", "--endpoint", endpoint, "agents",
+                             "--limit", "5", "--format", "json"], env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        asked = _serve_agents_pages(router, proc, 10**9, 200)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        router.close(linger=0)
+    assert proc.returncode == 0, err
+    assert asked == [0] and len(json.loads(out)) == 5
+
+
+@pytest.mark.unit
+def test_busctl_follows_at_most_max_pages_and_keeps_a_pages_worth_of_each():
+    from agentbus_zmq.bus.commands.agents import MAX_PAGES, fetch
+    from agentbus_zmq.bus.report import PAGE_SIZE
+
+    class Hostile:
+        asked: list[int] = []
+
+        def request(self, command, args):
+            self.asked.append(args["page"])
+            rows = PAGE_SIZE + 72 if args["page"] < 3 else 1       # oversized pages first, then small ones
+            return {"page": args["page"], "pages": 10**9, "agents": [{"id": f"a{args['page']}"}] * rows}
+
+    ctl = Hostile()
+    rows, pages = fetch(ctl)
+    assert ctl.asked == list(range(MAX_PAGES)) and pages == 10**9 and len(rows) == 3 * PAGE_SIZE + MAX_PAGES - 3
+    ctl.asked.clear()
+    assert len(fetch(ctl, limit=300)[0]) == 3 * PAGE_SIZE and ctl.asked == [0, 1, 2]

@@ -191,7 +191,7 @@ def test_a_member_whose_step_raises_is_dropped_and_its_host_mates_keep_stepping(
         log.close()
     text = (tmp_path / "flaky.log").read_text()
     assert "agent flaky-2: step raised ValueError: member 1 trips on its 20th step; it leaves, its host-mates go on" in text
-    assert "host flaky-host: agent flaky-2 left: step raised ValueError" in bus.coordinator_child.log_path.read_text()
+    assert "host flaky-host: 1 agent left (flaky-2): step raised ValueError" in bus.coordinator_child.log_path.read_text()
 
 
 def test_a_mis_sized_or_malformed_host_frame_gets_a_clear_error_and_nothing_else_breaks(bus):
@@ -214,6 +214,34 @@ def test_a_mis_sized_or_malformed_host_frame_gets_a_clear_error_and_nothing_else
         spec.close()
     stats = bus.stats()
     assert stats["ledger"]["balanced"] and stats["ledger"]["errors"]["BAD_FIELD"] >= 2 and stats["agents"] == 2
+
+
+def test_peer_text_reaches_the_log_as_one_escaped_line_and_a_host_bye_as_one_line(bus):
+    """A reason with a newline and escape codes cannot forge a log line or reach a
+    terminal raw; a HOST_BYE naming 300 members is one line, not 300."""
+    bus.coordinator()
+    spec = SpecHost(bus.endpoint, "bye-host", "bye-", 1, 300)
+    forged = "bye\n2026-12-06 00:00:00,000 CRITICAL agentbus forged line\x1b[2J\u2028more"
+    try:
+        spec.register()
+        spec.send([1, spec.HOST_BYE, list(range(300)), forged])
+        stats = wait_until(lambda: (s := bus.stats())["agents"] == 0 and s, 10, "the members to leave")
+        raw = SpecHost(bus.endpoint, "raw-host", "raw-", 1, 1)
+        raw.register()
+        raw.send([1, 7, 1, forged])                        # an ERROR with the same text
+        raw.send([1, 6, forged])                           # a BYE with it
+        wait_until(lambda: bus.stats()["agents"] == 0, 10, "the BYE")
+    finally:
+        spec.close()
+    assert stats["ledger"]["balanced"]
+    log = bus.coordinator_child.log_path.read_bytes().decode()
+    assert b"\x1b" not in bus.coordinator_child.log_path.read_bytes() and "\u2028" not in log
+    lines = log.splitlines()
+    assert not any(line.startswith("2026-12-06 00:00:00,000 CRITICAL") for line in lines)
+    left = [line for line in lines if "bye-host" in line and "agents left (" in line]
+    assert len(left) == 1 and "300 agents left (bye-1 .. bye-300): bye\\x0a2026-12-06" in left[0], left
+    assert "\\x1b[2J\\u2028more" in left[0] and not any("agent bye-2 " in line for line in lines)
+    assert sum("reported error" in line and "\\x0a" in line for line in lines) == 1
 
 
 def test_hosts_use_no_more_processes_than_asked(bus):

@@ -7,9 +7,9 @@ import json
 import click
 
 from agentbus_zmq.bus.commands import Call, Command, Server, command, page_arg
-from agentbus_zmq.bus.report import AgentRow, AgentsPage
+from agentbus_zmq.bus.report import PAGE_SIZE, AgentRow, AgentsPage
 
-__all__ = ["AgentsCommand", "SORTS", "agents_table", "fetch_all", "sort_rows"]
+__all__ = ["AgentsCommand", "MAX_PAGES", "SORTS", "agents_table", "fetch", "fetch_all", "sort_rows"]
 
 #: busctl's sort keys: option value -> (row field, largest first)
 SORTS = {"id": ("id", False), "steps": ("steps", True), "p50": ("p50_us", True), "p99": ("p99_us", True),
@@ -41,21 +41,38 @@ class AgentsCommand(Command):
         return server.agents_page(page, call.now).to_wire()
 
     def console(self, ctl, sort: str = "id", limit: int = 0, fmt: str = "table") -> None:
-        rows = sort_rows(fetch_all(ctl), sort)
+        # pages come by id: the first rows by id need only their pages
+        rows, total = fetch(ctl, limit if sort == "id" else 0)
+        rows = sort_rows(rows, sort)
         if limit:
             rows = rows[:limit]
         if fmt == "json":
             ctl.echo(json.dumps([r.to_wire() for r in rows], indent=2))
         else:
-            ctl.print(agents_table(rows, f"{len(rows)} agents, by {sort}", ctl.text))
+            title = f"{len(rows)} agents, by {sort}" + (f" (of the first {MAX_PAGES * PAGE_SIZE:,} by id; the "
+                                                         f"coordinator lists {total:,} pages)" if total > MAX_PAGES else "")
+            ctl.print(agents_table(rows, title, ctl.text))
+
+
+#: pages busctl follows at most, whatever count a coordinator claims (131,072 agents)
+MAX_PAGES = 1024
+
+
+def fetch(ctl, limit: int = 0, max_pages: int = MAX_PAGES) -> tuple[list[AgentRow], int]:
+    """The agents' rows, page by page in id order: all of them, the first ``limit``, or
+    the first ``max_pages`` pages; and the page count the coordinator said.  A page holds
+    PAGE_SIZE rows at most, whatever it carries."""
+    first = AgentsPage.from_wire(ctl.request("agents", {"page": 0}))
+    pages = min(first.pages, max_pages, -(-limit // PAGE_SIZE) if limit else max_pages)
+    rows = list(first.agents[:PAGE_SIZE])
+    for page in range(1, pages):
+        rows += AgentsPage.from_wire(ctl.request("agents", {"page": page})).agents[:PAGE_SIZE]
+    return rows, first.pages
 
 
 def fetch_all(ctl) -> list[AgentRow]:
-    first = AgentsPage.from_wire(ctl.request("agents", {"page": 0}))
-    rows = list(first.agents)
-    for page in range(1, first.pages):
-        rows += AgentsPage.from_wire(ctl.request("agents", {"page": page})).agents
-    return rows
+    """Every agent's row (at most MAX_PAGES pages)."""
+    return fetch(ctl)[0]
 
 
 def sort_rows(rows: list[AgentRow], sort: str) -> list[AgentRow]:
