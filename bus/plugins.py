@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import re
+import sys
 
 __all__ = ["available", "load"]
 
@@ -34,6 +36,11 @@ def load(name: str, builtin: dict[str, str], group: str, what: str, error: type[
     if not _TARGET.match(target):
         raise error(f"{what} {name!r}: {target!r} is not {form}")
     module_name, _, attr = target.partition(":")
+    if ":" in name and os.getcwd() not in sys.path:
+        # a module:attribute the user names may live in the current directory; it is
+        # searched last, so nothing planted there (a pymdp/, a numpy/) stands in for an
+        # installed package, and names (built-ins, entry points) never look there at all
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except error:

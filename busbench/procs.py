@@ -38,7 +38,7 @@ class Child:
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [sys.executable, "-P", "-m", module, *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             preexec_fn=die_with_parent, start_new_session=True,
         )

@@ -155,7 +155,7 @@ def spin_plan(spin: str, n: int, c: int) -> tuple[int, int]:
 def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
     """R_pool(N) in a process of its own (``python -m agentbus_zmq.busbench.pool``): the
     same agents in the same process layout, no messaging."""
-    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.pool", "--agents", str(n), "--per-host", str(per_host),
+    cmd = [sys.executable, "-P", "-m", "agentbus_zmq.busbench.pool", "--agents", str(n), "--per-host", str(per_host),
            *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(), "--warmup", str(cfg.warmup),
            "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
@@ -167,7 +167,7 @@ def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
 def measure_peer(cfg: BenchConfig, n: int, per_host: int) -> dict:
     """R_peer(N) in a process of its own (``python -m agentbus_zmq.busbench.peer``): the
     same agents in the same process layout under Gymnasium's AsyncVectorEnv."""
-    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.peer", "--agents", str(n), "--per-host", str(per_host),
+    cmd = [sys.executable, "-P", "-m", "agentbus_zmq.busbench.peer", "--agents", str(n), "--per-host", str(per_host),
            *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(), "--warmup", str(cfg.warmup),
            "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
@@ -178,7 +178,7 @@ def measure_peer(cfg: BenchConfig, n: int, per_host: int) -> dict:
 
 def measure_r1(cfg: BenchConfig) -> dict:
     """r1 in a process of its own (``python -m busbench.solo``)."""
-    cmd = [sys.executable, "-m", "agentbus_zmq.busbench.solo", *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(),
+    cmd = [sys.executable, "-P", "-m", "agentbus_zmq.busbench.solo", *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(),
            "--warmup", str(max(cfg.warmup, 100)), "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + cfg.solo_duration, stdin=subprocess.DEVNULL)
     if out.returncode != 0:

@@ -271,6 +271,30 @@ def test_chaos_never_kills_a_pid_a_peer_claimed():
             p.wait()
 
 
+def test_code_planted_in_the_working_directory_does_not_run_inside_bus_agent(bus, tmp_path):
+    """A ``pymdp/`` planted where bus-agent starts is never imported in place of the real
+    one, for a built-in kind or for a module:Class kind that lives right there (whose
+    directory is searched last, and only because it asked)."""
+    bus.coordinator()
+    work, marker = tmp_path / "work", tmp_path / "planted-ran"
+    (work / "pymdp").mkdir(parents=True)
+    (work / "pymdp" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(9)\n")
+    (work / "mykind.py").write_text("import pymdp\nfrom agentbus_zmq.agents.kinds.null import NullAgent\n\n\n"
+                                    "class Mine(NullAgent):\n    kind = 'mine'\n")
+    exe = os.path.join(os.path.dirname(sys.executable), "bus-agent")
+    procs = [subprocess.Popen([exe, "--endpoint", bus.endpoint, "--kind", kind, "--id", agent_id, "--log-level",
+                               "WARNING"], cwd=work, env=cli_env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             for kind, agent_id in (("explorer", "e1"), ("mykind:Mine", "m1"))]
+    try:
+        stats = bus.wait_agents(2, timeout=60)
+        assert sorted(stats["agent_ids"]) == ["e1", "m1"] and not marker.exists()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+
+
 # --- a hostile coordinator -----------------------------------------------------------------
 
 

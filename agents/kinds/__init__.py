@@ -7,8 +7,8 @@ with :func:`kind_options`, so they cannot drift apart.  A kind is
 * a built-in name (:data:`KINDS`: ``explorer``, ``null``);
 * a name an installed package declares in the entry-point group :data:`ENTRY_POINT_GROUP`
   (``agentbus.kinds``), as ``name = "package.module:ClassName"``;
-* or ``package.module:ClassName`` itself, importable from the current directory or the
-  environment.
+* or ``package.module:ClassName`` itself, importable from the environment or, searched
+  last, the current directory (bus.plugins); built-in and entry-point names never look there.
 
 Either way the class must subclass :class:`~agentbus_zmq.agents.sdk.Agent`; anything
 else, or a module that does not import, is :class:`KindUnavailable` with one line that
@@ -17,8 +17,6 @@ says what to do.
 
 from __future__ import annotations
 
-import os
-import sys
 
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.bus import plugins
@@ -49,8 +47,6 @@ def available_kinds() -> dict[str, str]:
 
 def kind_class(kind: str) -> type[Agent]:
     """The Agent class for ``kind`` (a name, or ``module:ClassName``)."""
-    if ":" in kind and os.getcwd() not in sys.path:  # as `python -m` would: a kind in the current directory imports
-        sys.path.insert(0, os.getcwd())
     cls = plugins.load(kind, KINDS, ENTRY_POINT_GROUP, "agent kind", KindUnavailable,
                        " (is it installed, or in the current directory?)", "package.module:ClassName")
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
