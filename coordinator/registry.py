@@ -115,18 +115,22 @@ class Registry:
                                                      f"are ready (at most {self.settings.max_pending})", now)
             return None
         for holder in taking_over:
-            if now - holder.last_seen <= self.settings.expiry:  # it may still be listening: tell it
+            # it may still be listening (alive, or still building its model): tell it
+            if holder.state is JOINING or now - holder.last_seen <= self.settings.expiry:
                 self.outbox.error(holder.peer, ErrorCode.REPLACED, f"{holder.name}: taken over by another "
                                                                    f"connection that presented its token or key")
         return taking_over
 
     def _may_replace(self, holder: Unit, token: str, key: bytes | None, now: float) -> bool:
-        """A new connection may take ``holder``'s registration when the old connection is
-        silent past liveness, or when the new one proves it is the same agent: it presents
-        the token of the old WELCOME, or authenticated with the same CURVE key."""
-        return (now - holder.last_seen > self.settings.expiry
-                or (bool(token) and hmac.compare_digest(token.encode(), holder.token.encode()))
-                or (key is not None and key == holder.key))
+        """A new connection may take ``holder``'s registration when the new one proves it
+        is the same agent (it presents the token of the old WELCOME, or authenticated with
+        the same CURVE key), or when the old connection is silent past liveness and is
+        not still getting ready: an agent building its model (a JAX compile, seconds) is
+        silent by design inside its setup grace, and liveness drops it if it overstays."""
+        if (bool(token) and hmac.compare_digest(token.encode(), holder.token.encode())) or \
+                (key is not None and key == holder.key):
+            return True
+        return holder.state is not JOINING and now - holder.last_seen > self.settings.expiry
 
     def room_for(self, ids: list[str]) -> int:
         """Agents the world can still take, counting ``ids`` already placed as room."""

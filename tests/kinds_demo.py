@@ -84,3 +84,17 @@ class Busy(Agent):
         while time.perf_counter() < end:
             pass
         return 4
+
+
+class SlowStart(Agent):
+    """Builds its model for 2.5 s (as a JAX compile does), silent meanwhile, then stays."""
+
+    kind = "slow-start"
+
+    def on_start(self, welcome) -> None:
+        import time
+
+        time.sleep(2.5)
+
+    def step(self, obs) -> int:
+        return 4

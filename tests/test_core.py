@@ -206,6 +206,26 @@ def test_restarts_keep_the_most_recent_ids_so_stats_costs_the_same_all_session()
     assert len(h.core.stats(h.now).restarts) == RESTARTS_KEPT
 
 
+def test_an_agent_getting_ready_cannot_have_its_id_stolen_however_long_it_builds():
+    """Silent for 20 s while it builds its model (inside the 30 s setup grace), a joining
+    registration is not taken by a HELLO without its token; with the token it is, and the
+    old connection is told REPLACED."""
+    h = Harness(heartbeat=0.5, liveness=3, deadline=100.0)
+    welcome = [m for _, m in h.send(b"builder", P.Hello("a1", "test", 1)) if type(m) is P.Welcome][0]
+    for t in (2.0, 5.0, 20.0):                                 # past liveness (1.5 s), inside the grace
+        h.now = t
+        h.advance(0.0)
+        out = h.send(b"thief", P.Hello("a1", "test", 1))
+        assert [(p, m.code) for p, m in out if type(m) is P.Error] == [(b"thief", ErrorCode.ID_TAKEN)], t
+        assert h.core.agents["a1"].peer == b"builder"
+    out = h.send(b"restarted", P.Hello("a1", "test", 1, welcome.params["token"]))
+    assert [m.code for p, m in out if p == b"builder" and type(m) is P.Error] == [ErrorCode.REPLACED]
+    assert h.core.agents["a1"].peer == b"restarted"
+    h.now = 31.0 + 20.0                                        # past the new registration's grace: dropped
+    h.advance(0.0)
+    assert "a1" not in h.core.agents and h.ledger.errors["setup_expired"] == 1
+
+
 def test_an_id_whose_connection_went_silent_may_be_taken():
     h = Harness(heartbeat=0.5, liveness=3, deadline=100.0)
     h.hello(b"old", "a1")

@@ -250,7 +250,7 @@ def test_an_agent_survives_a_hostile_coordinator(tmp_path):
 
     endpoint = f"ipc://{tmp_path}/fake.ipc"
     router = sockets.router(endpoint)
-    agent = Child("agent", "agents", ["--endpoint", endpoint, "--kind", "null", "--id", "a1"],
+    agent = Child("agent", "agentbus_zmq.agents", ["--endpoint", endpoint, "--kind", "null", "--id", "a1"],
                   log_path=str(tmp_path / "agent.log"))
     try:
         assert router.poll(20_000), "no HELLO from the agent"

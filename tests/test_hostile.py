@@ -77,6 +77,26 @@ def test_a_hello_flood_with_a_live_agents_id_never_takes_it(bus):
         thief.close(linger=0)
 
 
+def test_an_agent_building_its_model_keeps_its_id_against_a_hello_flood(bus):
+    """An agent silent for 2.5 s in on_start (past liveness, 1.5 s; inside the setup grace)
+    used to be taken over by any tokenless HELLO; now it gets ready under its id."""
+    bus.coordinator()
+    bus.agents(1, "--kind", "tests.kinds_demo:SlowStart", agent_id="builder")
+    thief = sockets.dealer(bus.endpoint)
+    try:
+        wait_until(lambda: "builder" in bus.stats()["agent_ids"], 20, "the agent's HELLO")
+        answers, start = [], time.monotonic()
+        while time.monotonic() - start < 4.0:
+            thief.send(P.encode(P.Hello("builder", "thief", os.getpid())))
+            time.sleep(0.05)
+            answers += _drain(thief)
+        stats = bus.wait_agents(1, timeout=20)
+        assert answers and all(type(m) is P.Error and m.code == P.ErrorCode.ID_TAKEN for m in answers), answers[:3]
+        assert stats["agent_ids"] == ["builder"] and stats["restarts"] == {}
+    finally:
+        thief.close(linger=0)
+
+
 def test_a_hello_flood_is_not_reflected_onto_the_agent_whose_id_it_names(bus):
     """Each refused HELLO used to probe the holder with a HEARTBEAT, unthrottled: a thief
     could make the bus send its victim tens of thousands a second.  Now at most one probe
