@@ -96,8 +96,8 @@ _WORLD = WorldConfig()
                                       "with BUSY and retried by the agents.")
 @click.option("--drop-after", envvar=_ENV["drop_after"], type=click.IntRange(0), default=Settings.drop_after,
               show_default=True, help="Drop an agent (or host) from the schedule after this many deadlines in a "
-                                      "row that it missed or answered late or slowly (after 80%% of the "
-                                      "deadline); it may rejoin. 0: never.")
+                                      "row that it missed or answered late or slowly (after 80% of the "
+                                      "deadline); it may rejoin (bus-agent does at once). 0: never.")
 @click.option("--metrics", envvar=_ENV["metrics"], default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464). Off by default.")
 @click.option("--efficiency-window", envvar=_ENV["efficiency_window"], type=click.FloatRange(min=0, min_open=True),

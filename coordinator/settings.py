@@ -40,8 +40,9 @@ class Settings:
     #: An answer after this fraction of its deadline is counted slow.
     slow_fraction: float = 0.8
     #: Drop a unit from the schedule after this many deadlines in a row that it missed,
-    #: answered late or answered slowly (0: never); it may HELLO again.
-    drop_after: int = 0
+    #: answered late or answered slowly (0: never); it may HELLO again (bus-agent does, at
+    #: once).  On by default: a mute agent must not hold a lock-step bus at the deadline.
+    drop_after: int = 5
     #: Live efficiency: its sliding window (s), the cores the agents can use, the alert's
     #: threshold and how long efficiency must stay below it before the alert is raised.
     efficiency_window: float = 10.0

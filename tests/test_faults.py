@@ -183,8 +183,26 @@ def test_a_launcher_whose_agent_keeps_failing_gives_up_and_exits_non_zero(bus):
     assert log.count("restart 3 in") >= 1 and "restart 4 in" not in log
 
 
+def test_a_hung_agent_is_dropped_by_the_default_straggler_policy_after_five_deadlines(bus):
+    """Without any option, a mute agent holds lock-step for five deadlines, not for ever
+    (nor for liveness: it may be a live process that heartbeats and never answers)."""
+    bus.coordinator(None, "--deadline", "0.2", "--heartbeat", "2")   # liveness 6 s: the policy comes first
+    bus.agents(3, "--kind", "null")
+    stats = bus.wait_agents(3)
+    victim = sorted(stats["agent_pids"].values())[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        stats = bus.wait_agents(2, timeout=10, ready=False)
+        assert stats["ledger"]["errors"]["dropped_stragglers"] == 1 and "expired" not in stats["ledger"]["errors"]
+        assert 5 <= stats["ledger"]["missing"] and stats["ledger"]["balanced"]
+        tick = bus.stats()["tick"]
+        wait_until(lambda: bus.stats()["tick"] > tick + 100, 10, "the others to run at full speed")
+    finally:
+        os.kill(victim, signal.SIGCONT)
+
+
 def test_a_hung_agent_stalls_the_others_no_longer_than_the_deadline_and_liveness(bus):
-    bus.coordinator(None, "--deadline", "0.2")
+    bus.coordinator(None, "--deadline", "0.2", "--drop-after", "0")
     bus.agents(3, "--kind", "null")
     stats = bus.wait_agents(3)
     victim = sorted(stats["agent_pids"].values())[0]

@@ -64,7 +64,9 @@ def test_the_alert_is_raised_once_after_the_hold_and_cleared_on_recovery():
 
 
 def test_an_alert_names_the_agents_missing_their_deadlines():
-    core = CoordinatorCore(Settings(deadline=0.1, efficiency_window=1.0, alert_for=0.5, alert_threshold=0.5),
+    # drop_after=0: 'stuck' stays (the default policy would drop it before the alert is due)
+    core = CoordinatorCore(Settings(deadline=0.1, efficiency_window=1.0, alert_for=0.5, alert_threshold=0.5,
+                                    drop_after=0),
                            GridWorld(WorldConfig(seed=1)), "s", clock=FakeClock())
     now = 0.0
     for peer, agent in ((b"ok", "fine"), (b"stuck", "stuck")):

@@ -71,7 +71,7 @@ def test_a_stalled_agent_raises_the_alert_naming_it_and_its_return_clears_it(bus
     log = tmp_path / "hook.log"
     hook = (f"{sys.executable} -c \"import os; open('{log}', 'a').write(os.environ['BUS_ALERT_STATE'] + '|' + "
             f"os.environ['BUS_ALERT_CAUSE'] + chr(10))\"")
-    bus.coordinator(None, "--metrics", "127.0.0.1:0", "--deadline", "0.2", "--heartbeat", "3",
+    bus.coordinator(None, "--metrics", "127.0.0.1:0", "--deadline", "0.2", "--heartbeat", "3", "--drop-after", "0",
                     "--efficiency-window", "2", "--alert-for", "1", "--alert-threshold", "0.2", "--alert-hook", hook)
     url = _metrics_url(bus)
     bus.agents(2, "--kind", "explorer")
