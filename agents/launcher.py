@@ -32,6 +32,7 @@ from typing import Callable
 from agentbus_zmq.agents.host import Host
 from agentbus_zmq.agents.layout import host_layout
 from agentbus_zmq.agents.runtime import EXIT_REPLACED, Runtime
+from agentbus_zmq.bus import sockets
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.restarts import Restart, RestartPolicy, RestartDecisions
 from agentbus_zmq.bus.config import set_batch_scheduling
@@ -90,7 +91,11 @@ def launch(factory: Callable[[], Agent], endpoint: str, agent_id: str, replicas:
     def spawn(child_id: str) -> int:
         pid = os.fork()
         if pid == 0:  # child: never returns
-            os._exit(_child(make, endpoint, child_id, parent, runtime_options))
+            code = _child(make, endpoint, child_id, parent, runtime_options)
+            try:
+                sockets.term()  # the BYE its runtime queued goes out before the process does
+            finally:
+                os._exit(code)
         return pid
 
     children = {spawn(child_id): child_id for child_id in ids}

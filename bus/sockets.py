@@ -14,7 +14,7 @@ import zmq
 from agentbus_zmq.bus.protocol import MAX_MESSAGE_BYTES
 from agentbus_zmq.bus.security import ClientKeys, ServerKeys
 
-__all__ = ["context", "router", "dealer", "endpoint_is_public", "check_endpoint"]
+__all__ = ["context", "term", "router", "dealer", "endpoint_is_public", "check_endpoint"]
 
 #: Send/receive high-water marks, in messages.  A coordinator with N agents has at
 #: most one outstanding OBSERVATION and a heartbeat per agent, so 1000 is ample
@@ -39,6 +39,21 @@ def context() -> zmq.Context:
         _ctx = zmq.Context()
         _ctx_pid = os.getpid()
     return _ctx
+
+
+#: milliseconds :func:`term` lets a socket still open deliver what it holds
+TERM_LINGER_MS = 200
+
+
+def term() -> None:
+    """End this process's context before the process ends: what closed sockets still
+    queue (a BYE, closed with a linger) goes out first.  A process that leaves with
+    ``os._exit`` (a forked agent) must call it, or its last messages are lost.  Bounded:
+    a socket still open gets TERM_LINGER_MS."""
+    global _ctx
+    if _ctx is not None and _ctx_pid == os.getpid():
+        _ctx.destroy(linger=TERM_LINGER_MS)
+        _ctx = None
 
 
 def _common(sock: zmq.Socket, hwm: int, max_bytes: int) -> None:

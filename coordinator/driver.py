@@ -135,6 +135,8 @@ class Driver:
         if exporter is not None:
             exporter.attach(self.poller)
         self._spin_until = 0.0
+        #: peers found gone while sending, not yet told to the core
+        self._gone: list[bytes] = []
 
     # --- hooks ---------------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class Driver:
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise
-                core.on_undeliverable(peer, "its connection is gone", self.clock(), gone=True)
+                self._gone.append(peer)  # told to the core after the next drain (see _settle_gone)
 
     def run_once(self, max_wait: float = MAX_POLL_S, extra: dict | None = None) -> dict:
         """One turn of the loop: wait (at most ``max_wait`` s, never past the core's next
@@ -196,6 +198,8 @@ class Driver:
         if self.exporter is not None and (self.exporter.busy or self.exporter.fd in ready):
             self.exporter.handle(ready, clock())
         core.on_timer(clock())
+        if self._gone:
+            self._settle_gone()
         alerts = core.take_alerts()
         if self.hook is not None:
             self.hook.reap()
@@ -203,6 +207,19 @@ class Driver:
                 self.hook.fire(event)
         self.flush()
         return ready
+
+    def _settle_gone(self) -> None:
+        """Peers whose connection was gone when a frame for them was sent: read what the
+        socket still holds first (a departing agent's BYE may sit there, sent before it
+        closed), so that one that said goodbye leaves as such, then tell the core."""
+        for _ in range(4):  # bounded: each round may find more gone peers
+            self._drain()
+            gone, self._gone = self._gone, []
+            for peer in gone:
+                self.core.on_undeliverable(peer, "its connection is gone", self.clock(), gone=True)
+            self.flush()
+            if not self._gone:
+                return
 
     def _drain(self) -> None:
         sock, core, clock = self.sock, self.core, self.clock

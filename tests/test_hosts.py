@@ -244,6 +244,23 @@ def test_peer_text_reaches_the_log_as_one_escaped_line_and_a_host_bye_as_one_lin
     assert sum("reported error" in line and "\\x0a" in line for line in lines) == 1
 
 
+@pytest.mark.parametrize("layout", [[], ["--per-host", "2"]])
+def test_forked_agents_and_hosts_say_bye_when_their_launcher_is_stopped(bus, layout):
+    """systemctl stop of a --replicas launcher: every forked agent (or host) says BYE
+    before it exits, so the coordinator counts departures, not dead connections."""
+    bus.coordinator()
+    launcher = bus.agents(4, "--kind", "null", *layout)
+    bus.wait_agents(4)
+    launcher.proc.send_signal(signal.SIGTERM)
+    assert launcher.proc.wait(20) == 0
+    stats = wait_until(lambda: (s := bus.stats())["agents"] == 0 and s, 10, "every agent to leave")
+    errors = stats["ledger"]["errors"]
+    assert errors.get("connection_closed", 0) == 0 and errors.get("expired", 0) == 0, errors
+    log = bus.coordinator_child.log_path.read_text()
+    assert log.count(" left: agent stopping") == (4 if not layout else 2), log[-2000:]
+    assert "connection is gone; dropped" not in log
+
+
 def test_hosts_use_no_more_processes_than_asked(bus):
     bus.coordinator()
     launcher = bus.agents(10, "--kind", "null", "--per-host", "auto")
