@@ -12,7 +12,8 @@ from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
 from agentbus_zmq.agents.layout import PerHost
 from agentbus_zmq.agents.restarts import RestartPolicy
-from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, limit_threads
+from agentbus_zmq.bus.config import (DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, limit_threads,
+                                     version_option)
 
 _ENV = {
     "endpoint": "BUS_ENDPOINT",
@@ -51,6 +52,7 @@ def default_agent_id() -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
 @click.option("--endpoint", envvar=_ENV["endpoint"], default=DEFAULT_ENDPOINT, show_default=True,
               help="Coordinator endpoint to connect to.")
 @click.option("--id", "agent_id", envvar=_ENV["agent_id"], default=None,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["DEFAULT_ENDPOINT", "MODES", "DEFAULTS", "Defaults", "read_dotenv", "dotenv_defaults",
-           "configure_logging", "limit_threads", "set_batch_scheduling"]
+           "configure_logging", "limit_threads", "set_batch_scheduling", "version_option"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 #: The coordinator's schedules (docs/protocol.md).
@@ -108,3 +108,14 @@ def set_batch_scheduling() -> bool:
         return True
     except (AttributeError, OSError):
         return False
+
+
+def version_option():
+    """Every command's ``--version``: the distribution's version and the wire protocol's,
+    so an operator can tell which coordinator and agents may talk."""
+    import click
+
+    from agentbus_zmq.bus.protocol import PROTOCOL_VERSION
+
+    return click.version_option(package_name="agentbus-zmq",
+                                message=f"%(prog)s (agentbus-zmq %(version)s, protocol {PROTOCOL_VERSION})")

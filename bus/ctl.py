@@ -8,8 +8,10 @@
 Every CONTROL command that names a busctl subcommand (``bus.commands``: its ``cli``)
 becomes one here, with its options and its rendering; ``top`` combines two of them.
 It reads ``BUS_ENDPOINT`` and the CURVE settings (``BUS_CURVE_SERVER_KEY``,
-``BUS_CURVE_KEY``) from the environment or ``.env``, as the other commands do, and when
-the coordinator cannot be reached it says where it tried and what the transport saw.
+``BUS_CURVE_KEY``) from the environment or ``.env``, as the other commands do; the
+options (``--endpoint``, ``--curve-server-key``, ``--curve-key``, ``--timeout``) go before
+or after the subcommand (``busctl status --endpoint tcp://10.0.0.5:5555``).  When the
+coordinator cannot be reached it says where it tried and what the transport saw.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from agentbus_zmq.bus.client import BusUnavailable, ControlClient, ControlFailed
 from agentbus_zmq.bus.commands import COMMANDS, Command
 from agentbus_zmq.bus.commands.agents import agents_table, fetch, sort_rows
 from agentbus_zmq.bus.commands.stats import status_view
-from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, dotenv_defaults
+from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, dotenv_defaults, version_option
 from agentbus_zmq.bus.logs import printable
 from agentbus_zmq.bus.report import Stats
 from agentbus_zmq.bus.security import ClientKeys
@@ -51,6 +53,20 @@ class Ctl:
         self.endpoint, self.curve, self.timeout = endpoint, curve, timeout
         self._client: ControlClient | None = None
         self._console = None
+
+    def connect_with(self, endpoint: str | None = None, curve_server_key: str | None = None,
+                     curve_key: str | None = None, timeout: float | None = None) -> None:
+        """Connection options given (before the first request): where they are not None,
+        they replace what was set."""
+        if self._client is not None:
+            raise RuntimeError("connect_with after the first request")
+        self.endpoint = endpoint or self.endpoint
+        self.timeout = timeout or self.timeout
+        if curve_server_key or curve_key:
+            try:
+                self.curve = ClientKeys.from_options(curve_server_key, curve_key)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
 
     @property
     def client(self) -> ControlClient:
@@ -83,23 +99,43 @@ class Ctl:
             self._client.close()
 
 
+def connection_options(on_group: bool):
+    """``--endpoint``, ``--curve-server-key``, ``--curve-key`` and ``--timeout``, taken
+    before the subcommand (``busctl --endpoint X status``, with their environment
+    variables and defaults) and after it (``busctl status --endpoint X``, where given
+    they win)."""
+    where = "" if on_group else " (here, or before the subcommand)"
+    options = [
+        click.option("--endpoint", envvar=_ENV["endpoint"] if on_group else None,
+                     default=DEFAULT_ENDPOINT if on_group else None, show_default=on_group,
+                     help=f"The coordinator's endpoint{where}."),
+        click.option("--curve-server-key", envvar=_ENV["curve_server_key"] if on_group else None,
+                     type=click.Path(exists=True, dir_okay=False), default=None,
+                     help=f"With CURVE: the coordinator's public .key file{where}."),
+        click.option("--curve-key", envvar=_ENV["curve_key"] if on_group else None,
+                     type=click.Path(exists=True, dir_okay=False), default=None,
+                     help=f"With CURVE: this client's .key_secret file (its .key on the coordinator's allow-list)"
+                          f"{where}."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0 if on_group else None,
+                     show_default=on_group, help=f"Seconds to wait for each answer{where}."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--endpoint", envvar=_ENV["endpoint"], default=DEFAULT_ENDPOINT, show_default=True,
-              help="The coordinator's endpoint.")
-@click.option("--curve-server-key", envvar=_ENV["curve_server_key"], type=click.Path(exists=True, dir_okay=False),
-              default=None, help="With CURVE: the coordinator's public .key file.")
-@click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
-              help="With CURVE: this client's .key_secret file (its .key on the coordinator's allow-list).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              help="Seconds to wait for each answer.")
+@version_option()
+@connection_options(on_group=True)
 @click.pass_context
 def cli(ctx, endpoint, curve_server_key, curve_key, timeout):
     """Look at a running agentbus coordinator."""
-    try:
-        curve = ClientKeys.from_options(curve_server_key, curve_key)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    ctx.obj = Ctl(endpoint, curve, timeout)
+    ctx.obj = Ctl(endpoint, None, timeout)
+    ctx.obj.connect_with(curve_server_key=curve_server_key, curve_key=curve_key)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -107,11 +143,13 @@ def _subcommand(cmd: Command) -> click.Command:
     """A busctl subcommand for ``cmd``: its docstring, its options, its console."""
 
     @click.pass_obj
-    def run(ctl: Ctl, **options):
+    def run(ctl: Ctl, endpoint, curve_server_key, curve_key, timeout, **options):
+        ctl.connect_with(endpoint, curve_server_key, curve_key, timeout)
         cmd.console(ctl, **options)
 
     for option in reversed(cmd.cli_options):
         run = option(run)
+    run = connection_options(on_group=False)(run)
     return click.command(cmd.cli, help=type(cmd).__doc__)(run)
 
 
@@ -127,9 +165,11 @@ for _cmd in COMMANDS.values():
               help="Agents shown (the slowest first).")
 @click.option("--iterations", type=click.IntRange(min=0), default=0, help="Stop after this many refreshes (0: "
                                                                           "until Ctrl-C).")
+@connection_options(on_group=False)
 @click.pass_obj
-def top(ctl: Ctl, interval: float, rows: int, iterations: int):
+def top(ctl: Ctl, interval: float, rows: int, iterations: int, endpoint, curve_server_key, curve_key, timeout):
     """A live view: the bus's figures and its slowest agents, refreshed every second."""
+    ctl.connect_with(endpoint, curve_server_key, curve_key, timeout)
     from rich.console import Console, Group
     from rich.live import Live
 

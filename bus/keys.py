@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import click
 
+from agentbus_zmq.bus.config import version_option
 from agentbus_zmq.bus.security import generate
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("names", nargs=-1, required=True)
 @click.option("--agents", "patterns", multiple=True, metavar="PATTERN",

@@ -18,7 +18,7 @@ import click
 
 from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
-from agentbus_zmq.bus.config import MODES, limit_threads
+from agentbus_zmq.bus.config import MODES, limit_threads, version_option
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.busbench import report as rpt
 from agentbus_zmq.agents.layout import PerHost
@@ -76,6 +76,7 @@ class _Progress:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "BUSBENCH",
                                  "show_default": True})
+@version_option()
 @click.option("--agents", type=click.IntRange(1, 1_000_000), default=None,
               help="Agents to run [default: 20; with --connect, those registered].")
 @click.option("--sweep", default=None, help="Comma-separated agent counts, e.g. 1,2,5,10,20.")

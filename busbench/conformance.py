@@ -27,6 +27,7 @@ import click
 import zmq
 
 from agentbus_zmq.bus import protocol as P
+from agentbus_zmq.bus.config import version_option
 from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
 from agentbus_zmq.coordinator.driver import Driver
 from agentbus_zmq.coordinator.worlds import WorldSpec, WorldUnavailable, parse_world_args
@@ -265,6 +266,7 @@ class Kit:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds the agent may take to say HELLO, and to get ready after WELCOME.")

@@ -8,7 +8,7 @@ import sys
 import click
 import zmq
 
-from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults
+from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, version_option
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.coordinator.settings import MODES, ConfigError, Settings
@@ -49,6 +49,7 @@ _WORLD = WorldConfig()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
 @click.option("--bind", envvar=_ENV["bind"], default=DEFAULT_ENDPOINT, show_default=True,
               help="Endpoint to bind the ROUTER on (tcp://host:port or ipc:///path).")
 @click.option("--mode", envvar=_ENV["mode"], type=click.Choice(MODES), default=DEFAULTS.mode, show_default=True,

@@ -182,3 +182,16 @@ def test_a_busy_address_is_a_clear_error(bus):
                        env=_env(), timeout=60)
     assert r.returncode == 1 and "Address already in use" in r.stderr and "choose another --bind" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_every_command_says_its_version_and_the_protocols():
+    from importlib.metadata import version
+
+    from agentbus_zmq.bus.protocol import PROTOCOL_VERSION
+
+    bindir = os.path.dirname(sys.executable)
+    for command in ("bus-coordinator", "bus-agent", "busbench", "busctl", "bus-keys", "bus-conformance"):
+        r = subprocess.run([os.path.join(bindir, command), "--version"], capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL, env=_env())
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"{command} (agentbus-zmq {version('agentbus-zmq')}, protocol {PROTOCOL_VERSION})"

@@ -148,7 +148,12 @@ def test_a_new_control_command_is_one_object_served_by_the_coordinator_and_offer
             def echo(self, text):
                 click.echo(text)
 
-        result = CliRunner().invoke(sub, ["--text", "over the bus"], obj=FakeCtl())
+            def connect_with(self, *options):  # busctl's connection options, taken after the subcommand too
+                self.options = options
+
+        fake = FakeCtl()
+        result = CliRunner().invoke(sub, ["--text", "over the bus", "--timeout", "2"], obj=fake)
+        assert fake.options == (None, None, None, 2.0)
         assert result.exit_code == 0 and result.output == "over the bus\n"
     finally:
         COMMANDS.pop("echo-test", None)

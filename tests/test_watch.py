@@ -116,6 +116,22 @@ def test_busctl_status_and_agents_show_what_stats_says(bus):
                         rf"[\d.]+ ms\n", ping), ping
 
 
+def test_busctl_takes_its_connection_options_before_or_after_the_subcommand(bus, tmp_path):
+    bus.coordinator()
+    bus.agents(1, "--kind", "null")
+    bus.wait_agents(1)
+    nowhere = f"ipc://{tmp_path}/nothing-here.ipc"
+    for argv in (["--endpoint", bus.endpoint, "status", "--format", "json"],
+                 ["status", "--endpoint", bus.endpoint, "--format", "json"],
+                 ["--endpoint", nowhere, "status", "--endpoint", bus.endpoint, "--timeout", "5", "--format", "json"],
+                 ["agents", "--endpoint", bus.endpoint, "--format", "json"]):
+        r = subprocess.run([sys.executable, "-m", "agentbus_zmq.bus.ctl", *argv], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL, env=cli_env())
+        assert r.returncode == 0, (argv, r.stderr)
+        shown = json.loads(r.stdout)
+        assert (shown["agents"] == 1) if isinstance(shown, dict) else (len(shown) == 1), argv
+
+
 def test_busctl_says_where_it_tried_when_nothing_answers(tmp_path):
     env = {**cli_env(), "BUS_ENDPOINT": f"ipc://{tmp_path}/nobody.ipc"}
     r = subprocess.run([sys.executable, "-m", "agentbus_zmq.bus.ctl", "--timeout", "0.5", "status"],
