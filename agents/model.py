@@ -15,6 +15,9 @@ dislikes bumps (the peer system's preferences, ``[2, -4, 8, 0, -4]``).
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 
 from agentbus_zmq.agents.sdk import BadWelcome
@@ -148,18 +151,69 @@ def save_model(path, model: Model) -> None:
     np.savez(path, **arrays)
 
 
+#: the arrays a model file may hold
+_MODEL_ARRAY = re.compile(r"[ABCD]\d{1,3}|E\Z")
+
+
+def _array_headers(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's name, shape and dtype from the .npz's own headers, read before any
+    array is: what loading them would allocate is known, and refused, first."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"the model file {path} is not an .npz (numpy.savez writes one; a plain .npy holds one "
+                         f"array, a model needs A0, A1, B0, C0, C1, D0)")
+    headers = {}
+    with zipfile.ZipFile(path) as z:
+        members = z.infolist()
+        if len(members) > 64:
+            raise ModelError(f"the model file {path} holds {len(members)} entries; a model has at most a few")
+        for info in members:
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if not _MODEL_ARRAY.fullmatch(name):
+                raise ModelError(f"the model file {path} holds {info.filename[:40]!r}; a model holds only A0.., B0.., "
+                                 f"C0.., D0.. and E")
+            with z.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    read = {(1, 0): np.lib.format.read_array_header_1_0,
+                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read is None:
+                        raise ValueError(f"array format {version[0]}.{version[1]}, not 1.0 or 2.0")
+                    shape, _fortran, dtype = read(f, max_header_size=4096)
+                except (ValueError, OSError, SyntaxError) as exc:
+                    raise ModelError(f"the model file {path}: {name} is not a numpy array ({exc})") from None
+            if dtype.kind not in "biuf" or dtype.fields is not None:
+                raise ModelError(f"the model file {path}: {name} holds {dtype} values; a model's arrays hold real "
+                                 f"numbers (float or int)")
+            if len(shape) > 3:
+                raise ModelError(f"the model file {path}: {name} has {len(shape)} axes; a model's arrays have 1 to 3")
+            headers[name] = (tuple(shape), dtype)
+    size = sum(8 * math.prod(shape) for shape, _ in headers.values())  # as float64, which the model uses
+    if size > MAX_MODEL_BYTES:
+        raise ModelError(f"the model file {path} declares {size / 2**30:.1f} GiB of arrays (as float64); at most "
+                         f"{MAX_MODEL_BYTES / 2**30:.0f} GiB")
+    return headers
+
+
 def load_model(path) -> Model:
     """A model from an .npz file with arrays ``A0 .. A{m}``, ``B0 .. B{f}``, ``C0 ..``,
     ``D0 ..`` (one per observation modality / hidden-state factor, in pymdp's
     conventions: ``A[m]`` is ``(outcomes, states)``, ``B[f]`` is ``(states, states,
     actions)`` with ``B[f][next, previous, action]``) and optionally ``E`` (a prior over
-    policies).  No pickles: object arrays are refused."""
+    policies).  No pickles: object arrays are refused.  Names, dtypes, shapes and the
+    total size are checked from the file's headers before any array is read."""
     try:
+        headers = _array_headers(path)
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: np.asarray(f[k], dtype=np.float64) for k in f.files}
-    except (OSError, ValueError) as exc:
+    except ModelError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
         raise ModelError(f"cannot read the model file {path}: {exc} (an .npz of A0, A1, B0, C0, C1, D0 and "
                          f"optionally E: numpy.savez)") from None
+    if {k: a.shape for k, a in arrays.items()} != {k: shape for k, (shape, _) in headers.items()}:
+        raise ModelError(f"the model file {path} changed while it was read")
     parts = {}
     for name in "ABCD":
         keys = sorted((k for k in arrays if k[:1] == name and k[1:].isdigit()), key=lambda k: int(k[1:]))

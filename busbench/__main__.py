@@ -170,6 +170,16 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
                       per_host=per_host, lanes=lanes, world=world, world_args=parse_world_args(world_arg), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
                       model=model, peer=None if peer == "none" or connect else peer)
+    if model is not None:  # a model file that cannot be used is one line now, as bus-agent says it
+        from agentbus_zmq.agents.kinds import create, kind_options
+
+        options = kind_options(agent_kind, **cfg.kind_options())
+        if "model" not in options:
+            raise click.UsageError(f"--model is for kinds that take a model (explorer); {agent_kind} does not")
+        try:
+            create(agent_kind, **options)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     counts = _counts(sweep) if sweep else [agents] if agents else None
     if counts is None:
         counts = [_registered(connect, cfg)] if connect else [20]

@@ -3,6 +3,7 @@ against the world in WELCOME, each mistake named by array, axis and expected val
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -58,15 +59,52 @@ def test_a_model_for_another_world_size_is_refused_at_welcome(tmp_path):
 @pytest.mark.unit
 def test_files_that_are_not_models_say_so(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ModelError, match="cannot read the model file"):
+    with pytest.raises(ModelError, match="is not an .npz"):
         load_model(tmp_path / "junk.npz")
     np.savez(tmp_path / "partial.npz", A0=np.eye(2), B0=np.ones((2, 2, 5)) / 2, C0=np.zeros(2))
     with pytest.raises(ModelError, match="has no D0"):
         load_model(tmp_path / "partial.npz")
     np.savez(tmp_path / "objects.npz", A0=np.array([np.eye(2), np.eye(3)], dtype=object), B0=np.eye(2),
              C0=np.eye(2), D0=np.eye(2))
-    with pytest.raises(ModelError, match="cannot read"):                 # no pickles
+    with pytest.raises(ModelError, match="holds object values"):         # no pickles
         load_model(tmp_path / "objects.npz")
+
+
+def _npz_with_header(path, name: str, header: dict, data: bytes = b"") -> None:
+    """An .npz whose one array's header says what a hostile file would (no data needed)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{name}.npy", buf.getvalue() + data)
+
+
+@pytest.mark.parametrize("case, expect", [
+    ({"descr": "<f8", "fortran_order": False, "shape": (10**12,)}, "declares 7450.6 GiB"),   # a lying header
+    ({"descr": "<f4", "fortran_order": False, "shape": (1 << 28,)}, "declares 2.0 GiB"),     # a deflate bomb's size
+    ({"descr": [("a", "<f8"), ("b", "<i4")], "fortran_order": False, "shape": (4,)}, "real numbers"),
+    ({"descr": "<c16", "fortran_order": False, "shape": (4,)}, "holds complex128 values"),
+    ({"descr": "<f8", "fortran_order": False, "shape": (2, 2, 2, 2)}, "has 4 axes"),
+])
+def test_a_hostile_model_file_is_refused_from_its_headers_before_anything_is_allocated(tmp_path, case, expect):
+    import resource
+
+    _npz_with_header(tmp_path / "evil.npz", "A0", case)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelError, match=re.escape(expect)):
+        load_model(tmp_path / "evil.npz")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000   # KB: nothing big was made
+
+
+def test_a_model_file_with_other_entries_or_a_plain_npy_says_so(tmp_path):
+    np.savez(tmp_path / "extra.npz", A0=np.eye(2), notes=np.zeros(2))
+    with pytest.raises(ModelError, match="holds 'notes.npy'; a model holds only"):
+        load_model(tmp_path / "extra.npz")
+    np.save(tmp_path / "plain.npy", np.eye(2))
+    with pytest.raises(ModelError, match="is not an .npz"):
+        load_model(tmp_path / "plain.npy")
 
 
 def test_an_explorer_steps_with_its_own_model_and_a_bad_one_is_one_line(bus, tmp_path):
@@ -80,4 +118,8 @@ def test_an_explorer_steps_with_its_own_model_and_a_bad_one_is_one_line(bus, tmp
     r = subprocess.run([sys.executable, "-m", "agentbus_zmq.agents", "--endpoint", bus.endpoint, "--kind", "explorer",
                         "--model", str(tmp_path / "bad.npz")], capture_output=True, text=True, env=cli_env(),
                        timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode == 2 and "cannot read the model file" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "is not an .npz" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench", "--agents", "2", "--model",
+                        str(tmp_path / "bad.npz")], capture_output=True, text=True, env=cli_env(), timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "is not an .npz" in r.stderr and "Traceback" not in r.stderr   # busbench too
