@@ -256,10 +256,17 @@ class CoordinatorCore:
 
     def _on_host_hello(self, peer: bytes, unit: Unit | None, msg: P.HostHello, now: float, key: bytes | None) -> None:
         reg = self.registry
+        if type(unit) is HostEntry:  # this connection's host, again: as cheap as a heartbeat, whatever it says
+            if unit.host_id == msg.host_id and unit.span == (msg.prefix, msg.first, msg.count):
+                if unit.state is JOINING and now - unit.last_sent >= self.settings.heartbeat / 2:
+                    self.outbox.send(unit, reg.host_welcome(unit), now)  # a repeated HOST_HELLO: WELCOME was lost
+                return
+            if now - unit.joined_at < self.settings.expiry:
+                self.outbox.reject(peer, ErrorCode.BUSY, f"host {msg.host_id}: this connection registered a host "
+                                                         f"{now - unit.joined_at:.2f} s ago; it may register another "
+                                                         f"after {self.settings.expiry:.1f} s", now)
+                return
         ids = msg.member_ids()
-        if type(unit) is HostEntry and unit.host_id == msg.host_id and unit.ids == ids:
-            self.outbox.send(unit, reg.host_welcome(unit), now)  # a repeated HOST_HELLO
-            return
         free = reg.room_for(ids)
         if len(ids) > free:
             self.outbox.reject(peer, ErrorCode.WORLD_FULL, f"{len(ids)} agents do not fit: the world has room for "

@@ -156,7 +156,8 @@ class Registry:
         members ``previous`` (the host's last registration) carried and this one does not
         leave the world."""
         host = HostEntry(peer, msg.kind, msg.pid, now, now, now, deadline=self.settings.deadline_for(len(ids)),
-                         token=self._token(), key=key, host_id=msg.host_id, ids=ids,
+                         token=self._token(), key=key, host_id=msg.host_id, span=(msg.prefix, msg.first, msg.count),
+                         ids=ids,
                          slots=np.array([self.world.place(i) for i in ids], dtype=np.int64),
                          live=np.ones(len(ids), dtype=bool))
         host.refresh()

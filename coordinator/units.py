@@ -139,6 +139,8 @@ class HostEntry(Unit):
     """A host: many agents on one connection, scheduled as one unit, one frame a tick."""
 
     host_id: str = ""
+    #: what its HOST_HELLO named: (prefix, first, count)
+    span: tuple = ()
     #: member ids, in registration order (the order of every host frame)
     ids: list = dataclasses.field(default_factory=list)
     #: world slot of each member

@@ -226,6 +226,28 @@ def test_an_agent_getting_ready_cannot_have_its_id_stolen_however_long_it_builds
     assert "a1" not in h.core.agents and h.ledger.errors["setup_expired"] == 1
 
 
+def test_a_host_connection_that_keeps_re_registering_is_refused_at_the_cost_of_a_heartbeat():
+    """HOST_HELLO alternating its members (first 0, then 4,096) re-placed 4,096 agents a
+    frame; now one connection registers one host per liveness interval, and a repeated
+    HOST_HELLO builds nothing."""
+    h = Harness(heartbeat=0.5, liveness=3, deadline=100.0, world=WorldConfig(seed=1, max_arenas=1000))
+    h.send(b"churn", P.HostHello("churner", "test", 1, "c", 0, 4096))
+    h.send(b"churn", P.Heartbeat())
+    host = h.core.registry.hosts["churner"]
+    for i in range(30):
+        h.now = 0.01 * (i + 1)
+        out = h.send(b"churn", P.HostHello("churner", "test", 1, "c", 4096 * ((i + 1) % 2), 4096))
+        if (i + 1) % 2:
+            assert [m.code for _, m in out if type(m) is P.Error] == [ErrorCode.BUSY], i
+        else:
+            assert out == [], i                                # the same registration: nothing to do
+    assert h.core.registry.hosts["churner"] is host and len(h.core.agents) == 4096 and "c0" in h.core.agents
+    h.now = 2.0                                                # past liveness: it may change what it registers
+    h.send(b"churn", P.Heartbeat())
+    out = h.send(b"churn", P.HostHello("churner", "test", 1, "c", 4096, 4096))
+    assert [type(m) for _, m in out] == [P.HostWelcome] and "c4096" in h.core.agents and "c0" not in h.core.agents
+
+
 def test_an_id_whose_connection_went_silent_may_be_taken():
     h = Harness(heartbeat=0.5, liveness=3, deadline=100.0)
     h.hello(b"old", "a1")

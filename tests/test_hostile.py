@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 import zmq
@@ -95,6 +96,38 @@ def test_an_agent_building_its_model_keeps_its_id_against_a_hello_flood(bus):
         assert stats["agent_ids"] == ["builder"] and stats["restarts"] == {}
     finally:
         thief.close(linger=0)
+
+
+def test_a_host_connection_churning_its_members_is_refused_and_keeps_its_first_registration(bus):
+    """HOST_HELLO alternating `first` between 0 and 4,096, 30 frames a second, re-placed
+    4,096 agents a frame (the issue measured two null agents' lock-step cut to 0.7 %).
+    Now the connection keeps the host it registered: a change within liveness gets BUSY
+    and costs a comparison, the same HOST_HELLO again costs nothing, and lock-step goes on."""
+    bus.coordinator(None, "--max-arenas", "1000")
+    bus.agents(2, "--kind", "null")
+    bus.wait_agents(2)
+    churner = sockets.dealer(bus.endpoint)
+    try:
+        churner.send(P.encode(P.HostHello("churner", "raw", os.getpid(), "c", 0, 4096)))
+        _next(churner, P.HostWelcome)
+        churner.send(P.encode(P.Heartbeat()))
+        tick, busy, start = bus.stats()["tick"], 0, time.monotonic()
+        for frame in range(30):
+            churner.send(P.encode(P.HostHello("churner", "raw", os.getpid(), "c", 4096 * ((frame + 1) % 2), 4096)))
+            end = time.monotonic() + 1 / 30
+            while time.monotonic() < end:
+                for msg in _drain(churner):
+                    if type(msg) is P.HostObservation:
+                        churner.send(P.encode(P.HostAction(msg.tick, np.full(len(msg.members), 4, np.uint8), 0)))
+                    elif type(msg) is P.Error and msg.code == P.ErrorCode.BUSY:
+                        busy += 1
+                time.sleep(0.001)
+        elapsed = time.monotonic() - start
+        stats = bus.stats()
+        assert busy >= 14 and stats["agents"] == 4098 and stats["hosts"] == 1, (busy, stats["agents"])
+        assert stats["tick"] - tick > 20 * elapsed and stats["ledger"]["balanced"]   # lock-step went on
+    finally:
+        churner.close(linger=0)
 
 
 def test_a_hello_flood_is_not_reflected_onto_the_agent_whose_id_it_names(bus):
