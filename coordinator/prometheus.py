@@ -21,6 +21,7 @@ hundred series as one of 10.  Per-agent detail is ``busctl agents``.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -163,19 +164,26 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class _Conn:
-    __slots__ = ("sock", "inbuf", "outbuf", "opened")
+    __slots__ = ("sock", "inbuf", "outbuf", "opened", "peer")
 
-    def __init__(self, sock: socket.socket, now: float):
-        self.sock, self.inbuf, self.outbuf, self.opened = sock, b"", b"", now
+    def __init__(self, sock: socket.socket, now: float, peer: str):
+        self.sock, self.inbuf, self.outbuf, self.opened, self.peer = sock, b"", b"", now, peer
 
 
 class MetricsServer:
     """``GET /metrics`` over HTTP/1.1 (one request a connection), non-blocking, bounded:
-    at most MAX_CONNS connections, requests of MAX_REQUEST bytes, TIMEOUT_S each."""
+    at most MAX_CONNS connections (PER_PEER from one address; when full, the oldest that
+    has not finished its request makes way), requests of MAX_REQUEST bytes, TIMEOUT_S
+    each.  A scrape is served from a page rendered at most once every RENDER_EVERY_S,
+    whoever asks and however often.  When accept fails (out of descriptors) it says so
+    at most once a second and stops accepting for BACKOFF_S, doubling to 1 s."""
 
     MAX_CONNS = 32
+    PER_PEER = 8
     MAX_REQUEST = 8192
     TIMEOUT_S = 5.0
+    RENDER_EVERY_S = 1.0
+    BACKOFF_S = 0.05
 
     def __init__(self, address: str, render: Callable[[], bytes]):
         host, port = parse_address(address)
@@ -189,6 +197,11 @@ class MetricsServer:
         self._render = render
         self._conns: dict[int, _Conn] = {}
         self._poller = None
+        #: the last page rendered, and when
+        self._page, self._page_at = b"", -math.inf
+        #: accept failures: listening paused until, the next pause's length, last warning
+        self._paused_until, self._backoff, self._warned_at = 0.0, self.BACKOFF_S, -math.inf
+        self.renders = 0
 
     @property
     def url(self) -> str:
@@ -197,8 +210,9 @@ class MetricsServer:
 
     @property
     def busy(self) -> bool:
-        """Connections are open (each poll must look at them, and time them out)."""
-        return bool(self._conns)
+        """Connections are open, or accepting is paused (each loop must look: time them
+        out, or listen again)."""
+        return bool(self._conns) or self._paused_until > 0
 
     def attach(self, poller) -> None:
         import zmq
@@ -210,7 +224,10 @@ class MetricsServer:
     def handle(self, ready: dict, now: float) -> None:
         """Serve whatever ``ready`` (the poll's result: fd -> events) says is ready;
         close connections older than TIMEOUT_S."""
-        if self.fd in ready:
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self._poller.register(self.listener, self._pollin)
+        elif self.fd in ready and not self._paused_until:
             self._accept(now)
         for fd, conn in list(self._conns.items()):
             events = ready.get(fd, 0)
@@ -231,17 +248,31 @@ class MetricsServer:
     def _accept(self, now: float) -> None:
         for _ in range(self.MAX_CONNS):
             try:
-                sock, _ = self.listener.accept()
+                sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                self._backoff = self.BACKOFF_S
                 return
-            except OSError as exc:  # out of descriptors: the scraper retries
-                log.warning("metrics: cannot accept a connection: %s", exc)
+            except OSError as exc:  # out of descriptors: pause listening (the kernel keeps the backlog)
+                if now - self._warned_at >= 1.0:
+                    self._warned_at = now
+                    log.warning("metrics: cannot accept a connection: %s; not listening for %.2f s (raise "
+                                "`ulimit -n`?)", exc, self._backoff)
+                self._poller.unregister(self.listener)
+                self._paused_until = now + self._backoff
+                self._backoff = min(self._backoff * 2, 1.0)
                 return
-            if len(self._conns) >= self.MAX_CONNS:
-                sock.close()
-                continue
+            peer = address[0] if isinstance(address, tuple) else ""
+            mine = [fd for fd, c in self._conns.items() if c.peer == peer]
+            if len(mine) >= self.PER_PEER:
+                self._close(mine[0])  # its own oldest makes way: one address cannot hold them all
+            elif len(self._conns) >= self.MAX_CONNS:
+                waiting = [fd for fd, c in self._conns.items() if not c.outbuf]  # not answered yet, oldest first
+                if not waiting:
+                    sock.close()
+                    continue
+                self._close(waiting[0])
             sock.setblocking(False)
-            self._conns[sock.fileno()] = _Conn(sock, now)
+            self._conns[sock.fileno()] = _Conn(sock, now, peer)
             self._poller.register(sock, self._pollin)
 
     def _read(self, fd: int, conn: _Conn) -> None:
@@ -265,8 +296,17 @@ class MetricsServer:
         elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
             self._respond(fd, conn, 404, "Not Found", b"GET /metrics\n")
         else:
-            body = self._render()
+            body = self._current_page()
             self._respond(fd, conn, 200, "OK", body if line[0] == b"GET" else b"", len(body))
+
+    def _current_page(self) -> bytes:
+        """The page, rendered again only when the last is RENDER_EVERY_S old: eight
+        scrapers, or eight hundred, cost the loop one render a second."""
+        now = time.monotonic()
+        if now - self._page_at >= self.RENDER_EVERY_S:
+            self._page, self._page_at = self._render(), now
+            self.renders += 1
+        return self._page
 
     def _respond(self, fd: int, conn: _Conn, status: int, reason: str, body: bytes, length: int | None = None) -> None:
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"

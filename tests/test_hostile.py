@@ -532,3 +532,82 @@ def test_busctl_follows_at_most_max_pages_and_keeps_a_pages_worth_of_each():
     assert ctl.asked == list(range(MAX_PAGES)) and pages == 10**9 and len(rows) == 3 * PAGE_SIZE + MAX_PAGES - 3
     ctl.asked.clear()
     assert len(fetch(ctl, limit=300)[0]) == 3 * PAGE_SIZE and ctl.asked == [0, 1, 2]
+
+
+# --- the metrics endpoint ---------------------------------------------------------------------
+
+
+def _metrics_server(render=lambda: b"agentbus_up 1\n"):
+    from agentbus_zmq.coordinator.prometheus import MetricsServer
+
+    server = MetricsServer("127.0.0.1:0", render)
+    poller = zmq.Poller()
+    server.attach(poller)
+    return server, poller
+
+
+def _pump(server, poller, until, timeout: float = 5.0) -> None:
+    """Run the server's part of the coordinator's loop until ``until()`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        server.handle(dict(poller.poll(10)), time.monotonic())
+
+
+def _open(server, source: str = "127.0.0.1", request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"):
+    import socket as pysocket
+
+    conn = pysocket.socket()
+    conn.bind((source, 0))
+    conn.connect(server.address)
+    conn.sendall(request)
+    return conn
+
+
+def _answer(server, poller, conn) -> bytes:
+    import select
+
+    _pump(server, poller, lambda: select.select([conn], [], [], 0)[0])
+    conn.settimeout(2)
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data
+
+
+def test_idle_half_requests_cannot_keep_a_scrape_out_of_the_metrics_endpoint():
+    """32 connections that send half a request and wait used to fill every slot for 5 s,
+    reopened as they closed: legitimate scrapes got 0 of 30.  Now one address holds at
+    most 8, and when the server is full the oldest unanswered connection makes way."""
+    server, poller = _metrics_server()
+    idle = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"):
+            for _ in range(10):                                   # 50 half-requests from 5 addresses
+                idle.append(_open(server, source, b"GET /metr"))
+                _pump(server, poller, lambda: False, timeout=0.005)
+        assert len(server._conns) <= server.MAX_CONNS
+        assert max(sum(c.peer == s for c in server._conns.values()) for s in ("127.0.0.2", "127.0.0.6")) <= 8
+        served = 0
+        for _ in range(10):                                        # the scraper, while they stay
+            scrape = _open(server)
+            served += _answer(server, poller, scrape).startswith(b"HTTP/1.1 200 OK")
+            scrape.close()
+        assert served == 10
+    finally:
+        for conn in idle:
+            conn.close()
+        server.close()
+
+
+def test_scrapers_cost_the_loop_one_render_a_second_however_many_they_are():
+    renders = []
+    server, poller = _metrics_server(lambda: renders.append(1) or b"agentbus_up 1\n")
+    try:
+        start = time.monotonic()
+        for _ in range(50):
+            scrape = _open(server)
+            assert _answer(server, poller, scrape).endswith(b"agentbus_up 1\n")
+            scrape.close()
+        assert len(renders) <= 1 + (time.monotonic() - start) / server.RENDER_EVERY_S + 1, len(renders)
+    finally:
+        server.close()

@@ -48,11 +48,14 @@ def test_metrics_during_a_run_match_the_ledger(bus):
     url = _metrics_url(bus)
     bus.agents(3, "--kind", "null")
     bus.wait_agents(3)
-    before = bus.stats()
-    m = _scrape(url)
-    after = bus.stats()
+    def bracketed():  # a page is rendered at most once a second: until one falls between two stats
+        before, m, after = bus.stats(), _scrape(url), bus.stats()
+        steps = m[("agentbus_agent_steps_total", ())]
+        return before["ledger"]["received"] <= steps <= after["ledger"]["received"] and (before, m, after)
+
+    before, m, after = wait_until(bracketed, 10, "a page rendered between two stats requests", interval=0.1)
     steps = m[("agentbus_agent_steps_total", ())]
-    assert before["ledger"]["received"] <= steps <= after["ledger"]["received"] and steps > 0
+    assert steps > 0
     assert before["ledger"]["sent"] <= m[("agentbus_observations_sent_total", ())] <= after["ledger"]["sent"]
     assert m[("agentbus_agents_registered", ())] == 3 and m[("agentbus_agents_ready", ())] == 3
     assert m[("agentbus_bus_latency_seconds_count", ())] == pytest.approx(steps, abs=3)
@@ -83,14 +86,14 @@ def test_a_stalled_agent_raises_the_alert_naming_it_and_its_return_clears_it(bus
         raised = wait_until(lambda: log.exists() and [line for line in log.read_text().splitlines()
                                                      if line.startswith("raised|")], 30, "the alert's hook")
         assert victim in raised[0] and "missed" in raised[0]
-        assert _scrape(url)[("agentbus_efficiency_alert", ())] == 1
+        wait_until(lambda: _scrape(url)[("agentbus_efficiency_alert", ())] == 1, 5, "the page to show the alert")
         assert bus.stats()["live"]["alert"] is True
         text = bus.coordinator_child.log_path.read_text()
         assert text.count("below the 20% threshold") == 1 and victim in text
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_until(lambda: "cleared|" in log.read_text(), 30, "the alert to clear")
-    assert _scrape(url)[("agentbus_efficiency_alert", ())] == 0
+    wait_until(lambda: _scrape(url)[("agentbus_efficiency_alert", ())] == 0, 5, "the page to show it cleared")
     assert "efficiency alert cleared" in bus.coordinator_child.log_path.read_text()
 
 
