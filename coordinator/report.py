@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 from agentbus_zmq.bus.report import (CONNECTION_EVENTS, PAGE_SIZE, AgentRow, AgentsPage, LedgerView, LiveView, Roster,
                                      Stats, page_count)
 from agentbus_zmq.coordinator.registry import Registry
@@ -25,7 +27,7 @@ def stats(core, now: float, page: int | None = None) -> Stats:
                         agent_pids={e.agent_id: u.pid for e, u in zip(entries, units)},
                         agent_hosts={e.agent_id: e.host.host_id for e in entries if type(e) is Member},
                         ready_ids=[e.agent_id for e, u in zip(entries, units) if u.first_step_at is not None],
-                        host_ids=sorted(reg.hosts)[:PAGE_SIZE])
+                        host_ids=heapq.nsmallest(PAGE_SIZE, reg.hosts))
     connections = {**dict.fromkeys(CONNECTION_EVENTS, 0), **core.connections}
     return Stats(
         session=core.session, mode=core.settings.mode,

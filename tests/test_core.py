@@ -248,6 +248,24 @@ def test_a_host_connection_that_keeps_re_registering_is_refused_at_the_cost_of_a
     assert [type(m) for _, m in out] == [P.HostWelcome] and "c4096" in h.core.agents and "c0" not in h.core.agents
 
 
+def test_agents_pages_are_sorted_once_per_change_of_membership_not_once_per_request():
+    """Every `agents` request used to sort the whole registry (21 ms at 819,000 agents; four
+    in flight cut lock-step to 2-9 %): the order is kept until membership changes."""
+    h = Harness(world=WorldConfig(seed=1, max_arenas=1000))
+    for j in range(3):
+        h.send(b"h%d" % j, P.HostHello(f"h{j}", "test", 1, f"z{j}-", 0, 4096))
+    reg = h.core.registry
+    first = reg.page(0)
+    order = reg._order
+    for page in (0, 1, 95, 0):
+        assert reg.page(page) == order[page * 128:(page + 1) * 128]
+    assert reg._order is order and first == sorted(reg.agents)[:128]          # not sorted again
+    h.hello(b"late", "a-new")
+    assert reg._order is None and "a-new" in reg.page(0) + reg.page(1)         # a change: sorted again, once
+    reply = [m for _, m in h.send(b"c", P.Control(1, "agents", {"page": 2}))][0]
+    assert reply.ok and [r["id"] for r in reply.result["agents"]] == sorted(reg.agents)[256:384]
+
+
 def test_an_id_whose_connection_went_silent_may_be_taken():
     h = Harness(heartbeat=0.5, liveness=3, deadline=100.0)
     h.hello(b"old", "a1")
