@@ -84,6 +84,9 @@ class _Progress:
 @click.option("--backend", type=click.Choice(BACKENDS), default=_CFG.backend, help="Explorer inference backend.")
 @click.option("--policy-len", type=click.IntRange(1, 8), default=_CFG.policy_len)
 @click.option("--mode", type=click.Choice(MODES), default=_CFG.mode, help="Coordinator schedule.")
+@click.option("--lockstep-scope", type=click.Choice(["world", "arena"]), default=_CFG.lockstep_scope,
+              help="Lock-step over the whole world, or per arena (agents that share no arena tick independently; "
+                   "bus-coordinator --lockstep-scope).")
 @click.option("--steps", type=click.IntRange(0), default=_CFG.steps, help="Agent-steps in the measured window (0: --duration).")
 @click.option("--duration", type=click.FloatRange(0), default=_CFG.duration, help="Seconds of measured window (without --steps).")
 @click.option("--timeout", type=click.FloatRange(1), default=_CFG.timeout,
@@ -146,7 +149,7 @@ class _Progress:
                    "absolute rates): a gate for CI machines of unknown speed.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
-def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, timeout, warmup, repeat, transport, seed, width,
+def cli(agents, sweep, agent_kind, backend, policy_len, mode, lockstep_scope, steps, duration, timeout, warmup, repeat, transport, seed, width,
         height, per_host, lanes, world, world_arg, arena_agents, connect, peer, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         gate_on, profile_dir, metrics, model, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
@@ -165,7 +168,8 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, steps, duration, t
     if chaos_kill_rate and connect:
         raise click.UsageError("--chaos-kill-rate kills agents busbench started; it cannot be used with --connect")
     base = _load_baseline(baseline) if baseline else None
-    cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, steps=steps,
+    cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, lockstep_scope=lockstep_scope,
+                      steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
                       connect=connect, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
                       per_host=per_host, lanes=lanes, world=world, world_args=parse_world_args(world_arg), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,

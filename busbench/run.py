@@ -52,6 +52,8 @@ class BenchConfig:
     backend: str = "numpy"
     policy_len: int = 1
     mode: str = DEFAULTS.mode
+    #: lock-step over the whole world or per arena (bus-coordinator --lockstep-scope)
+    lockstep_scope: str = "world"
     steps: int = 0
     duration: float = 5.0
     warmup: int = 50
@@ -344,6 +346,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
             bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
             coord = Child("coordinator", "agentbus_zmq.coordinator",
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
+                           "--lockstep-scope", cfg.lockstep_scope,
                            "--deadline", str(cfg.deadline), *cfg.world_options(), "--spin-us", str(coordinator_spin),
                            "--log-level", "WARNING", *server_args,
                            *(["--metrics", cfg.metrics] if cfg.metrics else [])],

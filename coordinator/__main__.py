@@ -11,13 +11,14 @@ import zmq
 from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, version_option
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
-from agentbus_zmq.coordinator.settings import MODES, ConfigError, Settings
+from agentbus_zmq.coordinator.settings import LOCKSTEP_SCOPES, MODES, ConfigError, Settings
 from agentbus_zmq.coordinator.grid import WorldConfig
 from agentbus_zmq.coordinator.worlds import WorldSpec, WorldUnavailable, available_worlds, parse_world_args
 
 _ENV = {
     "bind": "BUS_ENDPOINT",
     "mode": "BUS_MODE",
+    "lockstep_scope": "BUS_LOCKSTEP_SCOPE",
     "deadline": "BUS_DEADLINE",
     "member_deadline": "BUS_MEMBER_DEADLINE",
     "heartbeat": "BUS_HEARTBEAT",
@@ -54,6 +55,9 @@ _WORLD = WorldConfig()
               help="Endpoint to bind the ROUTER on (tcp://host:port or ipc:///path).")
 @click.option("--mode", envvar=_ENV["mode"], type=click.Choice(MODES), default=DEFAULTS.mode, show_default=True,
               help="lockstep: ticks close when every agent answered; async: each agent steps on its own.")
+@click.option("--lockstep-scope", envvar=_ENV["lockstep_scope"], type=click.Choice(LOCKSTEP_SCOPES), default="world",
+              show_default=True, help="lockstep over the whole world, or per arena: agents that share no arena "
+                                      "(directly or through a host's members) tick independently.")
 @click.option("--deadline", envvar=_ENV["deadline"], type=float, default=DEFAULTS.deadline, show_default=True,
               help="Seconds a tick (or, async, an observation) waits for answers.")
 @click.option("--member-deadline", envvar=_ENV["member_deadline"], type=click.FloatRange(min=0),
@@ -116,7 +120,7 @@ _WORLD = WorldConfig()
               help="Run COMMAND when the alert is raised or cleared, with BUS_ALERT_STATE, BUS_ALERT_EFFICIENCY, "
                    "BUS_ALERT_CAUSE ... in its environment.")
 @click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
-def cli(bind, mode, deadline, member_deadline, heartbeat, world, world_arg, width, height, obstacles, goals, seed, arena_agents, max_arenas,
+def cli(bind, mode, lockstep_scope, deadline, member_deadline, heartbeat, world, world_arg, width, height, obstacles, goals, seed, arena_agents, max_arenas,
         endpoint_file, curve_secret, curve_clients, spin_us, setup_grace, max_pending, drop_after, metrics,
         efficiency_window, agent_cores, alert_threshold, alert_for, alert_hook, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
@@ -128,7 +132,7 @@ def cli(bind, mode, deadline, member_deadline, heartbeat, world, world_arg, widt
             agent_cores = len(os.sched_getaffinity(0))
         elif not agent_cores.isdigit() or int(agent_cores) < 1:
             raise ValueError(f"--agent-cores takes a positive number or auto, not {agent_cores!r}")
-        settings = Settings(mode=mode, deadline=deadline, member_deadline=member_deadline, heartbeat=heartbeat, setup_grace=setup_grace,
+        settings = Settings(mode=mode, lockstep_scope=lockstep_scope, deadline=deadline, member_deadline=member_deadline, heartbeat=heartbeat, setup_grace=setup_grace,
                             max_pending=max_pending, drop_after=drop_after, efficiency_window=efficiency_window,
                             agent_cores=int(agent_cores), alert_threshold=alert_threshold, alert_for=alert_for)
         if metrics is not None:

@@ -44,6 +44,7 @@ from agentbus_zmq.coordinator.ledger import Ledger, Timings
 from agentbus_zmq.coordinator.liveness import Liveness
 from agentbus_zmq.coordinator.outbox import Outbox
 from agentbus_zmq.coordinator.registry import Registry
+from agentbus_zmq.coordinator.arenas import ArenaLockstep
 from agentbus_zmq.coordinator.schedule import SCHEDULES
 from agentbus_zmq.coordinator.settings import MODES, ConfigError, Settings
 from agentbus_zmq.coordinator.units import (GONE, JOINING, AgentEntry, AgentState, HostEntry, IllegalTransition, Member,
@@ -98,7 +99,9 @@ class CoordinatorCore:
         self.windows = Windows(self.outbox, self.clock.cpu, lambda: (self.registry.ready, self.ledger.received),
                                lambda: (len(self.registry.agents), self.ledger.snapshot(), settings.mode,
                                         settings.agent_cores))
-        self.schedule = SCHEDULES[settings.mode](settings, self.registry, self.ledger, self.timings, self.outbox,
+        schedule = ArenaLockstep if settings.mode == "lockstep" and settings.lockstep_scope == "arena" else \
+            SCHEDULES[settings.mode]
+        self.schedule = schedule(settings, self.registry, self.ledger, self.timings, self.outbox,
                                                  self.liveness, self.windows, self._plog)
         self.live = LiveEfficiency(settings.efficiency_window, settings.agent_cores, settings.alert_threshold,
                                    settings.alert_for)

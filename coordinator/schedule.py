@@ -38,7 +38,7 @@ from agentbus_zmq.coordinator.units import (ANSWER, EXPIRE, IDLE, OBSERVE, OBSER
                                             Unit, owed)
 from agentbus_zmq.coordinator.window import Windows
 
-__all__ = ["Schedule", "Lockstep", "Async", "SCHEDULES", "COMPUTE_SLACK_US"]
+__all__ = ["Schedule", "Lockstep", "Async", "SCHEDULES", "COMPUTE_SLACK_US", "apply_moves"]
 
 #: How far an agent's compute_us may exceed the time the coordinator waited for its
 #: answer (clock granularity) before it is counted as a bad report and clamped.
@@ -119,6 +119,10 @@ class Schedule(abc.ABC):
 
     def stop(self) -> None:
         self.stopping = True
+
+    def _tick_closed(self) -> None:
+        """A lock-step tick closed (of the world, or of one cohort of arenas)."""
+        self.tick += 1
 
     # --- shared ----------------------------------------------------------------------
 
@@ -310,26 +314,33 @@ class Lockstep(Schedule):
         """The tick's actions, all at once, in slot (registration) order."""
         moves, self._moves = self._moves, {}
         host_moves, self._host_moves = self._host_moves, []
-        if host_moves and not self.world.discrete_actions:  # array actions: one value per slot, in slot order
-            pairs = list(moves.items())
-            for host, idx, acts in host_moves:
-                still = host.live[idx]
-                pairs += zip(host.slots[idx[still]].tolist(), list(acts[still]))
-            pairs.sort(key=lambda p: p[0])
-            self.world.move_many([p[0] for p in pairs], [p[1] for p in pairs])
-        elif host_moves:
-            slots = [np.fromiter(moves, np.int64, len(moves))]
-            actions = [np.fromiter(moves.values(), np.int64, len(moves))]
-            for host, idx, acts in host_moves:
-                still = host.live[idx]  # members that left since their host answered are skipped
-                slots.append(host.slots[idx[still]])
-                actions.append(acts[still].astype(np.int64, copy=False))
-            slots, actions = np.concatenate(slots), np.concatenate(actions)
-            order = np.argsort(slots, kind="stable")
-            self.world.move_many(slots[order], actions[order])
-        elif moves:
-            ordered = sorted(moves)
-            self.world.move_many(ordered, [moves[s] for s in ordered])
+        apply_moves(self.world, moves, host_moves)
+
+
+def apply_moves(world, moves: dict[int, int], host_moves: list) -> None:
+    """One lock-step tick's actions, all at once, in slot (registration) order: agents'
+    own (slot -> action) and hosts' ((host, member indices, actions); a member that left
+    since its host answered is skipped)."""
+    if host_moves and not world.discrete_actions:  # array actions: one value per slot, in slot order
+        pairs = list(moves.items())
+        for host, idx, acts in host_moves:
+            still = host.live[idx]
+            pairs += zip(host.slots[idx[still]].tolist(), list(acts[still]))
+        pairs.sort(key=lambda p: p[0])
+        world.move_many([p[0] for p in pairs], [p[1] for p in pairs])
+    elif host_moves:
+        slots = [np.fromiter(moves, np.int64, len(moves))]
+        actions = [np.fromiter(moves.values(), np.int64, len(moves))]
+        for host, idx, acts in host_moves:
+            still = host.live[idx]
+            slots.append(host.slots[idx[still]])
+            actions.append(acts[still].astype(np.int64, copy=False))
+        slots, actions = np.concatenate(slots), np.concatenate(actions)
+        order = np.argsort(slots, kind="stable")
+        world.move_many(slots[order], actions[order])
+    elif moves:
+        ordered = sorted(moves)
+        world.move_many(ordered, [moves[s] for s in ordered])
 
 
 class Async(Schedule):

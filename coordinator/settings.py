@@ -7,9 +7,12 @@ import dataclasses
 from agentbus_zmq.bus import config
 from agentbus_zmq.bus import protocol as P
 
-__all__ = ["ConfigError", "MODES", "Settings"]
+__all__ = ["ConfigError", "LOCKSTEP_SCOPES", "MODES", "Settings"]
 
 MODES = config.MODES
+#: lock-step over the whole world (every ready unit each tick), or per arena (units that
+#: share no arena tick independently: coordinator.arenas)
+LOCKSTEP_SCOPES = ("world", "arena")
 
 
 class ConfigError(ValueError):
@@ -21,6 +24,8 @@ class Settings:
     """Schedule and liveness parameters (all times in seconds); defaults from bus.config."""
 
     mode: str = config.DEFAULTS.mode
+    #: lock-step over the whole world, or per cohort of units sharing arenas (coordinator.arenas)
+    lockstep_scope: str = "world"
     #: How long a tick (lockstep) or an observation (async) waits for its answer.
     deadline: float = config.DEFAULTS.deadline
     #: A host's frame waits this much longer per member it carries (its members step one
@@ -53,6 +58,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.lockstep_scope not in LOCKSTEP_SCOPES:
+            raise ValueError(f"lockstep_scope must be one of {LOCKSTEP_SCOPES}, got {self.lockstep_scope!r}")
         if not (self.deadline > 0 and self.heartbeat > 0 and self.liveness >= 1 and self.member_deadline >= 0):
             raise ValueError("deadline and heartbeat must be positive, member_deadline at least 0 and liveness "
                              "at least 1")

@@ -879,3 +879,64 @@ def test_each_closed_connection_is_probed_twice_and_probes_are_rate_limited():
     assert h.core.next_timeout(h.now) == pytest.approx(PROBE_INTERVAL_S / 2)
     assert probes(h.advance(PROBE_INTERVAL_S / 2)) == [b"p1"]  # the second look
     assert probes(h.advance(PROBE_INTERVAL_S)) == []      # and then no more
+
+
+# --- lock-step per arena (coordinator.arenas) -------------------------------------------
+
+
+def _obs_ticks(out, peer):
+    return [m.tick for p, m in out if p == peer and type(m) is P.Observation]
+
+
+@pytest.mark.parametrize("scope", ["world", "arena"])
+def test_per_arena_lockstep_lets_an_arena_tick_without_waiting_for_another(scope):
+    """Two agents in arenas of their own: per arena, one's answer moves its arena and brings
+    its next observation at once; over the whole world it waits for the other."""
+    h = Harness(world=WorldConfig(seed=1, arena_agents=1, max_arenas=10), lockstep_scope=scope, deadline=10.0)
+    h.hello(b"A", "a")
+    h.hello(b"B", "b")
+    h.take()
+    assert {h.core.world.arena_of(h.core.agents[x].slot) for x in "ab"} == {0, 1}
+    h.send(b"A", P.Action(0, 4, 10))                        # 'a' was alone in tick 0; now 'b' has one too
+    b_tick = h.core.agents["b"].pending
+    out = []
+    for _ in range(3):                                       # 'a' answers three times; 'b' is thinking
+        out = h.send(b"A", P.Action(h.core.agents["a"].pending, 4, 10))
+        if scope == "world":
+            break
+    if scope == "arena":
+        assert _obs_ticks(out, b"A") == [4] and h.ledger.received == 4 and h.core.agents["b"].pending == b_tick
+    else:
+        assert _obs_ticks(out, b"A") == [] and h.ledger.received == 2   # the world waits for 'b'
+    out = h.send(b"B", P.Action(b_tick, 4, 10))
+    assert _obs_ticks(out, b"B") == [b_tick + 1] and h.ledger.balanced()
+
+
+def test_per_arena_lockstep_keeps_an_arena_simultaneous_and_merges_cohorts_a_host_joins():
+    """Agents sharing an arena still move together; a host whose members land in two
+    arenas ticked apart joins them: each finishes its open tick, then they tick as one."""
+    h = Harness(world=WorldConfig(seed=1, arena_agents=2, max_arenas=10), lockstep_scope="arena", deadline=10.0)
+    for peer, agent in ((b"A", "a"), (b"B", "b"), (b"C", "c"), (b"D", "d")):
+        h.hello(peer, agent)
+    h.take()
+    arena = {x: h.core.world.arena_of(h.core.agents[x].slot) for x in "abcd"}
+    assert arena == {"a": 0, "b": 0, "c": 1, "d": 1}
+    h.send(b"A", P.Action(0, 4, 10))                         # alone in their arenas' first ticks; now in pairs
+    h.send(b"C", P.Action(0, 4, 10))
+    assert _obs_ticks(h.send(b"A", P.Action(1, 4, 10)), b"A") == []    # arena 0's tick 1 waits for 'b'
+    h.send(b"B", P.Bye("leaving"))                           # arena 0 goes on (tick 2, 'a' alone); a cell free
+    h.send(b"C", P.Bye("leaving"))                           # arena 1's tick 1 still waits for 'd'
+    out = h.send(b"H", P.HostHello("h", "test", 1, "m", 0, 2)) + h.send(b"H", P.Heartbeat())
+    host = h.core.registry.hosts["h"]
+    assert sorted(h.core.world.arenas_of(host.slots).tolist()) == [0, 1]
+    assert not [m for p, m in out if p == b"H" and type(m) is P.HostObservation]  # waiting for the merge
+    out = h.send(b"D", P.Action(1, 4, 10))                   # arena 1's open tick closes: it joins, and waits
+    assert not [m for p, m in out if type(m) in (P.Observation, P.HostObservation)]
+    out = h.send(b"A", P.Action(h.core.agents["a"].pending, 4, 10))   # arena 0's closes: one joint tick
+    frames = [m for p, m in out if p == b"H" and type(m) is P.HostObservation]
+    joint = h.core.agents["a"].pending
+    assert len(frames) == 1 and frames[0].tick == joint == h.core.agents["d"].pending == 3
+    assert _obs_ticks(h.send(b"A", P.Action(joint, 4, 10)), b"A") == []              # waits for 'd' and the host
+    h.send(b"D", P.Action(joint, 4, 10))
+    out = h.send(b"H", P.HostAction(joint, np.full(2, 4, np.uint8), 10))
+    assert _obs_ticks(out, b"A") == _obs_ticks(out, b"D") == [joint + 1] and h.ledger.balanced()

@@ -201,6 +201,30 @@ def test_a_hung_agent_is_dropped_by_the_default_straggler_policy_after_five_dead
         os.kill(victim, signal.SIGCONT)
 
 
+def test_per_arena_lock_step_a_hung_host_stalls_only_its_own_arena(bus):
+    """--lockstep-scope arena: two hosts of 2 in arenas of 2 (a host's members are placed
+    together): while one host hangs, holding its arena's tick to the deadline, the other
+    steps on at full speed; over the whole world it would wait too."""
+    bus.coordinator(None, "--lockstep-scope", "arena", "--arena-agents", "2", "--deadline", "5", "--drop-after", "0")
+    bus.agents(4, "--kind", "null", "--per-host", "2")
+    stats = bus.wait_agents(4)
+    assert stats["arenas"] == 2
+    victim = stats["agent_pids"]["t-1"]
+    assert stats["agent_pids"]["t-2"] == victim != stats["agent_pids"]["t-3"]
+
+    def steps() -> dict:
+        return {r["id"]: r["steps"] for r in bus.client.request("agents", {"page": 0}, timeout=5)["agents"]}
+
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        before = steps()
+        after = wait_until(lambda: (s := steps())["t-3"] - before["t-3"] > 200 and s, 10, "the other arena to step on")
+        assert after["t-1"] - before["t-1"] <= 1          # its own arena waits (a frame in flight at most)
+        assert bus.stats()["ledger"]["balanced"]
+    finally:
+        os.kill(victim, signal.SIGCONT)
+
+
 def test_a_hung_agent_stalls_the_others_no_longer_than_the_deadline_and_liveness(bus):
     bus.coordinator(None, "--deadline", "0.2", "--drop-after", "0")
     bus.agents(3, "--kind", "null")
