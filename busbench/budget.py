@@ -218,46 +218,20 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
 
 def peer_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int, warmup: int) -> dict:
     """The same agents under Gymnasium's AsyncVectorEnv (busbench.peer), stamped the same way."""
-    import functools
-
-    from gymnasium.vector import AsyncVectorEnv
-
-    from agentbus_zmq.agents.layout import host_layout
-    from agentbus_zmq.busbench.peer import _agents_env
+    from agentbus_zmq.busbench.peer import PeerLoop
     from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 
     trace = tempfile.mkdtemp(prefix="busbench-budget-peer-")
     os.environ.update({TRACE_DIR_ENV: trace, TRACE_KIND_ENV: kind})
-    env = GridWorld(WorldConfig())
-    layout = host_layout(agents, per_host) if per_host > 1 else [(i, 1) for i in range(1, agents + 1)]
-    rows = max(count for _, count in layout)
-    slots = np.array([env.place(f"peer-{i}") for i in range(1, agents + 1)], dtype=np.int64)
-    arenas = env.arenas_of(slots).tolist()
-    gather = np.zeros((len(layout), rows), dtype=np.int64)
-    valid = []
-    for e, (first, count) in enumerate(layout):
-        gather[e, :count] = np.arange(first - 1, first - 1 + count)
-        gather[e, count:] = first - 1
-        valid += range(e * rows, e * rows + count)
-    fns = [functools.partial(_agents_env, "agentbus_zmq.busbench.budget:Traced", options, env.params(),
-                             arenas[first - 1:first - 1 + count], first, rows, env.spaces()) for first, count in layout]
     Traced(**options).prepare()
-    vec = AsyncVectorEnv(fns, shared_memory=True, copy=False, context="fork")
+    loop = PeerLoop("agentbus_zmq.busbench.budget:Traced", options, GridWorld(WorldConfig()), agents, per_host)
     stamps: list[tuple[float, float, float, float]] = []  # tick start, handed out, vector env returned, moved
     try:
-        vec.reset(seed=0)
-        flat = (len(layout) * rows,)
-        clock = time.monotonic
+        loop.reset()
         for _ in range(warmup + ticks):
-            t0 = clock()
-            obs = env.observe_many(slots)[gather]
-            t1 = clock()
-            actions, *_ = vec.step(obs)
-            t2 = clock()
-            env.move_many(slots, actions.reshape(flat)[valid])
-            stamps.append((t0, t1, t2, clock()))
+            loop.tick(stamps)
     finally:
-        vec.close(terminate=False)  # workers close their envs: Traced writes its stamps at exit
+        loop.close(terminate=False)  # workers close their envs: Traced writes its stamps at exit
     segments: dict[str, list[float]] = {"coordinator": [], "to the agents": [], "agents": [], "back": [],
                                         "waiting for others": [], "tick": []}
     workers = []

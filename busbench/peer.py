@@ -25,7 +25,7 @@ from agentbus_zmq.bus.config import limit_threads
 from agentbus_zmq.busbench.solo import measurement_options
 from agentbus_zmq.coordinator.worlds import WorldSpec
 
-__all__ = ["PEERS", "peer_rate"]
+__all__ = ["PEERS", "PeerLoop", "peer_rate"]
 
 #: the peers busbench can measure (``--peer``)
 PEERS = ("gym",)
@@ -103,60 +103,85 @@ def _agents_env(kind: str, options: dict, params: dict, arenas: list[int], first
     return AgentsEnv()
 
 
+class PeerLoop:
+    """The peer's central loop over ``agents`` agents of ``kind`` (``per_host`` a process)
+    in ``env``: one AsyncVectorEnv, one sub-environment a process.  :meth:`tick` observes
+    every agent, steps the vector env and moves every agent, in slot order."""
+
+    def __init__(self, kind: str, options: dict, env, agents: int, per_host: int):
+        import functools
+
+        from gymnasium.vector import AsyncVectorEnv
+
+        from agentbus_zmq.agents.layout import host_layout
+
+        self.env = env
+        layout = host_layout(agents, per_host) if per_host > 1 else [(i, 1) for i in range(1, agents + 1)]
+        rows = max(count for _, count in layout)
+        self.slots = np.array([env.place(f"peer-{i}") for i in range(1, agents + 1)], dtype=np.int64)
+        arenas = env.arenas_of(self.slots).tolist()
+        params, spaces = env.params(), env.spaces()
+        # row r of sub-env e is agent gather[e, r] (padding repeats the group's first agent);
+        # valid picks the real rows out of the flattened (env, row) actions, in slot order
+        self.gather = np.zeros((len(layout), rows), dtype=np.int64)
+        valid = []
+        for e, (first, count) in enumerate(layout):
+            self.gather[e, :count] = np.arange(first - 1, first - 1 + count)
+            self.gather[e, count:] = first - 1
+            valid += range(e * rows, e * rows + count)
+        self.valid = np.asarray(valid)
+        self.processes = len(layout)
+        fns = [functools.partial(_agents_env, kind, options, params, arenas[first - 1:first - 1 + count], first, rows,
+                                 spaces) for first, count in layout]
+        self.vec = AsyncVectorEnv(fns, shared_memory=True, copy=False, context="fork")
+        self.flat = (len(layout) * rows, *self.vec.single_observation_space.shape[1:])
+
+    def reset(self) -> None:
+        self.vec.reset(seed=0)  # the agents are built now, in their processes
+
+    def tick(self, stamps: list | None = None) -> None:
+        """One lock-step tick; with ``stamps``, append when it began, handed out, the
+        vector env returned and the moves were applied (CLOCK_MONOTONIC)."""
+        clock = time.monotonic
+        t0 = clock() if stamps is not None else 0.0
+        obs = self.env.observe_many(self.slots)[self.gather]
+        t1 = clock() if stamps is not None else 0.0
+        actions, *_ = self.vec.step(obs)
+        t2 = clock() if stamps is not None else 0.0
+        self.env.move_many(self.slots, actions.reshape(self.flat)[self.valid])
+        if stamps is not None:
+            stamps.append((t0, t1, t2, clock()))
+
+    def close(self, terminate: bool = True) -> None:
+        self.vec.close(terminate=terminate)
+
+
 def peer_rate(kind: str, options: dict, world: WorldSpec, agents: int, per_host: int, warmup: int,
               duration: float) -> dict:
     """Agent-steps per second of ``agents`` agents (``per_host`` a process) under
     Gymnasium's AsyncVectorEnv, lock-step from a central loop, over ``duration`` seconds
     after ``warmup`` ticks."""
-    import functools
-
-    from gymnasium.vector import AsyncVectorEnv
-
     from agentbus_zmq.agents.kinds import create
-    from agentbus_zmq.agents.layout import host_layout
 
     template = create(kind, **options)
     if getattr(template, "forkable", True):
         template.prepare()  # import once, fork after, as the launcher does
-    env = world.build()
-    layout = host_layout(agents, per_host) if per_host > 1 else [(i, 1) for i in range(1, agents + 1)]
-    rows = max(count for _, count in layout)
-    slots = np.array([env.place(f"peer-{i}") for i in range(1, agents + 1)], dtype=np.int64)
-    arenas = env.arenas_of(slots).tolist()
-    params, spaces = env.params(), env.spaces()
-    # row r of sub-env e is agent gather[e, r] (padding repeats the group's first agent);
-    # valid picks the real rows out of the flattened (env, row) actions, in slot order
-    gather = np.zeros((len(layout), rows), dtype=np.int64)
-    valid = []
-    for e, (first, count) in enumerate(layout):
-        gather[e, :count] = np.arange(first - 1, first - 1 + count)
-        gather[e, count:] = first - 1
-        valid += range(e * rows, e * rows + count)
-    valid = np.asarray(valid)
-    fns = [functools.partial(_agents_env, kind, options, params, arenas[first - 1:first - 1 + count], first, rows,
-                             spaces) for first, count in layout]
-    vec = AsyncVectorEnv(fns, shared_memory=True, copy=False, context="fork")
+    loop = PeerLoop(kind, options, world.build(), agents, per_host)
     try:
-        vec.reset(seed=0)
-        flat_shape = (len(layout) * rows, *vec.single_observation_space.shape[1:])
-
-        def tick() -> None:
-            actions, *_ = vec.step(env.observe_many(slots)[gather])
-            env.move_many(slots, actions.reshape(flat_shape)[valid])
-
+        loop.reset()
         for _ in range(warmup):
-            tick()
+            loop.tick()
         ticks, clock = 0, time.perf_counter
         start = clock()
         end = start + duration
         while clock() < end:
-            tick()
+            loop.tick()
             ticks += 1
         elapsed = clock() - start
     finally:
-        vec.close(terminate=True)
+        loop.close()
     return {"peer": "gym", "rate": agents * ticks / elapsed, "steps": agents * ticks, "ticks": ticks,
-            "elapsed_s": elapsed, "processes": len(layout), "per_host": per_host}
+            "elapsed_s": elapsed, "processes": loop.processes, "per_host": per_host}
 
 
 @click.command()

@@ -154,28 +154,28 @@ def spin_plan(spin: str, n: int, c: int) -> tuple[int, int]:
     return (SPIN_US if n + 1 <= c else 0), (SPIN_US if n + 2 <= c else 0)
 
 
-def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
-    """R_pool(N) in a process of its own (``python -m agentbus_zmq.busbench.pool``): the
-    same agents in the same process layout, no messaging."""
-    cmd = [sys.executable, "-P", "-m", "agentbus_zmq.busbench.pool", "--agents", str(n), "--per-host", str(per_host),
-           *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(), "--warmup", str(cfg.warmup),
+def _measure_apart(module: str, what: str, cfg: BenchConfig, n: int, per_host: int) -> dict:
+    """Run ``python -m agentbus_zmq.busbench.MODULE`` for ``n`` agents, ``per_host`` a
+    process, the run's agents and world: its JSON line."""
+    cmd = [sys.executable, "-P", "-m", f"agentbus_zmq.busbench.{module}", "--agents", str(n), "--per-host",
+           str(per_host), *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(), "--warmup", str(cfg.warmup),
            "--duration", str(cfg.solo_duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
-        raise RuntimeError(f"the no-bus pool measurement failed (status {out.returncode}):\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"the {what} measurement failed (status {out.returncode}):\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_pool(cfg: BenchConfig, n: int, per_host: int) -> dict:
+    """R_pool(N) in a process of its own (``busbench.pool``): the same agents in the same
+    process layout, no messaging."""
+    return _measure_apart("pool", "no-bus pool", cfg, n, per_host)
 
 
 def measure_peer(cfg: BenchConfig, n: int, per_host: int) -> dict:
-    """R_peer(N) in a process of its own (``python -m agentbus_zmq.busbench.peer``): the
-    same agents in the same process layout under Gymnasium's AsyncVectorEnv."""
-    cmd = [sys.executable, "-P", "-m", "agentbus_zmq.busbench.peer", "--agents", str(n), "--per-host", str(per_host),
-           *cfg.agent_args(), "--world-spec", cfg.world_spec().to_json(), "--warmup", str(cfg.warmup),
-           "--duration", str(cfg.solo_duration)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300 + cfg.solo_duration, stdin=subprocess.DEVNULL)
-    if out.returncode != 0:
-        raise RuntimeError(f"the peer measurement ({cfg.peer}) failed (status {out.returncode}):\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """R_peer(N) in a process of its own (``busbench.peer``): the same agents in the same
+    process layout under Gymnasium's AsyncVectorEnv."""
+    return _measure_apart("peer", f"peer ({cfg.peer})", cfg, n, per_host)
 
 
 def measure_r1(cfg: BenchConfig) -> dict:
