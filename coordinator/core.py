@@ -39,7 +39,7 @@ from agentbus_zmq.bus.logs import PeerLog
 from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.report import PAGE_SIZE, AgentsPage, Stats
 from agentbus_zmq.coordinator import report
-from agentbus_zmq.coordinator.efficiency import SLOWEST_NAMED, AlertEvent, LiveEfficiency, Sample, explain
+from agentbus_zmq.coordinator.efficiency import SLOWEST_NAMED, AlertEvent, LiveEfficiency, Sample, cpu_bound, explain
 from agentbus_zmq.coordinator.ledger import Ledger, Timings
 from agentbus_zmq.coordinator.liveness import Liveness
 from agentbus_zmq.coordinator.outbox import Outbox
@@ -346,6 +346,7 @@ class CoordinatorCore:
         if swept:
             self._plog.roll(now)
             self._watch(now)
+            self.timings.cpu_cap_us = cpu_bound(self.registry.by_peer.values())
         self.windows.on_timer(now)
 
     def next_timeout(self, now: float) -> float:

@@ -24,11 +24,37 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
+import math
 
-__all__ = ["AlertEvent", "LiveEfficiency", "Sample", "explain", "SLOWEST_NAMED"]
+__all__ = ["AlertEvent", "LiveEfficiency", "Sample", "explain", "cpu_bound", "SLOWEST_NAMED", "CPU_BOUND_FACTOR"]
 
 #: Units named as the slowest in an efficiency alert.
 SLOWEST_NAMED = 3
+#: A step's CPU claim counts for at most this many times the median unit's step, of at
+#: least CPU_BOUND_FLOOR_US; units sampled for the median, at most; and the fewest that
+#: say what a step costs.
+CPU_BOUND_FACTOR = 16
+CPU_BOUND_FLOOR_US = 100
+CPU_BOUND_SAMPLE = 64
+CPU_BOUND_MIN_UNITS = 3
+
+
+def cpu_bound(units) -> float:
+    """The most CPU one agent-step's claim may count for: CPU_BOUND_FACTOR x the median,
+    over (at most CPU_BOUND_SAMPLE) units, of each unit's median reported step time.  One
+    agent that reports its wait as work (0.7 s a step where the others take 1 ms) moves a
+    median of many not at all; inf until CPU_BOUND_MIN_UNITS units have stepped."""
+    medians = []
+    for unit in itertools.islice(units, CPU_BOUND_SAMPLE):
+        n = min(unit.times_n, len(unit.times))
+        if n:
+            times = sorted(unit.times[:n])
+            medians.append(times[n // 2])
+    if len(medians) < CPU_BOUND_MIN_UNITS:
+        return math.inf
+    medians.sort()
+    return CPU_BOUND_FACTOR * max(medians[len(medians) // 2], CPU_BOUND_FLOOR_US)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -62,6 +62,9 @@ class Timings:
     latency_sum_us: float = 0.0
     tick_time: Histogram | None = None
     tick_time_sum_us: float = 0.0
+    #: the most CPU one agent-step's claim counts for (efficiency.cpu_bound, set at each
+    #: liveness sweep): a straggler reporting its wait as work cannot lift live efficiency
+    cpu_cap_us: float = math.inf
 
     def __post_init__(self, histograms: bool) -> None:
         if histograms:

@@ -25,7 +25,7 @@ from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.coordinator.outbox import Outbox
 from agentbus_zmq.coordinator.registry import Registry
 from agentbus_zmq.coordinator.settings import Settings
-from agentbus_zmq.coordinator.units import JOINING, Unit, step_times
+from agentbus_zmq.coordinator.units import JOINING, STEP_TIMES, Unit
 
 __all__ = ["Liveness", "Departure", "PROBE_INTERVAL_S", "PROBES_PER_CLOSE", "MAX_STRAGGLERS_LISTED"]
 
@@ -148,11 +148,13 @@ class Liveness:
                 for u in units[:MAX_STRAGGLERS_LISTED]}
 
     def slowest_units(self, k: int) -> list[tuple[str, float]]:
-        """The ``k`` units with the longest median step time: (name, p50 in us)."""
+        """The ``k`` units whose steps cost the bus most: the longest median wall time from
+        observation sent to answer read, by the coordinator's clock (not what they report):
+        (name, p50 in us)."""
         ranked = []
         for u in self.registry.by_peer.values():
             if u.times_n:
-                times = step_times(u)
-                ranked.append((times[len(times) // 2], u.name))
+                waits = sorted(u.waits[:min(u.times_n, STEP_TIMES)])
+                ranked.append((waits[len(waits) // 2], u.name))
         ranked.sort(reverse=True)
         return [(name, p50) for p50, name in ranked[:k]]

@@ -159,8 +159,13 @@ class Schedule(abc.ABC):
             compute_us = int(waited * 1e6)
         cpu = compute_us if cpu_us is None or cpu_us > compute_us else cpu_us  # never more than the wall time
         timings = self.timings
+        if cpu > timings.cpu_cap_us * n:  # more than agents' steps cost: counted as what they cost
+            cpu = int(timings.cpu_cap_us * n)
+            self.ledger.errors["cpu_us_capped"] += 1
         timings.agent_cpu_us += cpu
-        unit.times[unit.times_n & (STEP_TIMES - 1)] = compute_us // n
+        ring = unit.times_n & (STEP_TIMES - 1)
+        unit.times[ring] = compute_us // n
+        unit.waits[ring] = int(waited * 1e6) // n
         unit.times_n += 1
         latency = timings.latency
         if latency is not None:

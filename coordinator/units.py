@@ -102,6 +102,8 @@ class Unit:
     strikes: int = 0
     #: the last STEP_TIMES step times (wall, per agent, microseconds), a ring
     times: list = dataclasses.field(default_factory=lambda: [0] * STEP_TIMES)
+    #: the same steps' wall time by the coordinator's clock (sent to answered, us per agent)
+    waits: list = dataclasses.field(default_factory=lambda: [0] * STEP_TIMES)
     times_n: int = 0
     #: when a refused HELLO for its ids last made the registry probe it (ID_TAKEN)
     probed_at: float = -math.inf

@@ -177,3 +177,32 @@ def test_the_alert_rules_mirror_the_built_in_alert_and_use_exported_metrics():
     assert low["for"] and low["labels"]["severity"] and low["annotations"]["summary"]
     for rule in alerts.values():
         assert _names_in(rule["expr"]) <= exported, rule["alert"]
+
+
+def test_an_agent_that_reports_its_wait_as_work_cannot_clear_the_alert_and_is_named():
+    """A straggler answering 0.7 s after each observation (inside the deadline) and
+    reporting those 0.7 s as CPU used to lift live efficiency to 105 %: the bus crawled and
+    the alert cleared.  Claims are bounded by the median of what agents claim, and the
+    cause names the agents that cost the tick most by the coordinator's own clock."""
+    core = CoordinatorCore(Settings(deadline=1.0, efficiency_window=4.0, alert_for=1.0, alert_threshold=0.5,
+                                    drop_after=0), GridWorld(WorldConfig(seed=1)), "s", clock=FakeClock())
+    now = 0.0
+    honest = [(b"h%d" % i, f"honest-{i}") for i in range(3)]
+    for peer, agent in honest + [(b"liar", "liar")]:
+        core.on_message(peer, P.Hello(agent, "k", 1), now)
+        core.on_message(peer, P.Heartbeat(), now)
+    events = []
+    for _ in range(40):
+        core.take_outbox()
+        tick = core.tick
+        now += 0.001
+        for peer, _ in honest:
+            core.on_message(peer, P.Action(tick, 4, 900, 900), now)          # 0.9 ms of work each
+        now += 0.7
+        core.on_message(b"liar", P.Action(tick, 4, 700_000, 700_000), now)  # 0.7 s "of work"
+        core.on_timer(now)
+        events += core.take_alerts()
+    raised = [e for e in events if e.raised]
+    assert raised and not [e for e in events if not e.raised], events      # raised, never cleared
+    assert "slowest: liar (" in raised[0].cause
+    assert core.stats(now).live.efficiency < 0.1 and core.ledger.errors["cpu_us_capped"] > 0
