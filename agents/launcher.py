@@ -31,7 +31,7 @@ from typing import Callable
 
 from agentbus_zmq.agents.host import Host
 from agentbus_zmq.agents.layout import host_layout
-from agentbus_zmq.agents.runtime import EXIT_REPLACED, Runtime
+from agentbus_zmq.agents.runtime import EXIT_NOT_ALLOWED, EXIT_REPLACED, Runtime
 from agentbus_zmq.bus import sockets
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.restarts import Restart, RestartPolicy, RestartDecisions
@@ -177,6 +177,11 @@ def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor
                     continue
                 if code == EXIT_REPLACED:  # another process holds its id: restarting would fight it
                     log.error("agent %s (pid %d): another connection took its id over; not restarted", agent_id, pid)
+                    failed.append(agent_id)
+                    continue
+                if code == EXIT_NOT_ALLOWED:  # refused for good: restarting cannot help
+                    log.error("agent %s (pid %d): the coordinator does not allow this id for its CURVE key; not "
+                              "restarted (give it an id its key may use, or the key the id's patterns)", agent_id, pid)
                     failed.append(agent_id)
                     continue
                 if supervisor is not None and not stopping:

@@ -44,7 +44,7 @@ from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.security import ClientKeys
 from agentbus_zmq.bus.signals import StopSignal
 
-__all__ = ["EXIT_AGENT_FAILED", "EXIT_REPLACED", "Exit", "Runtime", "run"]
+__all__ = ["EXIT_AGENT_FAILED", "EXIT_NOT_ALLOWED", "EXIT_REPLACED", "Exit", "Runtime", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ MAX_POLL_S = 1.0
 #: ``step``) raised; another connection took this agent's id over (do not restart).
 EXIT_AGENT_FAILED = 3
 EXIT_REPLACED = 4
+#: the coordinator will never let this agent register under its id (its CURVE key is
+#: bound to other ids): restarting cannot help, and is not done
+EXIT_NOT_ALLOWED = 5
 
 
 class Exit(enum.IntEnum):
@@ -65,6 +68,7 @@ class Exit(enum.IntEnum):
     DONE = 0              # --max-steps reached
     FAILED = EXIT_AGENT_FAILED
     REPLACED = EXIT_REPLACED
+    NOT_ALLOWED = EXIT_NOT_ALLOWED
 
 
 class _Lane:
@@ -238,9 +242,9 @@ class Runtime:
                 self._flush(lane)
             elif etype is Refused:
                 if event.fatal:
+                    self.exit = Exit.NOT_ALLOWED if event.error.code == ErrorCode.NOT_ALLOWED else Exit.REPLACED
                     log.error("%s: %s; stopping (exit status %d)", lane.agent_id, printable(event.error.reason),
-                              EXIT_REPLACED)
-                    self.exit = Exit.REPLACED
+                              self.exit)
                     return 0.0
                 if event.rehello:
                     self._plog.info(now, "%s: coordinator says %s; saying HELLO again", lane.agent_id,

@@ -15,7 +15,7 @@ States (:data:`SESSION` is the whole table)::
     REGISTERED --NOT_REGISTERED / SHUTTING_DOWN error--> HELLO_SENT   (coordinator restarted)
     REGISTERED --BYE from the coordinator--> BACKING_OFF
     BACKING_OFF --backoff elapsed--> CONNECTING                        (a fresh socket)
-    HELLO_SENT / REGISTERED --REPLACED error--> STOPPED              (another process has our id)
+    HELLO_SENT / REGISTERED --REPLACED or NOT_ALLOWED--> STOPPED          (our id is taken, or not ours)
     any --stop--> STOPPED
 
 ``SESSION.move(session, event)`` (``bus.fsm``, the coordinator's mechanism too) is the
@@ -54,7 +54,9 @@ __all__ = ["AgentSession", "SessionState", "Welcomed", "Refused", "Left", "BadFr
 #: Errors after which the coordinator has forgotten us: say HELLO again at once.
 REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN, ErrorCode.DROPPED})
 #: Errors after which this session must stop: another connection holds our registration.
-FATAL = frozenset({ErrorCode.REPLACED})
+#: refusals that end the session: another connection took the id over, or the
+#: coordinator will never let this agent have it (its CURVE key is bound to other ids)
+FATAL = frozenset({ErrorCode.REPLACED, ErrorCode.NOT_ALLOWED})
 
 
 class SessionState(enum.Enum):

@@ -174,8 +174,8 @@ def test_any_script_keeps_the_session_consistent(script):
             if type(event) is Welcomed and event.new_session:
                 h.s.ready(h.now)
             out = h.out()
-        if h.s.state is SessionState.STOPPED:         # only REPLACED stops a session on its own
-            assert type(item) is P.Error and item.code == ErrorCode.REPLACED and out == []
+        if h.s.state is SessionState.STOPPED:         # only REPLACED and NOT_ALLOWED stop a session on their own
+            assert type(item) is P.Error and item.code in (ErrorCode.REPLACED, ErrorCode.NOT_ALLOWED) and out == []
             break
         if h.s.state in (SessionState.BACKING_OFF, SessionState.CONNECTING):
             assert out == [] or all(type(m) is not P.Action for m in out)
