@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import contextlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -44,6 +44,24 @@ __all__ = ["Traced", "bus_budget", "peer_budget"]
 TRACE_DIR_ENV, TRACE_KIND_ENV = "BUSBENCH_TRACE_DIR", "BUSBENCH_TRACE_KIND"
 #: stamps kept per process at most (a long run keeps its first ones)
 MAX_STAMPS = 2_000_000
+#: a tick's segments, in the order they follow one another
+SEGMENTS = ("coordinator", "to the agents", "agents", "back", "waiting for others", "tick")
+
+
+@contextlib.contextmanager
+def _tracing(trace: str, kind: str):
+    """The environment the traced agents read (set for the processes started or forked
+    meanwhile), restored after."""
+    saved = {k: os.environ.get(k) for k in (TRACE_DIR_ENV, TRACE_KIND_ENV)}
+    os.environ.update({TRACE_DIR_ENV: trace, TRACE_KIND_ENV: kind})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _Stamps:
@@ -166,13 +184,12 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
     trace = tempfile.mkdtemp(prefix="busbench-budget-")
     core = CoordinatorCore(Settings(mode="lockstep", deadline=10.0), GridWorld(WorldConfig()), "budget")
     driver = Tracing(core, f"ipc://{trace}/bus.ipc")
-    env = {**os.environ, TRACE_DIR_ENV: trace, TRACE_KIND_ENV: kind}
-    os.environ.update(env)
     args = ["--endpoint", driver.endpoint, "--replicas", str(agents), "--per-host", str(per_host), "--id", "budget",
             "--kind", "agentbus_zmq.busbench.budget:Traced", "--log-level", "WARNING", "--spin-us", "0"]
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
-    hosts = Child("agents", "agentbus_zmq.agents", args, log_path=f"{trace}/agents.log")
+    with _tracing(trace, kind):
+        hosts = Child("agents", "agentbus_zmq.agents", args, log_path=f"{trace}/agents.log")
     try:
         deadline = time.monotonic() + 120
         while core.tick < warmup + ticks:
@@ -184,8 +201,7 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
     finally:
         hosts.stop()
         driver.close()
-    segments: dict[str, list[float]] = {"coordinator": [], "to the agents": [], "agents": [], "back": [],
-                                        "waiting for others": [], "tick": []}
+    segments: dict[str, list[float]] = {name: [] for name in SEGMENTS}
     closes_arr = np.asarray(closes)
     for peer, pid in pids.items():
         path = os.path.join(trace, f"steps-{pid}.json")
@@ -222,18 +238,17 @@ def peer_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int
     from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 
     trace = tempfile.mkdtemp(prefix="busbench-budget-peer-")
-    os.environ.update({TRACE_DIR_ENV: trace, TRACE_KIND_ENV: kind})
-    Traced(**options).prepare()
-    loop = PeerLoop("agentbus_zmq.busbench.budget:Traced", options, GridWorld(WorldConfig()), agents, per_host)
     stamps: list[tuple[float, float, float, float]] = []  # tick start, handed out, vector env returned, moved
-    try:
-        loop.reset()
-        for _ in range(warmup + ticks):
-            loop.tick(stamps)
-    finally:
-        loop.close(terminate=False)  # workers close their envs: Traced writes its stamps at exit
-    segments: dict[str, list[float]] = {"coordinator": [], "to the agents": [], "agents": [], "back": [],
-                                        "waiting for others": [], "tick": []}
+    with _tracing(trace, kind):
+        Traced(**options).prepare()
+        loop = PeerLoop("agentbus_zmq.busbench.budget:Traced", options, GridWorld(WorldConfig()), agents, per_host)
+        try:
+            loop.reset()  # the workers fork here, with the tracing environment
+            for _ in range(warmup + ticks):
+                loop.tick(stamps)
+        finally:
+            loop.close(terminate=False)  # workers close their envs: Traced writes its stamps at exit
+    segments: dict[str, list[float]] = {name: [] for name in SEGMENTS}
     workers = []
     for name in sorted(os.listdir(trace)):
         if name.startswith("steps-"):
@@ -254,7 +269,7 @@ def peer_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int
 
 
 def render(results: list[dict]) -> str:
-    names = ("coordinator", "to the agents", "agents", "back", "waiting for others", "tick")
+    names = SEGMENTS
     head = ["segment"] + [f"{r['shape']} (us, mean / p50)" for r in results]
     rows = [head] + [[name] + [f"{r['segments'][name]['mean_us']:.0f} / {r['segments'][name]['p50_us']:.0f}"
                                if name in r["segments"] else "-" for r in results] for name in names]
@@ -287,4 +302,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -183,14 +183,21 @@ def test_a_launcher_whose_agent_keeps_failing_gives_up_and_exits_non_zero(bus):
     assert log.count("restart 3 in") >= 1 and "restart 4 in" not in log
 
 
-def test_a_hung_agent_is_dropped_by_the_default_straggler_policy_after_five_deadlines(bus):
-    """Without any option, a mute agent holds lock-step for five deadlines, not for ever
-    (nor for liveness: it may be a live process that heartbeats and never answers)."""
-    bus.coordinator(None, "--deadline", "0.2", "--heartbeat", "2")   # liveness 6 s: the policy comes first
+def _hang_one_of_three(bus, *coordinator_args: str) -> int:
+    """A coordinator with ``coordinator_args``, three null agents stepping, one of them
+    stopped (SIGSTOP: alive, silent); its pid (the caller sends SIGCONT)."""
+    bus.coordinator(None, *coordinator_args)
     bus.agents(3, "--kind", "null")
     stats = bus.wait_agents(3)
     victim = sorted(stats["agent_pids"].values())[0]
     os.kill(victim, signal.SIGSTOP)
+    return victim
+
+
+def test_a_hung_agent_is_dropped_by_the_default_straggler_policy_after_five_deadlines(bus):
+    """Without any option, a mute agent holds lock-step for five deadlines, not for ever
+    (nor for liveness: it may be a live process that heartbeats and never answers)."""
+    victim = _hang_one_of_three(bus, "--deadline", "0.2", "--heartbeat", "2")  # liveness 6 s: the policy first
     try:
         stats = bus.wait_agents(2, timeout=10, ready=False)
         assert stats["ledger"]["errors"]["dropped_stragglers"] == 1 and "expired" not in stats["ledger"]["errors"]
@@ -226,11 +233,7 @@ def test_per_arena_lock_step_a_hung_host_stalls_only_its_own_arena(bus):
 
 
 def test_a_hung_agent_stalls_the_others_no_longer_than_the_deadline_and_liveness(bus):
-    bus.coordinator(None, "--deadline", "0.2", "--drop-after", "0")
-    bus.agents(3, "--kind", "null")
-    stats = bus.wait_agents(3)
-    victim = sorted(stats["agent_pids"].values())[0]
-    os.kill(victim, signal.SIGSTOP)
+    victim = _hang_one_of_three(bus, "--deadline", "0.2", "--drop-after", "0")
     try:
         stats = bus.wait_agents(2, timeout=10, ready=False)
         # Dropped by liveness; until then ticks kept closing at the deadline, each one a
