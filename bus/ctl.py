@@ -71,7 +71,7 @@ class Ctl:
     @property
     def client(self) -> ControlClient:
         if self._client is None:
-            self._client = ControlClient(self.endpoint, curve=self.curve)
+            self._client = ControlClient(self.endpoint, curve=self.curve, refused_is_final=True)
         return self._client
 
     def request(self, command: str, args: dict | None = None) -> dict:

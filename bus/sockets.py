@@ -85,11 +85,13 @@ def router(endpoint: str, hwm: int = ROUTER_HWM, max_bytes: int = MAX_MESSAGE_BY
 
 def dealer(endpoint: str, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
            max_bytes: int = MAX_MESSAGE_BYTES, curve: ClientKeys | None = None,
-           immediate: bool = False) -> zmq.Socket:
+           immediate: bool = False, connect: bool = True) -> zmq.Socket:
     """An agent's (or a client's) DEALER, connected to ``endpoint``.
 
     ``immediate`` queues messages only on a completed connection (a sender then sees at
     once that nobody is there, rather than filling a queue for a peer that may never come).
+    ``connect=False`` leaves the connecting to the caller (one that must first attach a
+    monitor, so that no transport event happens before it listens).
     """
     sock = context().socket(zmq.DEALER)
     _common(sock, hwm, max_bytes)
@@ -99,7 +101,8 @@ def dealer(endpoint: str, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
         curve.apply(sock)
     if identity:
         sock.setsockopt(zmq.ROUTING_ID, identity)
-    sock.connect(endpoint)
+    if connect:
+        sock.connect(endpoint)
     return sock
 
 

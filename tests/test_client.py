@@ -65,3 +65,28 @@ def test_with_nobody_listening_a_request_fails_within_its_timeout(tmp_path):
         with pytest.raises(BusUnavailable, match=r"no connection to the coordinator at ipc://.*nobody\.ipc to send 'stats'"):
             client.request("stats", timeout=0.2)
         assert client._awaited == set()
+
+
+def test_a_client_told_not_to_wait_fails_at_once_when_nobody_listens(tmp_path):
+    # busctl's client: a refused connection is the answer (nobody is there now), not a
+    # reason to wait out the timeout; the error is final and says what the socket saw.
+    with ControlClient(f"ipc://{tmp_path}/nobody.ipc", refused_is_final=True) as client:
+        with pytest.raises(BusUnavailable, match=r"nothing listens there \(connection refused\)") as info:
+            client.request("stats", timeout=600)   # the test's own timeout ends it, should it wait
+        assert info.value.final
+
+
+def test_a_client_that_waits_still_connects_to_a_coordinator_that_comes_late(tmp_path):
+    endpoint = f"ipc://{tmp_path}/late.ipc"
+    with ControlClient(endpoint) as client:
+        with pytest.raises(BusUnavailable) as info:
+            client.request("ping", timeout=0.2)
+        assert not info.value.final            # nobody yet: worth asking again
+        sock = sockets.router(endpoint)
+        try:
+            rid = client.send("ping", timeout=30)
+            ((peer, req),) = _requests(sock, 1)
+            sock.send_multipart([peer, P.encode(P.Reply(req.request_id, True, {"late": True}))])
+            assert client.wait(rid, timeout=30) == {"late": True}
+        finally:
+            sock.close(linger=0)
