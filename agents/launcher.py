@@ -14,7 +14,8 @@ With ``--per-host K`` each child is an agent host of K agents (``agents.host``) 
 of a single agent: the same ids, fewer processes.
 
 The parent supervises: it forwards SIGINT/SIGTERM to its children, reaps them, and
-exits non-zero if any child failed.  With ``--restart`` it forks a dead agent (or host)
+exits non-zero if any child failed: with the child's own status when every failure was a
+refusal no restart can heal (4, its id taken over; 5, its key may not use its id), else 1.  With ``--restart`` it forks a dead agent (or host)
 again, backing off and giving up as ``agents.restarts`` decides.  Children die with the
 parent (PR_SET_PDEATHSIG), so a SIGKILLed launcher leaves nothing behind.
 """
@@ -136,6 +137,8 @@ def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor
     when it says so (the agent rejoins with HELLO and the coordinator replaces its
     registration), and stop everything when it gives up."""
     failed: list[str] = []
+    #: exit statuses of refusals that no restart can heal (EXIT_REPLACED, EXIT_NOT_ALLOWED)
+    permanent: list[int] = []
     gave_up: str | None = None
     due: dict[str, float] = {}  # agent id -> when to fork it again
     stop_at: float | None = None
@@ -178,11 +181,13 @@ def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor
                 if code == EXIT_REPLACED:  # another process holds its id: restarting would fight it
                     log.error("agent %s (pid %d): another connection took its id over; not restarted", agent_id, pid)
                     failed.append(agent_id)
+                    permanent.append(code)
                     continue
                 if code == EXIT_NOT_ALLOWED:  # refused for good: restarting cannot help
                     log.error("agent %s (pid %d): the coordinator does not allow this id for its CURVE key; not "
                               "restarted (give it an id its key may use, or the key the id's patterns)", agent_id, pid)
                     failed.append(agent_id)
+                    permanent.append(code)
                     continue
                 if supervisor is not None and not stopping:
                     decision = supervisor.on_exit(agent_id, clock())
@@ -199,6 +204,10 @@ def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor
         log.info("restarts: %s", ", ".join(f"{a} {n}" for a, n in sorted(supervisor.restarts.items())))
     if failed or gave_up:
         log.error("%d agents failed: %s", len(failed), ", ".join(sorted(failed)))
+        if not gave_up and len(permanent) == len(failed):
+            # Every failure was a refusal for good: exit with its status, which a service
+            # manager is told not to restart (deploy/systemd: RestartPreventExitStatus).
+            return max(permanent)
         return 1
     return 0
 

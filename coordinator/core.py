@@ -110,6 +110,8 @@ class CoordinatorCore:
         self.connections: collections.Counter = collections.Counter()
         self.started_at: float | None = None
         self.stopping = False
+        #: steps outstanding when the bus stopped (the stop line says so beside ``missing``)
+        self.in_flight_at_stop = 0
         self._dispatch = {
             P.Action: self._on_action, P.HostAction: self._on_host_action, P.Heartbeat: self._on_heartbeat,
             P.Hello: self._on_hello, P.HostHello: self._on_host_hello, P.Bye: self._on_bye,
@@ -410,6 +412,7 @@ class CoordinatorCore:
     def shutdown(self, now: float) -> None:
         """Say BYE to every agent and host; called once before the driver exits."""
         self.stopping = self.registry.stopping = True
+        self.in_flight_at_stop = self.ledger.outstanding
         self.schedule.stop()
         bye = P.encode(P.Bye("coordinator shutting down"))
         for unit in list(self.registry.by_peer.values()):

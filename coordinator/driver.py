@@ -331,6 +331,6 @@ def serve(endpoint: str, settings: Settings, world: World, session: str | None =
             driver.run(stop)
     finally:
         driver.close()
-    ledger = core.ledger.snapshot()
-    log.info("coordinator stopped after %d ticks; ledger %s", core.tick, ledger)
+    log.info("coordinator stopped after %d ticks: %s", core.tick,
+             core.ledger.summary(core.in_flight_at_stop))
     return core

@@ -49,6 +49,17 @@ class Ledger:
             "errors": {str(k): v for k, v in sorted(self.errors.items())},
         }
 
+    def summary(self, in_flight: int = 0) -> str:
+        """The accounts as one line for a log: ``in_flight`` steps were outstanding when
+        the bus stopped (counted missing, as the invariant wants, and said so)."""
+        missing = f"missing {self.missing:,}"
+        if in_flight:
+            missing += f" ({in_flight:,} in flight at the stop)"
+        errors = ", ".join(f"{k} {v:,}" for k, v in sorted(self.errors.items())) or "none"
+        return (f"sent {self.sent:,}, received {self.received:,}, late {self.late:,}, {missing}, "
+                f"outstanding {self.outstanding:,}, undeliverable {self.undeliverable:,}, slow {self.slow:,}; "
+                f"{'balanced' if self.balanced() else 'NOT balanced'}; errors: {errors}")
+
 
 @dataclasses.dataclass
 class Timings:

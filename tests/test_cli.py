@@ -40,13 +40,76 @@ def test_procfile_runs_a_live_bus_under_honcho(tmp_path):
         procs = _descendants(honcho.pid)
         assert len(procs) >= 3
         honcho.send_signal(signal.SIGTERM)
-        honcho.wait(15)
-        gone, alive = psutil.wait_procs(procs, timeout=10)
+        honcho.wait(60)
+        gone, alive = psutil.wait_procs(procs, timeout=30)
         assert alive == [], f"still running after honcho stopped: {alive}"
         output = honcho.stdout.read().decode(errors="replace")
         assert "registered" in output
+        # The Procfile execs its commands: the signal reaches them, not a shell, and every
+        # clean stop shows as one (under `sh -c` honcho reported rc=-15 for each).
+        for name in ("coordinator.1", "agent.1", "agent.2"):
+            assert f"{name} stopped (rc=0)" in output, output[-2000:]
     finally:
         _reap(honcho, procs)
+
+
+def test_honcho_exports_the_procfile_as_systemd_units(tmp_path):
+    # deploy/README.md suggests it: it needs honcho's `export` extra (jinja2), in the lock.
+    shutil.copy(ROOT / "Procfile", tmp_path / "Procfile")
+    (tmp_path / ".env").write_text("BUS_ENDPOINT=ipc:///run/agentbus/bus.ipc\n")
+    r = subprocess.run([sys.executable, "-m", "honcho", "export", "systemd", str(tmp_path / "out"), "-a", "agentbus",
+                        "-c", "agent=2"], cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    units = {p.name: p.read_text() for p in (tmp_path / "out").iterdir()}
+    assert {"agentbus-coordinator-1.service", "agentbus-agent-1.service", "agentbus-agent-2.service"} <= set(units)
+    assert "exec bus-agent --endpoint" in units["agentbus-agent-2.service"]
+
+
+UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """A unit file's settings, each key with every value it is given."""
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_the_units_are_hardened_and_never_restart_what_cannot_heal(path):
+    from agentbus_zmq.agents.runtime import EXIT_NOT_ALLOWED, EXIT_REPLACED
+
+    unit = _unit(path)
+    assert unit["Wants"] == ["network-online.target"] and unit["After"] == ["network-online.target"]
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
+                       "ProtectHome": "yes", "CapabilityBoundingSet": "", "RestrictNamespaces": "yes"}.items():
+        assert unit.get(key) == [value], (key, unit.get(key))
+    prevent = set(unit["RestartPreventExitStatus"][0].split())
+    assert "2" in prevent                                         # a usage error
+    if "bus-agent" in unit["ExecStart"][0]:
+        assert {str(EXIT_REPLACED), str(EXIT_NOT_ALLOWED)} <= prevent
+        assert "%i" in unit["ExecStart"][0].split("--id", 1)[1]  # two instances on one host: distinct ids
+    # systemd gives up before a crash loop turns slow: its window holds its burst of restarts
+    interval, burst, delay = (int(unit[k][0]) for k in ("StartLimitIntervalSec", "StartLimitBurst", "RestartSec"))
+    assert burst * delay < interval
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_systemd_rates_the_units_exposure_at_most_3(path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None or subprocess.run([analyze, "security", "--help"], capture_output=True, text=True,
+                                         timeout=60).stdout.find("--offline") < 0:
+        pytest.skip("no systemd-analyze with --offline (systemd 250 or later) on this machine")
+    # --threshold counts tenths: 30 is an exposure of 3.0; above it the command fails.
+    r = subprocess.run([analyze, "security", "--offline=true", "--threshold=30", "--no-pager", str(path)],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    overall = [line for line in r.stdout.splitlines() if "Overall exposure level" in line]
+    assert r.returncode == 0 and overall, r.stdout[-3000:] + r.stderr
+    assert float(overall[0].split(":")[1].split()[0]) <= 3.0, overall
 
 
 def _busbench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -553,6 +553,18 @@ def test_shutdown_says_bye_to_everyone():
     assert h.hello(b"p3", "a3")[0][1].code == ErrorCode.SHUTTING_DOWN
 
 
+def test_the_stop_line_says_which_missing_steps_were_in_flight_at_the_stop():
+    h = Harness()
+    h.hello(b"p1", "a1")
+    h.hello(b"p2", "a2")
+    outstanding = h.ledger.outstanding
+    assert outstanding > 0                                  # a tick was out when it stopped
+    h.core.shutdown(h.now)
+    line = h.ledger.summary(h.core.in_flight_at_stop)
+    assert h.ledger.missing == outstanding and f"missing {outstanding} ({outstanding} in flight at the stop)" in line
+    assert "\n" not in line and "{" not in line and line.endswith("balanced; errors: none")
+
+
 events = st.lists(st.tuples(st.sampled_from(["hello", "act", "late", "stale", "bye", "wait", "drift", "hb", "measure",
                                              "host", "host_act", "host_bad", "host_bye", "host_late"]),
                             st.integers(0, 3), st.floats(0.0, 1.0)), max_size=60)

@@ -128,11 +128,12 @@ def test_a_key_is_bound_to_its_id_patterns_and_cannot_take_another_keys_agents(c
 def test_an_agent_whose_key_may_not_use_its_id_stops_for_good_and_says_why(curve_bus):
     """NOT_ALLOWED is permanent: the agent used to repeat HELLO every 0.5 s for ever, a
     WARNING on both sides, looking healthy to systemd.  Now it exits 5, and its launcher,
-    even with --restart, does not start it again."""
+    even with --restart, does not start it again and exits 5 itself (the status the
+    systemd unit is told not to restart)."""
     bus, server_pub, *_ = curve_bus
     launcher = bus.agents(1, "--kind", "null", "--restart", "--restart-backoff", "0.05", "--curve-server-key",
                           str(server_pub), "--curve-key", str(bus.host1_secret), agent_id="not-host1")
-    assert launcher.proc.wait(30) == 1
+    assert launcher.proc.wait(30) == 5
     log = launcher.log_path.read_text()
     assert "stopping (exit status 5)" in log and "does not allow this id for its CURVE key; not restarted" in log
     assert log.count("registered with coordinator") == 0 and bus.stats()["agents"] == 0
