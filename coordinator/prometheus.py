@@ -20,6 +20,7 @@ hundred series as one of 10.  Per-agent detail is ``busctl agents``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.coordinator.core import CoordinatorCore
 from agentbus_zmq.coordinator.ledger import Histogram
@@ -71,6 +73,9 @@ class CoreCollector:
             c.add_metric([], value)
             return c
 
+        yield gauge("build_info", "Always 1: what this coordinator runs (the series to find coordinators by).", 1.0,
+                    {"version": _version(), "protocol": str(P.PROTOCOL_VERSION), "mode": core.settings.mode,
+                     "world": core.world.kind})
         yield gauge("agents_registered", "Agents registered (alone or in hosts).", len(core.agents))
         yield gauge("agents_ready", "Agents that have answered an observation.", core.ready)
         yield gauge("agents_pending", "Connections registered and not yet ready.", core.pending)
@@ -147,6 +152,16 @@ def _histogram(name: str, doc: str, hist: Histogram | None, sum_us: float, bound
 
 def _le(bound: float) -> str:
     return repr(bound)
+
+
+@functools.cache
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("agentbus-zmq")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def render(core: CoordinatorCore) -> bytes:

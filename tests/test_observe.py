@@ -18,6 +18,7 @@ from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
 from agentbus_zmq.coordinator.efficiency import LiveEfficiency, Sample
 from agentbus_zmq.coordinator.prometheus import render
 from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
+from agentbus_zmq.coordinator.liveness import MAX_STRAGGLERS_LISTED
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,6 +178,35 @@ def test_the_alert_rules_mirror_the_built_in_alert_and_use_exported_metrics():
     assert low["for"] and low["labels"]["severity"] and low["annotations"]["summary"]
     for rule in alerts.values():
         assert _names_in(rule["expr"]) <= exported, rule["alert"]
+    # Every rule evaluates on series the coordinator exports, so a dead coordinator
+    # (no series at all) fires none of them: two rules watch the scrape itself.
+    down = [r for r in alerts.values() if re.search(r'\bup\{job="agentbus"\} == 0', r["expr"])]
+    absent = [r for r in alerts.values() if 'absent(up{job="agentbus"})' in r["expr"]]
+    assert down and absent and down[0]["labels"]["severity"] == "critical"
+    # One condition, one alert: no rule restates another's (the coordinator's own alert
+    # is the efficiency rule, not a second rule beside it).
+    assert not any("agentbus_efficiency_alert" in r["expr"] for r in alerts.values())
+    assert len({r["expr"] for r in alerts.values()}) == len(alerts)
+
+
+def test_the_dashboard_scopes_every_query_to_its_coordinator_and_panels_say_what_they_show():
+    dashboard = json.loads((ROOT / "deploy/grafana/agentbus.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "agentbus_build_info" in variables["instance"]["definition"]
+    assert "agentbus_build_info" in _exported_names()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            for selector in re.findall(r"\bagentbus_[a-z_]+(\{[^}]*\})?", target["expr"]):
+                assert selector == '{instance=~"$instance"}', (panel["title"], target["expr"])
+    panels = {p["title"]: p for p in dashboard["panels"]}
+    lost = next(p for t, p in panels.items() if t.startswith("Steps lost"))
+    assert not any("slow" in t["expr"] for t in lost["targets"])           # slow answers are not lost
+    stragglers = next(p for t, p in panels.items() if t.startswith("Stragglers"))
+    assert f"the {MAX_STRAGGLERS_LISTED} worst" in stragglers["title"] and "topk" not in stragglers["targets"][0]["expr"]
+    cpu = next(p for t, p in panels.items() if t.startswith("Coordinator CPU"))
+    per_step = next(t["refId"] for t in cpu["targets"] if "per_step" in t["expr"])
+    override = next(o for o in cpu["fieldConfig"]["overrides"] if o["matcher"]["options"] == per_step)
+    assert {"id": "custom.axisPlacement", "value": "right"} in override["properties"]   # seconds apart from cores
 
 
 def test_an_agent_that_reports_its_wait_as_work_cannot_clear_the_alert_and_is_named():
