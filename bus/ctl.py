@@ -87,12 +87,25 @@ class Ctl:
     def echo(self, text: str) -> None:
         click.echo(text)
 
-    def print(self, renderable) -> None:
+    @property
+    def console(self):
         if self._console is None:
             from rich.console import Console
 
             self._console = Console()
-        self._console.print(renderable)
+        return self._console
+
+    @property
+    def width(self) -> int:
+        """The terminal's columns (COLUMNS, else 80 when not a terminal)."""
+        return self.console.width
+
+    def print(self, renderable) -> None:
+        """``renderable`` as the terminal shows it, without the spaces a table pads its
+        lines with (they end up in files and pipes)."""
+        with self.console.capture() as captured:
+            self.console.print(renderable)
+        click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
     def close(self) -> None:
         if self._client is not None:
@@ -170,7 +183,7 @@ for _cmd in COMMANDS.values():
 def top(ctl: Ctl, interval: float, rows: int, iterations: int, endpoint, curve_server_key, curve_key, timeout):
     """A live view: the bus's figures and its slowest agents, refreshed every second."""
     ctl.connect_with(endpoint, curve_server_key, curve_key, timeout)
-    from rich.console import Console, Group
+    from rich.console import Group
     from rich.live import Live
 
     def frame():
@@ -178,7 +191,8 @@ def top(ctl: Ctl, interval: float, rows: int, iterations: int, endpoint, curve_s
             stats = Stats.from_wire(ctl.request("stats"))
             seen, pages = fetch(ctl, max_pages=TOP_PAGES)
             among = f" of the first {len(seen):,} by id" if pages > TOP_PAGES else ""
-            table = agents_table(sort_rows(seen, "p50")[:rows], f"slowest {rows} agents (p50){among}", ctl.text)
+            table = agents_table(sort_rows(seen, "p50")[:rows], f"slowest {rows} agents (p50){among}", ctl.text,
+                                 ctl.width)
             return Group(status_view(stats, ctl.endpoint, ctl.text), table)
         except click.ClickException as exc:
             from rich.text import Text
@@ -187,7 +201,7 @@ def top(ctl: Ctl, interval: float, rows: int, iterations: int, endpoint, curve_s
 
     n = 0
     try:
-        with Live(frame(), console=Console(), refresh_per_second=4, screen=False) as live:
+        with Live(frame(), console=ctl.console, refresh_per_second=4, screen=False) as live:
             while not iterations or n < iterations:
                 time.sleep(interval)
                 live.update(frame())

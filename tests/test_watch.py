@@ -119,6 +119,28 @@ def test_busctl_status_and_agents_show_what_stats_says(bus):
                         rf"[\d.]+ ms\n", ping), ping
 
 
+def test_busctl_fits_80_columns_with_whole_ids_and_no_trailing_spaces(bus):
+    """At 80 columns (a default terminal, and what rich assumes of a pipe) the table used
+    to cut ids to `agent…` and headers to `l…`, and `status` padded every line."""
+    long_id = "an-agent-whose-id-is-long-enough-to-matter"
+    bus.coordinator()
+    bus.agents(2, "--kind", "null", agent_id=long_id)
+    bus.wait_agents(2)
+    env = {**cli_env(), "BUS_ENDPOINT": bus.endpoint, "COLUMNS": "80"}
+    for args in (["agents"], ["status"]):
+        out = subprocess.run([sys.executable, "-m", "agentbus_zmq.bus.ctl", *args], capture_output=True, text=True,
+                             env=env, timeout=60, stdin=subprocess.DEVNULL, check=True).stdout
+        lines = out.splitlines()
+        assert lines and all(line == line.rstrip() for line in lines), args
+        assert max(map(len, lines)) <= 80 and "…" not in out, out
+    agents = subprocess.run([sys.executable, "-m", "agentbus_zmq.bus.ctl", "agents"], capture_output=True, text=True,
+                            env=env, timeout=60, stdin=subprocess.DEVNULL, check=True).stdout
+    assert f"{long_id}-1" in agents and f"{long_id}-2" in agents      # whole, on one line each
+    header = next(line for line in agents.splitlines() if " id " in line)
+    assert "state" in header and "p99 ms" in header                     # the columns that matter most stay
+    assert "not shown in 80 columns: pid / host" in agents             # and the caption says what went
+
+
 def test_busctl_takes_its_connection_options_before_or_after_the_subcommand(bus, tmp_path):
     bus.coordinator()
     bus.agents(1, "--kind", "null")
@@ -149,12 +171,14 @@ def test_busctl_top_in_tmux_as_a_person_sees_it(bus, tmp_path):
     if shutil.which("tmux") is None:
         pytest.fail("busctl top is tested in tmux: install it (apt-get install tmux; .ci/run does)")
     bus.coordinator()
-    bus.agents(2, "--kind", "null", agent_id="watched")
+    # tmux's default 80 columns, and an id that the table used to cut ("watched-agent-in-…")
+    watched = "watched-agent-in-a-narrow-terminal"
+    bus.agents(2, "--kind", "null", agent_id=watched)
     bus.wait_agents(2)
     session = f"busctl-{os.getpid()}"
     command = (f"env -u COLUMNS -u LINES BUS_ENDPOINT={bus.endpoint} PATH={os.path.dirname(sys.executable)}:{os.environ['PATH']} "
                f"{sys.executable} -m agentbus_zmq.bus.ctl top --interval 0.5 2>{tmp_path}/top.err")
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "45", command], check=True,
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command], check=True,
                    timeout=10)
 
     def screen() -> str:
@@ -163,12 +187,12 @@ def test_busctl_top_in_tmux_as_a_person_sees_it(bus, tmp_path):
 
     try:
         deadline = time.monotonic() + 20
-        while "watched-1" not in (first := screen()) or "efficiency" not in first:
+        while f"{watched}-1" not in (first := screen()) or "efficiency" not in first:
             if time.monotonic() > deadline:
                 err = (tmp_path / "top.err").read_text() if (tmp_path / "top.err").exists() else ""
                 pytest.fail(f"busctl top did not draw the bus; the screen:\n{first}\nits stderr:\n{err}")
             time.sleep(0.1)
-        assert "watched-2" in first and ("stepping" in first or "idle" in first)
+        assert f"{watched}-2" in first and ("stepping" in first or "idle" in first) and "…" not in first
         tick = re.search(r"tick ([\d,]+)", first).group(1)
         wait_until(lambda: (m := re.search(r"tick ([\d,]+)", screen())) and m.group(1) != tick, 10,
                    "the view to refresh")
@@ -191,3 +215,22 @@ def test_busbench_reports_the_live_efficiency_by_the_gauges_formula(tmp_path):
     assert run["efficiency_live"] == pytest.approx(run["agent_cpu_s"] / (run["elapsed_s"] * min(2, result["cores"])),
                                                    rel=1e-6)
     assert 0 < run["efficiency_live"] <= 1.05             # at most the cores' time (a step may straddle an edge)
+
+
+def test_an_id_longer_than_the_terminal_folds_whole_and_the_columns_that_matter_stay():
+    from rich.console import Console
+
+    from agentbus_zmq.bus.commands.agents import agents_table
+    from agentbus_zmq.bus.report import AgentRow
+
+    rows = [AgentRow(id=f"a-{i}", pid=100 + i, state="stepping", steps=10_000, p50_us=900, p99_us=2_100)
+            for i in range(3)] + [AgentRow(id="x" * 100 + "-end", pid=1, state="idle")]
+    for width in (80, 120):
+        console = Console(width=width, record=True)
+        console.print(agents_table(rows, "t", str, width))
+        lines = console.export_text().splitlines()
+        assert max(map(len, lines)) <= width
+        ids = "".join(line.split("│")[1].strip() for line in lines if line.startswith("│"))
+        assert "x" * 100 + "-end" in ids                    # folded over lines, every character kept
+        header = next(line for line in lines if line.startswith("┃"))
+        assert all(name in header for name in ("id", "state", "steps", "p99 ms"))

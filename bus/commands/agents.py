@@ -51,7 +51,7 @@ class AgentsCommand(Command):
         else:
             title = f"{len(rows)} agents, by {sort}" + (f" (of the first {MAX_PAGES * PAGE_SIZE:,} by id; the "
                                                          f"coordinator lists {total:,} pages)" if total > MAX_PAGES else "")
-            ctl.print(agents_table(rows, title, ctl.text))
+            ctl.print(agents_table(rows, title, ctl.text, ctl.width))
 
 
 #: pages busctl follows at most, whatever count a coordinator claims (131,072 agents)
@@ -86,16 +86,43 @@ def _ms(us) -> str:
     return "-" if us is None else f"{us / 1000:.2f}"
 
 
-def agents_table(rows: list[AgentRow], title: str, text=str):
-    """The ``busctl agents`` table; ``text`` makes peer-supplied strings safe to show."""
+#: ``busctl agents``' columns: name, justification, and the order in which a narrow
+#: terminal drops them (higher first; 0, the id, never)
+_COLUMNS = (("id", "left", 0), ("pid / host", "left", 9), ("state", "left", 1), ("steps", "right", 3),
+            ("p50 ms", "right", 7), ("p99 ms", "right", 2), ("late", "right", 5), ("missed", "right", 4),
+            ("slow", "right", 8), ("seen", "right", 6))
+
+
+def agents_table(rows: list[AgentRow], title: str, text=str, width: int | None = None):
+    """The ``busctl agents`` table; ``text`` makes peer-supplied strings safe to show.
+
+    In ``width`` columns (a terminal's), the columns that do not fit are dropped, least
+    needed first, and the caption names them; the id is never cut (one longer than 40 %
+    of the width folds onto the next line, whole).
+    """
+    from rich.cells import cell_len
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
-    for name, justify in (("id", "left"), ("pid / host", "left"), ("state", "left"), ("steps", "right"),
-                          ("p50 ms", "right"), ("p99 ms", "right"), ("late", "right"), ("missed", "right"),
-                          ("slow", "right"), ("seen", "right")):
-        t.add_column(name, justify=justify, no_wrap=True)
-    for r in rows:
-        t.add_row(text(r.id), text(r.host) if r.host else str(r.pid), text(r.state), f"{r.steps:,}", _ms(r.p50_us),
-                  _ms(r.p99_us), str(r.late), str(r.missed), str(r.slow), f"{r.last_seen_s:.1f}s")
+    cells = [[text(r.id), text(r.host) if r.host else str(r.pid), text(r.state), f"{r.steps:,}", _ms(r.p50_us),
+              _ms(r.p99_us), str(r.late), str(r.missed), str(r.slow), f"{r.last_seen_s:.1f}s"] for r in rows]
+    shown = list(range(len(_COLUMNS)))
+    if width:
+        widths = [max([cell_len(name)] + [cell_len(row[i]) for row in cells]) for i, (name, _, _) in enumerate(_COLUMNS)]
+        widths[0] = min(widths[0], max(20, int(width * 0.4)))  # a longer id folds rather than hide every column
+        for i in sorted((i for i, c in enumerate(_COLUMNS) if c[2]), key=lambda i: -_COLUMNS[i][2]):
+            if sum(widths[j] + 3 for j in shown) + 1 <= width:   # a cell's padding and border: 3; the edge: 1
+                break
+            shown.remove(i)
+    hidden = [_COLUMNS[i][0] for i in range(len(_COLUMNS)) if i not in shown]
+    caption = (f"not shown in {width} columns: {', '.join(hidden)} (a wider terminal, or --format json)"
+               if hidden else None)
+    t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for i in shown:
+        name, justify, _ = _COLUMNS[i]
+        if i == 0:
+            t.add_column(name, justify=justify, overflow="fold")
+        else:
+            t.add_column(name, justify=justify, no_wrap=True)
+    for row in cells:
+        t.add_row(*(row[i] for i in shown))
     return t
