@@ -82,7 +82,8 @@ class _Progress:
 @click.option("--sweep", default=None, help="Comma-separated agent counts, e.g. 1,2,5,10,20.")
 @click.option("--agent-kind", type=kind_param(), default=_CFG.kind, help=kind_help())
 @click.option("--backend", type=click.Choice(BACKENDS), default=_CFG.backend, help="Explorer inference backend.")
-@click.option("--policy-len", type=click.IntRange(1, 8), default=_CFG.policy_len)
+@click.option("--policy-len", type=click.IntRange(1, 8), default=_CFG.policy_len,
+              help="Explorer: moves each policy plans ahead (5 ** L policies: a step's cost grows with it).")
 @click.option("--mode", type=click.Choice(MODES), default=_CFG.mode, help="Coordinator schedule.")
 @click.option("--lockstep-scope", type=click.Choice(["world", "arena"]), default=_CFG.lockstep_scope,
               help="Lock-step over the whole world, or per arena (agents that share no arena tick independently; "
@@ -93,10 +94,12 @@ class _Progress:
               help="Seconds one count may take, start-up and warm-up included (at least --duration + 120).")
 @click.option("--warmup", type=click.IntRange(0), default=_CFG.warmup, help="Warm-up steps per agent, excluded.")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, help="Repeat each count; report medians and spread.")
-@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=_CFG.transport)
-@click.option("--seed", type=int, default=_CFG.seed)
-@click.option("--width", type=click.IntRange(1), default=_CFG.width, help="World width (the model has width x height states).")
-@click.option("--height", type=click.IntRange(1), default=_CFG.height)
+@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=_CFG.transport,
+              help="The bus's sockets: ipc (a Unix socket) or tcp on loopback.")
+@click.option("--seed", type=int, default=_CFG.seed, help="The world's seed (layouts, starting cells).")
+@click.option("--width", type=click.IntRange(1), default=_CFG.width,
+              help="Grid world: width in cells (the explorer's model has width x height states).")
+@click.option("--height", type=click.IntRange(1), default=_CFG.height, help="Grid world: height in cells.")
 @click.option("--per-host", type=PerHost(), default=_CFG.per_host,
               help="Agents per process: 1 (one process each), K (agent hosts of K: one frame per host per "
                    "tick), or auto (enough hosts to fill the cores). The no-bus pool uses the same layout.")
@@ -153,7 +156,21 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, lockstep_scope, st
         height, per_host, lanes, world, world_arg, arena_agents, connect, peer, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         gate_on, profile_dir, metrics, model, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
-    efficiency, latency, CPU and memory.  Exits non-zero if anything failed."""
+    efficiency, latency, CPU and memory, beside the same agents with no bus and under
+    the tool a user would pick instead.  Exits non-zero if anything failed.
+
+    \b
+    The figures (docs/busbench.md defines every column and JSON key):
+      r1      steps/s of one agent of the same kind stepping alone, no bus
+      R(N)    agent steps/s through the bus with N agents, steady state
+      C       cores this process may use; K: agents per process (--per-host)
+      E(N)    R(N) / (min(N, C) x r1): coordination efficiency (50 % required)
+      E_pool  R / R_pool, R_pool the same agents and processes with no messaging
+      R_peer  the same agents under Gymnasium's AsyncVectorEnv (--peer gym)
+      E_live  the coordinator's own estimate, as busctl and its alert show it
+
+    Options also come from BUSBENCH_<OPTION> variables (BUSBENCH_AGENTS=50).
+    """
     if agents is not None and sweep is not None:
         raise click.UsageError("give --agents or --sweep, not both")
     if steps == 0 and duration == 0:
@@ -215,11 +232,11 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, lockstep_scope, st
                     solos.append(measure_r1(cfg))
                     pool = None
                     if not connect:
-                        progress(f"{tag}measuring the ceiling ({n} agents, {cfg.hosts_for(n)} a process, no bus)")
+                        progress(f"{tag}measuring the ceiling ({n} agents, {_layout(cfg.hosts_for(n))}, no bus)")
                         pool = measure_pool(cfg, n, cfg.hosts_for(n))
                     peer_run = None
                     if cfg.peer:
-                        progress(f"{tag}measuring the peer ({n} agents under {cfg.peer}, {cfg.hosts_for(n)} a process)")
+                        progress(f"{tag}measuring the peer ({n} agents under {cfg.peer}, {_layout(cfg.hosts_for(n))})")
                         peer_run = measure_peer(cfg, n, cfg.hosts_for(n))
                     run = run_one(cfg, n, solos[-1]["rate"], pool, lambda text, tag=tag: progress(tag + text), peer_run)
                     run["single_agent_rate"] = solos[-1]["rate"]
@@ -242,6 +259,8 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, lockstep_scope, st
         if "rate" in run:
             ideal = min(run["agents"], result["cores"]) * result["single_agent_rate"]
             run["efficiency_median_r1"] = run["rate"] / ideal
+    # the verdict and what to know before trusting the figures (the table prints them too)
+    result["notes"] = rpt.notes(result)
     _emit(result, fmt, output)
     for run in result["runs"]:
         for rep_run in run.get("repeats", [run]):
@@ -269,6 +288,10 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, lockstep_scope, st
     if tripped:
         click.echo("busbench: gate failed (--fail-on-regression):\n  " + "\n  ".join(tripped), err=True)
         sys.exit(EXIT_GATE)
+
+
+def _layout(per_process: int) -> str:
+    return "a process each" if per_process == 1 else f"{per_process} agents a process"
 
 
 def _emit(result: dict, fmt: str, output: str | None) -> None:

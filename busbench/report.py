@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-__all__ = ["aggregate", "Check", "requirements", "compare", "gate", "table", "markdown_table", "report_markdown"]
+__all__ = ["aggregate", "Check", "requirements", "compare", "gate", "notes", "table", "markdown_table", "report_markdown"]
 
 #: Scalar run fields summarised by their median over repeats.
 _MEDIAN_KEYS = ("rate", "efficiency", "efficiency_peer", "overhead", "elapsed_s", "coordinator_cpu_us_per_step",
@@ -241,18 +241,97 @@ def _footer(result: dict) -> list[str]:
     line += f"; spin {cfg.get('spin', 'off')}" + (f" (agents spun at N = {', '.join(spinning)})" if spinning else "")
     if cfg.get("repeat", 1) > 1:
         line += f"; medians of {cfg['repeat']} repeats, steps/s (min-max)"
-    return [line, "K = agents per process (1: one process each; more: agent hosts); E(N) = R(N) / (min(N, C) x r1); "
-                  "E_peer = R(N) / (N x r1); E_pool = R(N) / R_pool(N), R_pool the same agents in the same processes "
-                  "with no bus; R_peer = the same agents and processes under the peer (--peer gym: Gymnasium's "
-                  "AsyncVectorEnv from a central loop), R/R_peer above 1: the bus is ahead; E_live = the coordinator's live efficiency over the window (agent CPU in steps / "
-                  "(window x min(N, C)), no r1); latency = round trip minus agent compute"]
+    return [line]
+
+
+#: What each column of the table means, one line each (docs/busbench.md has the JSON keys).
+LEGEND = (
+    "columns (docs/busbench.md defines each, with its JSON key):",
+    "  agents, K        agents run; agents per process (1: a process each; K > 1: agent hosts of K)",
+    "  steps/s          R(N): agent steps per second through the bus, steady state",
+    "  E(N)             R(N) / (min(N, C) x r1): the share of C cores' worth of agents stepping alone that the bus "
+    "delivers",
+    "  E_peer           R(N) / (N x r1): every agent counted as a core, the figure the replaced thread-pool "
+    "system reported",
+    "  R_pool, E_pool   the same agents and processes with no messaging; E_pool = R / R_pool: what the bus itself "
+    "costs",
+    "  R_peer, R/R_peer the same agents and processes under Gymnasium's AsyncVectorEnv from a central loop "
+    "(--peer); above 1: the bus is ahead",
+    "  E_live           the coordinator's own estimate: agent CPU in steps / (window x min(N, C)), what busctl and "
+    "its alert show",
+    "  p50/p95/p99 ms   latency the bus adds to a step: the round trip less the agent's own compute",
+    "  coord us/step    the coordinator's CPU per agent step",
+    "  RSS MB, PSS MB   memory per agent: the agent processes' total / N (PSS counts shared pages once)",
+    "  ready s          from starting the agents until all N have answered an observation",
+    "  lost             steps answered late or never within the window",
+)
+
+#: The coordination efficiency the seed's report required (and busctl's alert threshold).
+REQUIRED_EFFICIENCY = 0.5
+#: A step shorter than this (r1's) is too short for E(N) to measure coordination: a
+#: message costs the bus tens of microseconds whatever the step does.
+MIN_MEANINGFUL_STEP_US = 200.0
+#: E(N) and E_live apart by more than this share get a line saying why.
+EFFICIENCIES_APART = 0.25
+#: Agent processes per core above which the load is called out.
+CROWDED_PER_CORE = 4
+
+
+def notes(result: dict) -> list[str]:
+    """The verdict, then what a reader should know to trust the figures: a step too short
+    for E(N) to mean anything, E(N) and E_live apart, more processes than cores."""
+    runs = [r for r in result["runs"] if "rate" in r]
+    if not runs:
+        return ["verdict: no run completed (the errors below say why)"]
+    cfg, cores = result["config"], result["cores"]
+    step_us = result["single_agent"]["step_us"]
+    out = []
+    short = step_us < MIN_MEANINGFUL_STEP_US
+    worst = min(runs, key=lambda r: r["efficiency"])
+    if short:
+        out.append(f"verdict: none on efficiency: a {cfg['kind']} step takes {step_us:.0f} us alone, under the "
+                   f"{MIN_MEANINGFUL_STEP_US:.0f} us a message's cost needs to be small beside; E(N) and E_live here "
+                   f"measure the bus against a near no-op (use --agent-kind explorer, or a kind with real work)")
+    elif worst["efficiency"] > REQUIRED_EFFICIENCY:
+        out.append(f"verdict: PASS: E(N) above the {REQUIRED_EFFICIENCY:.0%} required at every count (lowest "
+                   f"{worst['efficiency']:.1%} at {worst['agents']} agents)")
+    else:
+        below = [r for r in runs if r["efficiency"] <= REQUIRED_EFFICIENCY]
+        why = ""
+        if worst.get("efficiency_pool") is not None:
+            why = (f"; E_pool {worst['efficiency_pool']:.0%}: "
+                   + ("the bus costs little, these agents step slower together than alone (R_pool is the ceiling)"
+                      if worst["efficiency_pool"] >= 0.9 else "the bus's own cost (coord us/step, latency)"))
+        out.append(f"verdict: BELOW: E(N) {worst['efficiency']:.1%} at {worst['agents']} agents is under the "
+                   f"{REQUIRED_EFFICIENCY:.0%} required ({len(below)} of {len(runs)} counts){why}")
+    peers = [r for r in runs if r.get("efficiency_peer_rate") is not None]
+    if peers:
+        behind = [str(r["agents"]) for r in peers if r["efficiency_peer_rate"] < 1]
+        out.append(f"against the peer ({peers[0].get('peer') or cfg.get('peer')}): R/R_peer "
+                   + ", ".join(f"{r['efficiency_peer_rate']:.2f}" for r in peers)
+                   + (f"; the peer is ahead at N = {', '.join(behind)}" if behind else "; the bus is ahead at every count"))
+    for r in runs:
+        live = r.get("efficiency_live")
+        if short or live is None or not r["efficiency"]:
+            continue
+        if abs(live - r["efficiency"]) > EFFICIENCIES_APART * r["efficiency"] and r.get("agent_cpu_s"):
+            cpu_us = r["agent_cpu_s"] * 1e6 / max(r["steps"], 1)
+            out.append(f"E(N) {r['efficiency']:.1%} and E_live {live:.1%} differ at {r['agents']} agents: a step used "
+                       f"{cpu_us:.0f} us of agent CPU on the bus against {step_us:.0f} us of wall time alone (r1); "
+                       f"E_live counts the former, E(N) the latter")
+    crowded = [r for r in runs if r.get("processes", r["agents"]) > CROWDED_PER_CORE * cores]
+    for r in crowded[:1]:
+        out.append(f"load: {r.get('processes', r['agents'])} agent processes on {cores} cores at {r['agents']} agents "
+                   f"(more than {CROWDED_PER_CORE} a core): they time-slice, and latency is mostly waiting for a core"
+                   + (" (--per-host auto runs them in hosts)" if r.get("per_host", 1) == 1 else ""))
+    return out
 
 
 def table(result: dict) -> str:
     rows = [_COLUMNS] + [_cells(r) for r in result["runs"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     lines = [" ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines += ["", *_footer(result)]
+    lines += ["", *notes(result), "", *_footer(result), *LEGEND]
     lines += [_chaos_line(r) for r in result["runs"] if r.get("chaos")]
     lines += [f"ERROR at {r['agents']} agents: {e}" for r in result["runs"] for e in r.get("errors", [])]
     return "\n".join(lines)
@@ -269,7 +348,8 @@ def _chaos_line(r: dict) -> str:
 def markdown_table(result: dict) -> str:
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---:|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in result["runs"]]
-    return "\n".join(lines + ["", *(f"*{line}*" for line in _footer(result))])
+    return "\n".join(lines + ["", *(f"- {line}" for line in notes(result)), "",
+                               *(f"*{line}*" for line in _footer(result)), "", "```", *LEGEND, "```"])
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

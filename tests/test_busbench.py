@@ -54,6 +54,34 @@ def test_aggregate_takes_medians_sums_losses_and_keeps_the_spread():
 
 
 @pytest.mark.unit
+def test_the_verdict_says_pass_below_or_why_there_is_none():
+    passing = rpt.notes(_result([[_run(2, 1200, 0.6)], [_run(10, 1500, 0.75)]]))
+    assert passing[0] == "verdict: PASS: E(N) above the 50% required at every count (lowest 60.0% at 2 agents)"
+    below = _run(10, 900, 0.45)
+    below["efficiency_pool"] = 0.95
+    line = rpt.notes(_result([[_run(2, 1200, 0.6)], [below]]))[0]
+    assert line.startswith("verdict: BELOW: E(N) 45.0% at 10 agents is under the 50% required (1 of 2 counts)")
+    assert "E_pool 95%: the bus costs little" in line
+    # a step of 1 us: the efficiency of a no-op says nothing, and the verdict says so
+    assert rpt.notes(_result([[_run(2, 1200, 0.001)]], r1=1e6, kind="null"))[0].startswith(
+        "verdict: none on efficiency: a null step takes 1 us alone")
+
+
+@pytest.mark.unit
+def test_the_notes_explain_efficiencies_apart_the_peer_and_a_crowded_machine():
+    run = _run(40, 1200, 0.6)
+    run.update(efficiency_live=0.3, agent_cpu_s=0.5, efficiency_peer_rate=0.9, peer="gym")
+    notes = rpt.notes(_result([[run]]))
+    assert "against the peer (gym): R/R_peer 0.90; the peer is ahead at N = 40" in notes
+    apart = next(n for n in notes if n.startswith("E(N) 60.0% and E_live 30.0% differ at 40 agents"))
+    assert "a step used 5 us of agent CPU on the bus against 1000 us of wall time alone (r1)" in apart
+    assert any(n.startswith("load: 40 agent processes on 2 cores") and "--per-host auto" in n for n in notes)
+    close = _run(2, 1200, 0.6)
+    close.update(efficiency_live=0.55, agent_cpu_s=0.5)
+    assert [n for n in rpt.notes(_result([[close]])) if "differ" in n or n.startswith("load")] == []
+
+
+@pytest.mark.unit
 def test_requirements_pass_and_fail_on_the_measured_figures():
     good = {c.name: c.passed for c in rpt.requirements(_result([[_run(10, 1200, 0.6)]]))}
     assert all(v is True for v in good.values()) and "coordination efficiency above 50 % at 10 agents" in good

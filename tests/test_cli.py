@@ -143,6 +143,7 @@ def test_busbench_json_reports_every_key(tmp_path):
     assert run["memory_mb"]["pss_per_agent"] > 0 and run["ready_s"] > 0
     agents_us, coordinator_us = spin_plan("auto", 2, result["cores"])  # the default, recorded per run
     assert run["spin_us"] == {"agents": agents_us, "coordinator": coordinator_us}
+    assert result["notes"][0].startswith("verdict: none on efficiency: a null step")
 
 
 def test_busbench_explorer_table(tmp_path):
@@ -155,6 +156,13 @@ def test_busbench_explorer_table(tmp_path):
     assert float(e_pool.rstrip("%")) == pytest.approx(100 * float(rate) / float(pool), abs=1.5)
     assert float(versus) == pytest.approx(float(rate) / float(peer), abs=0.01)
     assert "kind explorer (numpy" in r.stdout
+    # it explains itself: a verdict, and every column defined
+    assert any(line.startswith("verdict: ") for line in lines)
+    legend = lines[lines.index("columns (docs/busbench.md defines each, with its JSON key):") + 1:]
+    defined = {name.strip() for line in legend for name in line[:19].split(",")}
+    for column in ("agents", "K", "steps/s", "E(N)", "E_peer", "R_pool", "E_pool", "R_peer", "R/R_peer", "E_live",
+                   "p50/p95/p99 ms", "coord us/step", "RSS MB", "PSS MB", "ready s", "lost"):
+        assert column in defined, column
 
 
 def test_busbench_refuses_more_agents_than_every_arena_holds():
