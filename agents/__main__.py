@@ -12,8 +12,8 @@ from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
 from agentbus_zmq.agents.layout import PerHost
 from agentbus_zmq.agents.restarts import RestartPolicy
-from agentbus_zmq.bus.config import (DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, limit_threads,
-                                     version_option)
+from agentbus_zmq.bus.config import (DEFAULT_ENDPOINT, DEFAULTS, LOG_LEVELS, configure_logging, dotenv_defaults,
+                                     limit_threads, show_environment, version_option)
 
 _ENV = {
     "endpoint": "BUS_ENDPOINT",
@@ -61,7 +61,8 @@ def default_agent_id() -> str:
               help=kind_help())
 @click.option("--backend", envvar=_ENV["backend"], type=click.Choice(BACKENDS), default=BACKENDS[0],
               show_default=True, help="Explorer inference backend.")
-@click.option("--policy-len", envvar=_ENV["policy_len"], type=click.IntRange(1, 8), default=1, show_default=True)
+@click.option("--policy-len", envvar=_ENV["policy_len"], type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Explorer: moves each policy plans ahead (5 ** L policies: a step's cost grows with it).")
 @click.option("--model", envvar=_ENV["model"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="Explorer: an .npz of A0, A1, B0, C0, C1, D0 (and E) to use instead of the model built from "
                    "the world; checked against the world in WELCOME.")
@@ -73,7 +74,9 @@ def default_agent_id() -> str:
 @click.option("--lanes", envvar=_ENV["lanes"], type=click.IntRange(1, 16), default=1, show_default=True,
               help="With --per-host: each host process registers its agents as this many hosts (lanes) and steps "
                    "one lane while the others' answers travel, so its core does not wait on the round trip.")
-@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True)
+@click.option("--heartbeat", envvar=_ENV["heartbeat"], type=float, default=DEFAULTS.heartbeat, show_default=True,
+              help="Seconds between heartbeats; the coordinator silent for 3 of them is taken for gone (and "
+                   "rejoined). Give every process the same.")
 @click.option("--sched", envvar=_ENV["sched"], type=click.Choice(["batch", "default"]), default="batch",
               show_default=True, help="Linux scheduling policy: batch (CPU-bound, no wakeup preemption) or default.")
 @click.option("--restart/--no-restart", envvar=_ENV["restart"], default=False, show_default=True,
@@ -90,12 +93,14 @@ def default_agent_id() -> str:
               help="After each action, busy-poll this many microseconds for the next observation before "
                    "sleeping. Keeps a core hot when every agent has one; costs CPU otherwise (0: never).")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: run until signalled).")
-@click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True)
+@click.option("--seed", envvar=_ENV["seed"], type=int, default=0, show_default=True,
+              help="Seed of the agent's own choices, mixed with its id: agents of one seed still differ.")
 @click.option("--curve-server-key", envvar=_ENV["curve_server_key"], type=click.Path(exists=True, dir_okay=False),
               default=None, help="Use CURVE: the coordinator's public .key file.")
 @click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: this agent's .key_secret file.")
-@click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
+@click.option("--log-level", envvar=_ENV["log_level"], type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="INFO", show_default=True, help="Log lines at this level and above, to stderr.")
 def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host, lanes, heartbeat, sched, restart, max_restarts,
         restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
@@ -142,6 +147,9 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
     except KindUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(status)
+
+
+show_environment(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

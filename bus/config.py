@@ -69,6 +69,21 @@ def dotenv_defaults(options: dict[str, str], path: str | os.PathLike = ".env",
     return {param: env[var].split() if param in multiple else env[var] for param, var in options.items() if var in env}
 
 
+#: What ``--log-level`` takes (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def show_environment(command):
+    """Have ``--help`` name each option's environment variable (``[env var: BUS_MODE]``):
+    an operator writing ``.env`` or a unit's ``Environment=`` reads the names there."""
+    import click
+
+    for param in command.params:
+        if isinstance(param, click.Option):
+            param.show_envvar = True
+    return command
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Configure logging for a process.  Called once, from ``main()`` only."""
     logging.basicConfig(

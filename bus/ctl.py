@@ -25,7 +25,7 @@ from agentbus_zmq.bus.client import BusUnavailable, ControlClient, ControlFailed
 from agentbus_zmq.bus.commands import COMMANDS, Command
 from agentbus_zmq.bus.commands.agents import agents_table, fetch, sort_rows
 from agentbus_zmq.bus.commands.stats import status_view
-from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, dotenv_defaults, version_option
+from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, dotenv_defaults, show_environment, version_option
 from agentbus_zmq.bus.logs import printable
 from agentbus_zmq.bus.report import Stats
 from agentbus_zmq.bus.security import ClientKeys
@@ -208,6 +208,9 @@ def top(ctl: Ctl, interval: float, rows: int, iterations: int, endpoint, curve_s
                 n += 1
     except KeyboardInterrupt:
         pass
+
+
+show_environment(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import click
 
 from agentbus_zmq.agents.kinds import kind_help, kind_param
 from agentbus_zmq.agents.kinds.explorer import BACKENDS
-from agentbus_zmq.bus.config import MODES, limit_threads, version_option
+from agentbus_zmq.bus.config import MODES, limit_threads, show_environment, version_option
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.busbench import report as rpt
 from agentbus_zmq.agents.layout import PerHost
@@ -129,7 +129,8 @@ class _Progress:
               help="With --connect to a CURVE bus: the coordinator's public .key file.")
 @click.option("--curve-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: busbench's own .key_secret file (on the allow-list).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
+              help="table (with the verdict and a legend), json (docs/busbench.md: the keys) or markdown.")
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the results here instead of stdout.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -322,6 +323,9 @@ def _registered(endpoint: str, cfg: BenchConfig) -> int:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM stops busbench as Ctrl-C does: children reaped, results kept
+
+
+show_environment(cli)
 
 
 def main() -> None:

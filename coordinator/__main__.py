@@ -8,7 +8,8 @@ import sys
 import click
 import zmq
 
-from agentbus_zmq.bus.config import DEFAULT_ENDPOINT, DEFAULTS, configure_logging, dotenv_defaults, version_option
+from agentbus_zmq.bus.config import (DEFAULT_ENDPOINT, DEFAULTS, LOG_LEVELS, configure_logging, dotenv_defaults,
+                                     show_environment, version_option)
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.coordinator.settings import LOCKSTEP_SCOPES, MODES, ConfigError, Settings
@@ -72,10 +73,14 @@ _WORLD = WorldConfig()
 @click.option("--world-arg", "world_arg", envvar=_ENV["world_arg"], multiple=True, metavar="KEY=VALUE",
               help="An argument for the world's factory (repeatable; VALUE read as JSON where it parses, e.g. 3, "
                    "false, null, else as a string; in BUS_WORLD_ARGS, several separated by spaces).")
-@click.option("--width", envvar=_ENV["width"], type=int, default=_WORLD.width, show_default=True)
-@click.option("--height", envvar=_ENV["height"], type=int, default=_WORLD.height, show_default=True)
-@click.option("--obstacles", envvar=_ENV["obstacles"], type=int, default=_WORLD.obstacles, show_default=True)
-@click.option("--goals", envvar=_ENV["goals"], type=int, default=_WORLD.goals, show_default=True)
+@click.option("--width", envvar=_ENV["width"], type=click.IntRange(1), default=_WORLD.width, show_default=True,
+              help="Grid world: width in cells.")
+@click.option("--height", envvar=_ENV["height"], type=click.IntRange(1), default=_WORLD.height, show_default=True,
+              help="Grid world: height in cells.")
+@click.option("--obstacles", envvar=_ENV["obstacles"], type=click.IntRange(0), default=_WORLD.obstacles,
+              show_default=True, help="Grid world: cells no agent may enter, placed by --seed.")
+@click.option("--goals", envvar=_ENV["goals"], type=click.IntRange(0), default=_WORLD.goals, show_default=True,
+              help="Grid world: goal cells (an agent on one observes found = 1), placed by --seed.")
 @click.option("--seed", envvar=_ENV["seed"], type=int, default=_WORLD.seed, show_default=True,
               help="World layout and placement seed (same seed, same world).")
 @click.option("--arena-agents", envvar=_ENV["arena_agents"], type=click.IntRange(0), default=_WORLD.arena_agents,
@@ -119,7 +124,8 @@ _WORLD = WorldConfig()
 @click.option("--alert-hook", envvar=_ENV["alert_hook"], default=None, metavar="COMMAND",
               help="Run COMMAND when the alert is raised or cleared, with BUS_ALERT_STATE, BUS_ALERT_EFFICIENCY, "
                    "BUS_ALERT_CAUSE ... in its environment.")
-@click.option("--log-level", envvar=_ENV["log_level"], default="INFO", show_default=True)
+@click.option("--log-level", envvar=_ENV["log_level"], type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="INFO", show_default=True, help="Log lines at this level and above, to stderr.")
 def cli(bind, mode, lockstep_scope, deadline, member_deadline, heartbeat, world, world_arg, width, height, obstacles, goals, seed, arena_agents, max_arenas,
         endpoint_file, curve_secret, curve_clients, spin_us, setup_grace, max_pending, drop_after, metrics,
         efficiency_window, agent_cores, alert_threshold, alert_for, alert_hook, log_level):
@@ -185,6 +191,9 @@ def _raise_fd_limit() -> None:
             logging.getLogger(__name__).debug("cannot raise the file descriptor limit to %s: %s", hard, exc)
             return
     logging.getLogger(__name__).debug("file descriptors: up to %s", hard)
+
+
+show_environment(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import psutil
 import pytest
 
@@ -266,3 +267,23 @@ def test_every_command_says_its_version_and_the_protocols():
                            stdin=subprocess.DEVNULL, env=_env())
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == f"{command} (agentbus-zmq {version('agentbus-zmq')}, protocol {PROTOCOL_VERSION})"
+
+
+@pytest.mark.parametrize("module", ["agentbus_zmq.coordinator.__main__", "agentbus_zmq.agents.__main__",
+                                    "agentbus_zmq.bus.ctl", "agentbus_zmq.busbench.__main__"])
+def test_every_option_says_what_it_does_and_which_variable_sets_it(module):
+    import importlib
+
+    from click.testing import CliRunner
+
+    command = importlib.import_module(module).cli
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name not in ("help", "version"):
+            assert param.help, f"{module} --{param.name} has no help"
+    text = " ".join(CliRunner().invoke(command, ["--help"]).output.split())   # unwrapped
+    assert "%%" not in text
+    if module != "agentbus_zmq.busbench.__main__":   # busbench reads BUSBENCH_*, named in its text
+        named = [p for p in command.params if isinstance(p, click.Option) and p.envvar]
+        assert named and all(f"env var: {p.envvar}" in text for p in named)
+    else:
+        assert "env var: BUSBENCH_AGENTS" in text
