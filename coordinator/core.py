@@ -200,8 +200,17 @@ class CoordinatorCore:
             self._not_registered(peer, unit, msg, now)
 
     def _not_registered(self, peer: bytes, unit: Unit | None, msg: P.Message, now: float) -> None:
-        what = "an unregistered peer" if unit is None else f"{unit.name}, which registered otherwise"
-        self.outbox.reject(peer, ErrorCode.NOT_REGISTERED, f"{msg.TYPE.name} from {what}", now)
+        """A message for a registration this connection does not have.  Unregistered:
+        NOT_REGISTERED (HELLO first).  Registered as the other kind (an agent's ACTION on a
+        host's connection, a host's message on an agent's): UNKNOWN_TYPE, which does not
+        tell a registered peer to HELLO again and lose what it holds."""
+        if unit is None:
+            self.outbox.reject(peer, ErrorCode.NOT_REGISTERED, f"{msg.TYPE.name} from an unregistered peer", now)
+            return
+        fits = "a host sends HOST_ACTION and HOST_BYE" if type(unit) is HostEntry else "an agent sends ACTION and BYE"
+        self.outbox.reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} from {unit.name}, which registered as "
+                                                         f"{'a host' if type(unit) is HostEntry else 'an agent'}: {fits}",
+                           now)
 
     def _on_heartbeat(self, peer: bytes, unit: Unit | None, msg: P.Heartbeat, now: float, key) -> None:
         if unit is None:
@@ -296,7 +305,7 @@ class CoordinatorCore:
 
     def _on_host_bye(self, peer: bytes, unit: Unit | None, msg: P.HostBye, now: float, key) -> None:
         if type(unit) is not HostEntry:
-            self.outbox.reject(peer, ErrorCode.NOT_REGISTERED, "HOST_BYE from a peer that is not a host", now)
+            self._not_registered(peer, unit, msg, now)
             return
         left = []
         for index in msg.members:

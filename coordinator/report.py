@@ -44,14 +44,15 @@ def stats(core, now: float, page: int | None = None) -> Stats:
 
 def agents_page(registry: Registry, page: int, now: float) -> AgentsPage:
     """CONTROL ``agents``: one row per agent, PAGE_SIZE a page, by id.  A host's agents
-    share their host's figures (state, step times, counts)."""
+    share their host's figures (state, step times, counts); a member's ``steps`` are its
+    host's frames answered in time (every frame steps each member live when it came)."""
     rows = []
     for agent_id in registry.page(page):
         unit = unit_of(registry.agents[agent_id])
         times = step_times(unit)
         rows.append(AgentRow(
             id=agent_id, pid=unit.pid, host=unit.host_id if type(unit) is HostEntry else None, kind=unit.kind,
-            state=unit.state.value, steps=unit.steps if type(unit) is AgentEntry else unit.steps // max(1, len(unit.ids)),
+            state=unit.state.value, steps=unit.steps if type(unit) is AgentEntry else unit.answers,
             p50_us=times[len(times) // 2] if times else None,
             p99_us=times[min(len(times) - 1, (len(times) * 99) // 100)] if times else None,
             missed=unit.missed, late=unit.late, slow=unit.slow, last_seen_s=round(now - unit.last_seen, 3)))

@@ -151,6 +151,7 @@ class Schedule(abc.ABC):
         """``n`` agent-steps answered in time: the ledger, the unit, the measurement."""
         ANSWER(unit)
         unit.steps += n
+        unit.answers += 1
         waited = now - unit.sent_at
         if compute_us > waited * 1e6 + COMPUTE_SLACK_US:  # it cannot have computed for longer than we waited
             self.ledger.errors["bad_compute_us"] += 1

@@ -86,6 +86,8 @@ class Unit:
     tick: int = 0
     #: agent-steps answered in time
     steps: int = 0
+    #: answers in time (frames, for a host: each steps every member live when it came)
+    answers: int = 0
     first_step_at: float | None = None
     #: recently expired (tick, agent-steps, the measurement window it expired in, or
     #: None) whose answer would count as late rather than stray

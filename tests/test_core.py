@@ -737,6 +737,13 @@ def test_a_member_that_leaves_mid_frame_is_missing_and_the_rest_answer():
     assert "m2" not in h.core.agents and "m2" not in h.core.world and h.ledger.missing == 1
     (obs,) = host_obs(h.send(b"hp", P.HostAction(0, np.array([4, 4], np.uint8), 0)))
     assert obs.members.tolist() == [0, 2] and h.ledger.received == 2 and h.ledger.balanced()
+    for tick in (1, 2):
+        host_obs(h.send(b"hp", P.HostAction(tick, np.array([4, 4], np.uint8), 0)))
+    # each survivor stepped in every frame: 3 steps each (not the host's 6 over its first 3 members)
+    from agentbus_zmq.coordinator.report import agents_page
+
+    rows = agents_page(h.core.registry, 0, h.now).agents
+    assert {r.id: r.steps for r in rows} == {"m1": 3, "m3": 3}
 
 
 def test_a_mis_sized_host_action_is_refused_and_its_frame_expires():
@@ -749,12 +756,16 @@ def test_a_mis_sized_host_action_is_refused_and_its_frame_expires():
 
 
 def test_agent_and_host_messages_do_not_mix():
+    # UNKNOWN_TYPE, not NOT_REGISTERED: that would tell a registered peer to HELLO again
     h = Harness()
     host_hello(h, b"hp")
     h.hello(b"p1", "a1")
-    assert h.send(b"hp", P.Action(0, 4, 0))[0][1].code == ErrorCode.NOT_REGISTERED
-    assert h.send(b"p1", P.HostAction(0, np.zeros(1, np.uint8), 0))[0][1].code == ErrorCode.NOT_REGISTERED
-    assert h.send(b"p1", P.HostBye([0], ""))[0][1].code == ErrorCode.NOT_REGISTERED
+    ((_, err),) = h.send(b"hp", P.Action(0, 4, 0))
+    assert err.code == ErrorCode.UNKNOWN_TYPE and "a host sends HOST_ACTION" in err.reason
+    assert h.send(b"p1", P.HostAction(0, np.zeros(1, np.uint8), 0))[0][1].code == ErrorCode.UNKNOWN_TYPE
+    assert h.send(b"p1", P.HostBye([0], ""))[0][1].code == ErrorCode.UNKNOWN_TYPE
+    assert h.send(b"nobody", P.HostBye([0], ""))[0][1].code == ErrorCode.NOT_REGISTERED
+    assert h.send(b"nobody", P.Action(0, 4, 0))[0][1].code == ErrorCode.NOT_REGISTERED
 
 
 def test_a_restarted_host_takes_its_agents_back_where_they_were():
