@@ -117,6 +117,12 @@ class Registry:
                                                      f"are ready (at most {self.settings.max_pending})", now)
             return None
         for holder in taking_over:
+            if type(holder) is HostEntry and holder.host_id != host_id and \
+                    any(holder.ids[i] not in ids for i in holder.live_idx.tolist()):
+                # Some of a host's members move elsewhere (to processes of their own): the
+                # host keeps the others, and its next frame no longer lists the ones that
+                # moved.  REPLACED would tell it to stop.
+                continue
             # it may still be listening (alive, or still building its model): tell it
             if holder.state is JOINING or now - holder.last_seen <= self.settings.expiry:
                 self.outbox.error(holder.peer, ErrorCode.REPLACED, f"{holder.name}: taken over by another "

@@ -781,9 +781,13 @@ def test_a_restarted_host_takes_its_agents_back_where_they_were():
 def test_an_agent_taking_a_members_id_leaves_the_host_the_others():
     h = Harness()
     token = host_hello(h, b"hp")[0][1].params["token"]
-    h.send(b"p1", P.Hello("m2", "test", 1, token))   # a member moved to a process of its own
+    out = h.send(b"p1", P.Hello("m2", "test", 1, token))   # a member moved to a process of its own
     assert type(h.core.agents["m2"]) is AgentEntry and h.core.hosts["h1"].live.tolist() == [True, False, True]
     assert h.ledger.missing == 1 and h.ledger.balanced()
+    # the host is not told REPLACED (stop): it keeps its other members, its next frame lists them
+    assert not [m for p, m in out if p == b"hp" and type(m) is P.Error]
+    (obs,) = host_obs(h.send(b"hp", P.HostAction(0, np.full(3, 4, np.uint8), 0)) + h.advance(2.0), b"hp")
+    assert obs.members.tolist() == [0, 2]
 
 
 def test_arenas_fill_one_after_another():
