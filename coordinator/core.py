@@ -110,8 +110,6 @@ class CoordinatorCore:
         self.connections: collections.Counter = collections.Counter()
         self.started_at: float | None = None
         self.stopping = False
-        #: steps outstanding when the bus stopped (the stop line says so beside ``missing``)
-        self.in_flight_at_stop = 0
         self._dispatch = {
             P.Action: self._on_action, P.HostAction: self._on_host_action, P.Heartbeat: self._on_heartbeat,
             P.Hello: self._on_hello, P.HostHello: self._on_host_hello, P.Bye: self._on_bye,
@@ -200,17 +198,12 @@ class CoordinatorCore:
             self._not_registered(peer, unit, msg, now)
 
     def _not_registered(self, peer: bytes, unit: Unit | None, msg: P.Message, now: float) -> None:
-        """A message for a registration this connection does not have.  Unregistered:
-        NOT_REGISTERED (HELLO first).  Registered as the other kind (an agent's ACTION on a
-        host's connection, a host's message on an agent's): UNKNOWN_TYPE, which does not
-        tell a registered peer to HELLO again and lose what it holds."""
+        """NOT_REGISTERED (HELLO first); registered as the other kind, UNKNOWN_TYPE (not back to HELLO)."""
         if unit is None:
             self.outbox.reject(peer, ErrorCode.NOT_REGISTERED, f"{msg.TYPE.name} from an unregistered peer", now)
-            return
-        fits = "a host sends HOST_ACTION and HOST_BYE" if type(unit) is HostEntry else "an agent sends ACTION and BYE"
-        self.outbox.reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} from {unit.name}, which registered as "
-                                                         f"{'a host' if type(unit) is HostEntry else 'an agent'}: {fits}",
-                           now)
+        else:
+            fits = "a host sends HOST_ACTION and HOST_BYE" if type(unit) is HostEntry else "an agent sends ACTION"
+            self.outbox.reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} from {unit.name}: {fits}", now)
 
     def _on_heartbeat(self, peer: bytes, unit: Unit | None, msg: P.Heartbeat, now: float, key) -> None:
         if unit is None:
@@ -305,8 +298,7 @@ class CoordinatorCore:
 
     def _on_host_bye(self, peer: bytes, unit: Unit | None, msg: P.HostBye, now: float, key) -> None:
         if type(unit) is not HostEntry:
-            self._not_registered(peer, unit, msg, now)
-            return
+            return self._not_registered(peer, unit, msg, now)
         left = []
         for index in msg.members:
             if index < len(unit.ids) and unit.live[index]:
@@ -421,7 +413,7 @@ class CoordinatorCore:
     def shutdown(self, now: float) -> None:
         """Say BYE to every agent and host; called once before the driver exits."""
         self.stopping = self.registry.stopping = True
-        self.in_flight_at_stop = self.ledger.outstanding
+        self.ledger.in_flight_at_stop = self.ledger.outstanding
         self.schedule.stop()
         bye = P.encode(P.Bye("coordinator shutting down"))
         for unit in list(self.registry.by_peer.values()):

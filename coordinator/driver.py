@@ -331,6 +331,5 @@ def serve(endpoint: str, settings: Settings, world: World, session: str | None =
             driver.run(stop)
     finally:
         driver.close()
-    log.info("coordinator stopped after %d ticks: %s", core.tick,
-             core.ledger.summary(core.in_flight_at_stop))
+    log.info("coordinator stopped after %d ticks: %s", core.tick, core.ledger.summary())
     return core

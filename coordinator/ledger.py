@@ -30,6 +30,8 @@ class Ledger:
     #: answers in time, but after ``slow_fraction`` of their deadline (not in the invariant)
     slow: int = 0
     ticks: int = 0
+    #: steps outstanding when the bus stopped (counted missing; the stop line says so)
+    in_flight_at_stop: int = 0
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def balanced(self) -> bool:
@@ -49,12 +51,12 @@ class Ledger:
             "errors": {str(k): v for k, v in sorted(self.errors.items())},
         }
 
-    def summary(self, in_flight: int = 0) -> str:
-        """The accounts as one line for a log: ``in_flight`` steps were outstanding when
-        the bus stopped (counted missing, as the invariant wants, and said so)."""
+    def summary(self) -> str:
+        """The accounts as one line for a log; steps in flight when the bus stopped are
+        counted missing, as the invariant wants, and said so."""
         missing = f"missing {self.missing:,}"
-        if in_flight:
-            missing += f" ({in_flight:,} in flight at the stop)"
+        if self.in_flight_at_stop:
+            missing += f" ({self.in_flight_at_stop:,} in flight at the stop)"
         errors = ", ".join(f"{k} {v:,}" for k, v in sorted(self.errors.items())) or "none"
         return (f"sent {self.sent:,}, received {self.received:,}, late {self.late:,}, {missing}, "
                 f"outstanding {self.outstanding:,}, undeliverable {self.undeliverable:,}, slow {self.slow:,}; "

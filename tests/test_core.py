@@ -560,7 +560,7 @@ def test_the_stop_line_says_which_missing_steps_were_in_flight_at_the_stop():
     outstanding = h.ledger.outstanding
     assert outstanding > 0                                  # a tick was out when it stopped
     h.core.shutdown(h.now)
-    line = h.ledger.summary(h.core.in_flight_at_stop)
+    line = h.ledger.summary()
     assert h.ledger.missing == outstanding and f"missing {outstanding} ({outstanding} in flight at the stop)" in line
     assert "\n" not in line and "{" not in line and line.endswith("balanced; errors: none")
 

@@ -25,7 +25,9 @@ class AgentsCommand(Command):
     args_doc = "`page` (optional int, default 0)"
     result_doc = ("`{page, pages, agents}`: one row per agent (128 a page, by id): `id, pid, host, kind, state, "
                   "steps, p50_us, p99_us` (step time, wall, the last 32 steps), `missed, late, slow, last_seen_s`; "
-                  "a host's agents show their host's figures (`steps`: the host's divided among its members)")
+                  "`state` is `joining` (registered, not yet ready), `idle` (ready, nothing outstanding) or "
+                  "`stepping` (an observation outstanding); a host's agents show their host's figures, and a "
+                  "member's `steps` are its host's frames answered in time (each steps every member listed)")
     cli = "agents"
     cli_options = (
         click.option("--sort", type=click.Choice(list(SORTS)), default="id", show_default=True,
