@@ -15,7 +15,8 @@ of a single agent: the same ids, fewer processes.
 
 The parent supervises: it forwards SIGINT/SIGTERM to its children, reaps them, and
 exits non-zero if any child failed: with the child's own status when every failure was a
-refusal no restart can heal (4, its id taken over; 5, its key may not use its id), else 1.  With ``--restart`` it forks a dead agent (or host)
+refusal no restart can heal (4, its id taken over; 5, its key may not use its id; 6, its id
+held by another live process), else 1.  With ``--restart`` it forks a dead agent (or host)
 again, backing off and giving up as ``agents.restarts`` decides.  Children die with the
 parent (PR_SET_PDEATHSIG), so a SIGKILLed launcher leaves nothing behind.
 """
@@ -32,7 +33,7 @@ from typing import Callable
 
 from agentbus_zmq.agents.host import Host
 from agentbus_zmq.agents.layout import host_layout
-from agentbus_zmq.agents.runtime import EXIT_NOT_ALLOWED, EXIT_REPLACED, Runtime
+from agentbus_zmq.agents.runtime import EXIT_ID_TAKEN, EXIT_NOT_ALLOWED, EXIT_REPLACED, Runtime
 from agentbus_zmq.bus import sockets
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.restarts import Restart, RestartPolicy, RestartDecisions
@@ -180,6 +181,12 @@ def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor
                     continue
                 if code == EXIT_REPLACED:  # another process holds its id: restarting would fight it
                     log.error("agent %s (pid %d): another connection took its id over; not restarted", agent_id, pid)
+                    failed.append(agent_id)
+                    permanent.append(code)
+                    continue
+                if code == EXIT_ID_TAKEN:  # another live process holds its id: restarting would be refused alike
+                    log.error("agent %s (pid %d): its id was refused as taken for a minute in a row (another live "
+                              "process holds it); not restarted (give this one another --id)", agent_id, pid)
                     failed.append(agent_id)
                     permanent.append(code)
                     continue

@@ -44,7 +44,7 @@ from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.security import ClientKeys
 from agentbus_zmq.bus.signals import StopSignal
 
-__all__ = ["EXIT_AGENT_FAILED", "EXIT_NOT_ALLOWED", "EXIT_REPLACED", "Exit", "Runtime", "run"]
+__all__ = ["EXIT_AGENT_FAILED", "EXIT_ID_TAKEN", "EXIT_NOT_ALLOWED", "EXIT_REPLACED", "Exit", "Runtime", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ EXIT_REPLACED = 4
 #: the coordinator will never let this agent register under its id (its CURVE key is
 #: bound to other ids): restarting cannot help, and is not done
 EXIT_NOT_ALLOWED = 5
+#: its id was refused as taken (ID_TAKEN) for a minute in a row: another live process
+#: holds it; restarting would be refused alike
+EXIT_ID_TAKEN = 6
 
 
 class Exit(enum.IntEnum):
@@ -69,6 +72,7 @@ class Exit(enum.IntEnum):
     FAILED = EXIT_AGENT_FAILED
     REPLACED = EXIT_REPLACED
     NOT_ALLOWED = EXIT_NOT_ALLOWED
+    ID_TAKEN = EXIT_ID_TAKEN
 
 
 class _Lane:
@@ -242,7 +246,8 @@ class Runtime:
                 self._flush(lane)
             elif etype is Refused:
                 if event.fatal:
-                    self.exit = Exit.NOT_ALLOWED if event.error.code == ErrorCode.NOT_ALLOWED else Exit.REPLACED
+                    self.exit = {ErrorCode.NOT_ALLOWED: Exit.NOT_ALLOWED,
+                                 ErrorCode.ID_TAKEN: Exit.ID_TAKEN}.get(event.error.code, Exit.REPLACED)
                     log.error("%s: %s; stopping (exit status %d)", lane.agent_id, printable(event.error.reason),
                               self.exit)
                     return 0.0

@@ -16,6 +16,7 @@ States (:data:`SESSION` is the whole table)::
     REGISTERED --BYE from the coordinator--> BACKING_OFF
     BACKING_OFF --backoff elapsed--> CONNECTING                        (a fresh socket)
     HELLO_SENT / REGISTERED --REPLACED or NOT_ALLOWED--> STOPPED          (our id is taken, or not ours)
+    HELLO_SENT --ID_TAKEN for ID_TAKEN_GIVE_UP_S in a row--> STOPPED      (a live process holds our id)
     any --stop--> STOPPED
 
 ``SESSION.move(session, event)`` (``bus.fsm``, the coordinator's mechanism too) is the
@@ -35,6 +36,10 @@ only way the state changes; an event the table does not allow raises.
   (a fresh socket) then takes its own registration over at once, even while the
   coordinator still sees the old connection.  Another process without the token gets
   ID_TAKEN; one that has it takes over, and this session, told REPLACED, stops.
+* ID_TAKEN is repeated while the holder may still be found gone (its connection closed,
+  silent past liveness, or past its setup grace: 30 s by default); refused for
+  ``id_taken_limit`` seconds in a row (60), the id is another live process's, and the
+  session stops rather than repeat HELLO for ever.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN, ErrorCod
 #: refusals that end the session: another connection took the id over, or the
 #: coordinator will never let this agent have it (its CURVE key is bound to other ids)
 FATAL = frozenset({ErrorCode.REPLACED, ErrorCode.NOT_ALLOWED})
+#: Seconds of ID_TAKEN in a row after which the id is taken to be another live process's:
+#: twice the coordinator's default setup grace, the longest a holder may stay silent.
+ID_TAKEN_GIVE_UP_S = 60.0
 
 
 class SessionState(enum.Enum):
@@ -128,7 +136,8 @@ class AgentSession:
 
     def __init__(self, agent_id: str, kind: str, pid: int = 0, heartbeat: float = config.DEFAULTS.heartbeat,
                  liveness: int = config.DEFAULTS.liveness, backoff_min: float = config.DEFAULTS.backoff_min,
-                 backoff_max: float = config.DEFAULTS.backoff_max, members: tuple[str, int, int] | None = None):
+                 backoff_max: float = config.DEFAULTS.backoff_max, members: tuple[str, int, int] | None = None,
+                 id_taken_limit: float = ID_TAKEN_GIVE_UP_S):
         """``agent_id`` is the host's id when ``members`` (prefix, first, count) is given:
         the session then registers a host's agents with HOST_HELLO and expects
         HOST_WELCOME and HOST_OBSERVATION instead of their single-agent twins."""
@@ -139,6 +148,9 @@ class AgentSession:
         self.expiry = heartbeat * liveness
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
+        self.id_taken_limit = id_taken_limit
+        #: when the ID_TAKEN refusals in a row began (None: the last answer was another)
+        self._id_taken_since: float | None = None
         SESSION.start(self)
         #: the coordinator session and WELCOME params of the current registration
         self.session: str | None = None
@@ -205,11 +217,19 @@ class AgentSession:
             self._take_token(msg.params.get("token"))
             self._take_timing(msg.params)
             self.reconnects = 0
+            self._id_taken_since = None
             if not new:
                 self.ready(now)  # the answer to a repeated HELLO: ready again, nothing to rebuild
             return Welcomed(msg, new)
         if mtype is P.Error:
             live = self.state in (SessionState.HELLO_SENT, _REGISTERED)
+            if live and msg.code == ErrorCode.ID_TAKEN:
+                if self._id_taken_since is None:
+                    self._id_taken_since = now
+                elif now - self._id_taken_since >= self.id_taken_limit:
+                    self._move("replaced")
+                    self._outbox.clear()
+                    return Refused(msg, False, True)
             if live and msg.code in FATAL:
                 self._move("replaced")
                 self._outbox.clear()

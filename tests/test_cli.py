@@ -82,7 +82,7 @@ def _unit(path: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
 def test_the_units_are_hardened_and_never_restart_what_cannot_heal(path):
-    from agentbus_zmq.agents.runtime import EXIT_NOT_ALLOWED, EXIT_REPLACED
+    from agentbus_zmq.agents.runtime import EXIT_ID_TAKEN, EXIT_NOT_ALLOWED, EXIT_REPLACED
 
     unit = _unit(path)
     assert unit["Wants"] == ["network-online.target"] and unit["After"] == ["network-online.target"]
@@ -92,7 +92,7 @@ def test_the_units_are_hardened_and_never_restart_what_cannot_heal(path):
     prevent = set(unit["RestartPreventExitStatus"][0].split())
     assert "2" in prevent                                         # a usage error
     if "bus-agent" in unit["ExecStart"][0]:
-        assert {str(EXIT_REPLACED), str(EXIT_NOT_ALLOWED)} <= prevent
+        assert {str(EXIT_REPLACED), str(EXIT_NOT_ALLOWED), str(EXIT_ID_TAKEN)} <= prevent
         assert "%i" in unit["ExecStart"][0].split("--id", 1)[1]  # two instances on one host: distinct ids
     # systemd gives up before a crash loop turns slow: its window holds its burst of restarts
     interval, burst, delay = (int(unit[k][0]) for k in ("StartLimitIntervalSec", "StartLimitBurst", "RestartSec"))

@@ -252,6 +252,36 @@ def test_id_taken_before_welcome_keeps_saying_hello():
     assert h.advance(0.5) == [P.Hello("a1", "test", 7)]
 
 
+def test_id_taken_for_a_minute_in_a_row_stops_the_session():
+    """A holder may yet be found gone (its connection closed, silent, past its setup
+    grace): the session keeps asking; refused for 60 s in a row, it stops for good."""
+    h = Harness()
+    h.s.connect(0.0)
+    h.out()
+    while h.now < 59.5:
+        event = h.recv(P.Error(ErrorCode.ID_TAKEN, "held"))
+        assert not event.fatal and h.s.state is SessionState.HELLO_SENT
+        h.advance(0.5)
+    h.advance(0.5)
+    event = h.recv(P.Error(ErrorCode.ID_TAKEN, "held"))
+    assert event.fatal and h.s.state is SessionState.STOPPED and h.out() == []
+    # a WELCOME between refusals starts the count again
+    h = Harness(id_taken_limit=10.0)
+    h.s.connect(0.0)
+
+    def refused_for(seconds: float) -> bool:
+        end, fatal = h.now + seconds, False
+        while h.now < end and not fatal:
+            fatal = h.recv(P.Error(ErrorCode.ID_TAKEN, "held")).fatal
+            h.advance(0.5)
+        return fatal
+
+    assert not refused_for(9.0)
+    h.register()
+    h.recv(P.Error(ErrorCode.NOT_REGISTERED, "coordinator restarted"))   # back to HELLO
+    assert not refused_for(9.0) and refused_for(2.0)
+
+
 def test_the_coordinators_heartbeat_and_liveness_win():
     h = Harness(heartbeat=0.5, liveness=3)
     h.register(params={**PARAMS, "heartbeat_ms": 2000, "liveness": 4})
