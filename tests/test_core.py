@@ -3,6 +3,7 @@ the ledger, measurement windows.  Time is a number the test advances."""
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -967,3 +968,18 @@ def test_per_arena_lockstep_keeps_an_arena_simultaneous_and_merges_cohorts_a_hos
     h.send(b"D", P.Action(joint, 4, 10))
     out = h.send(b"H", P.HostAction(joint, np.full(2, 4, np.uint8), 10))
     assert _obs_ticks(out, b"A") == _obs_ticks(out, b"D") == [joint + 1] and h.ledger.balanced()
+
+
+def test_what_counts_as_a_sign_of_life_is_what_the_page_says():
+    """A message that passes the field checks counts, even one refused for its state; one
+    refused at the field checks does not (docs/protocol.md, HEARTBEAT)."""
+    h = Harness(heartbeat=0.5, liveness=3, deadline=100.0)
+    host_hello(h, b"bad", "h-bad", first=1, count=2)
+    host_hello(h, b"stale", "h-stale", first=10, count=2)
+    garbage = msgpack.packb([P.PROTOCOL_VERSION, int(P.MsgType.HOST_ACTION), "not a tick", b"", 0])
+    for _ in range(10):                                             # 3 s: twice the liveness limit
+        assert h.raw(b"bad", [garbage])[0][1].code == ErrorCode.BAD_FIELD
+        refused = h.send(b"stale", P.HostAction(10**6, np.zeros(2, np.uint8), 0))
+        assert [m.code for _, m in refused if type(m) is P.Error] == [ErrorCode.STALE_TICK]
+        h.advance(0.3)
+    assert sorted(h.core.hosts) == ["h-stale"] and h.ledger.balanced()
