@@ -150,7 +150,7 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
     from agentbus_zmq.coordinator.grid import GridWorld, WorldConfig
 
     ANSWERS, OBSERVATIONS = {P.MsgType.ACTION, P.MsgType.HOST_ACTION}, {P.MsgType.OBSERVATION, P.MsgType.HOST_OBSERVATION}
-    sent: dict[bytes, list[float]] = {}
+    sent: dict[bytes, list[tuple[int, float]]] = {}  # peer -> (tick, when its observation was sent)
     answered: dict[bytes, list[float]] = {}
     closes: list[float] = []  # when each tick's last answer was read
 
@@ -176,9 +176,9 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
 
         def flush(self):
             super().flush()
-            t = time.monotonic()
+            t, tick = time.monotonic(), self.core.tick
             for peer in self._out:
-                sent.setdefault(peer, []).append(t)
+                sent.setdefault(peer, []).append((tick, t))
             self._out.clear()
 
     trace = tempfile.mkdtemp(prefix="busbench-budget-")
@@ -190,13 +190,17 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
         args += [f"--{name.replace('_', '-')}", str(value)]
     with _tracing(trace, kind):
         hosts = Child("agents", "agentbus_zmq.agents", args, log_path=f"{trace}/agents.log")
+    processes = -(-agents // per_host)
     try:
         deadline = time.monotonic() + 120
-        while core.tick < warmup + ticks:
+        begin: int | None = None  # the first tick with every process in (lock-step ticks before it are shorter)
+        while begin is None or core.tick < begin + warmup + ticks:
             hosts.check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{core.tick} ticks in 120 s (log: {trace}/agents.log)")
             driver.run_once(0.05)
+            if begin is None and len(core.registry.by_peer) >= processes:
+                begin = core.tick + 1
         pids = {e.peer: e.pid for e in core.registry.by_peer.values()}
     finally:
         hosts.stop()
@@ -210,8 +214,9 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
         unit = core.registry.by_peer[peer]
         count = len(unit.live_idx) if hasattr(unit, "live_idx") else 1
         first, last = _frames(path, count)
-        sends, reads = np.asarray(sent.get(peer, [])), np.asarray(answered.get(peer, []))
-        for s in sends[warmup:warmup + ticks]:
+        reads = np.asarray(answered.get(peer, []))
+        measured = range(begin + warmup, begin + warmup + ticks)
+        for s in (when for tick, when in sent.get(peer, []) if tick in measured):
             i = bisect.bisect_right(first, s)
             if i >= len(first):
                 break

@@ -301,7 +301,10 @@ def test_the_tick_budget_lays_each_processs_tick_end_to_end_for_the_bus_and_the_
         result = budget("tests.kinds_demo:Busy", {}, agents=4, per_host=per_host, ticks=60, warmup=5)
         segments = result["segments"]
         processes = 4 // per_host
-        assert segments["tick"]["n"] >= processes * 55, (budget.__name__, segments)  # (almost) every tick
+        # every measured tick of every process (ticks are counted from the first with every
+        # process in: under load the processes join ticks apart, and a lock-step tick runs
+        # with the ones in)
+        assert segments["tick"]["n"] == processes * 60, (budget.__name__, segments)
         assert all(s["p50_us"] >= 0 for s in segments.values()), segments
         assert 1000 * per_host <= segments["agents"]["p50_us"] < 3000 * per_host + 1000, segments
         parts = sum(segments[k]["mean_us"] for k in ("coordinator", "to the agents", "agents", "back",

@@ -23,6 +23,7 @@ import zmq
 
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus import sockets
+from agentbus_zmq.agents.runtime import EXIT_REPLACED
 from agentbus_zmq.bus.client import ControlClient
 from agentbus_zmq.busbench.procs import Child
 from tests.conftest import cli_env, wait_until
@@ -455,7 +456,9 @@ def test_an_agent_whose_id_was_taken_over_stops_and_is_not_restarted(fake_coordi
     peer = _hello(router)
     router.send_multipart([peer, P.encode(P.Welcome("s", "a1", {"world": WORLD, "token": "t"}))])
     router.send_multipart([peer, P.encode(P.Error(P.ErrorCode.REPLACED, "taken over"))])
-    assert launcher.proc.wait(20) == 1                    # it reports it; it does not fight for the id
+    # it reports it and does not fight for the id; its only failure was a refusal for good,
+    # so the launcher exits with that status (which systemd is told not to restart)
+    assert launcher.proc.wait(20) == EXIT_REPLACED
     log = open(launcher.log_path).read()
     assert "not restarted" in log and "taken over" in log
     hellos = [m for m in _drain(router_frames(router)) if type(m) is P.Hello]

@@ -93,14 +93,17 @@ def _ms(us) -> str:
 _COLUMNS = (("id", "left", 0), ("pid / host", "left", 9), ("state", "left", 1), ("steps", "right", 3),
             ("p50 ms", "right", 7), ("p99 ms", "right", 2), ("late", "right", 5), ("missed", "right", 4),
             ("slow", "right", 8), ("seen", "right", 6))
+#: columns ranked this high or higher (state, p99 ms, steps) show at any width
+_ALWAYS = 3
 
 
 def agents_table(rows: list[AgentRow], title: str, text=str, width: int | None = None):
     """The ``busctl agents`` table; ``text`` makes peer-supplied strings safe to show.
 
     In ``width`` columns (a terminal's), the columns that do not fit are dropped, least
-    needed first, and the caption names them; the id is never cut (one longer than 40 %
-    of the width folds onto the next line, whole).
+    needed first, and the caption names them; the id, state, p99 and steps always show, and
+    the id is never cut: it stays on one line while it fits beside them, and only one longer
+    than that folds onto the next lines, whole.
     """
     from rich.cells import cell_len
     from rich.table import Table
@@ -110,8 +113,11 @@ def agents_table(rows: list[AgentRow], title: str, text=str, width: int | None =
     shown = list(range(len(_COLUMNS)))
     if width:
         widths = [max([cell_len(name)] + [cell_len(row[i]) for row in cells]) for i, (name, _, _) in enumerate(_COLUMNS)]
-        widths[0] = min(widths[0], max(20, int(width * 0.4)))  # a longer id folds rather than hide every column
-        for i in sorted((i for i, c in enumerate(_COLUMNS) if c[2]), key=lambda i: -_COLUMNS[i][2]):
+        # the id stays whole on one line while it fits beside the columns that matter most;
+        # only a longer one folds (onto as many lines as it needs, every character kept)
+        kept = [i for i, c in enumerate(_COLUMNS) if 0 < c[2] <= _ALWAYS]
+        widths[0] = min(widths[0], max(20, width - 1 - 3 - sum(widths[i] + 3 for i in kept)))
+        for i in sorted((i for i, c in enumerate(_COLUMNS) if c[2] > _ALWAYS), key=lambda i: -_COLUMNS[i][2]):
             if sum(widths[j] + 3 for j in shown) + 1 <= width:   # a cell's padding and border: 3; the edge: 1
                 break
             shown.remove(i)
