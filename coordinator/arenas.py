@@ -148,9 +148,9 @@ class ArenaLockstep(Schedule):
             self._close_tick(cohort, now)
 
     def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
-        if self._host_answer_ok(host, msg, now):
+        if (actions := self._host_answer(host, msg, now)) is not None:
             cohort = self._cohort_of[host]
-            cohort.host_moves.append((host, host.pending_idx, msg.actions))
+            cohort.host_moves.append((host, host.pending_idx, actions))
             cohort.expected.discard(host)
             if not cohort.expected:
                 self._close_tick(cohort, now)

@@ -85,17 +85,23 @@ class Schedule(abc.ABC):
     def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
         """A host's HOST_ACTION: accepted, late, stale, or refused for its length."""
 
-    def _host_answer_ok(self, host: HostEntry, msg: P.HostAction, now: float) -> bool:
+    def _host_answer(self, host: HostEntry, msg: P.HostAction, now: float) -> np.ndarray | None:
+        """The actions of the members still owed (None: refused, late or stale).  A host may
+        answer the frame as listed, or leave out the members it said HOST_BYE for; actions
+        of members that left since the frame was sent (moved elsewhere) are not applied."""
         if host.state is not STEPPING or msg.tick != host.pending:
             self._late_or_stale(host, msg.tick, now)
-            return False
-        n = len(host.pending_idx)
-        if len(msg.actions) != n:
-            self.outbox.reject(host.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick} has "
-                               f"{len(msg.actions)} actions; the observation listed {n} members", now)
-            return False
+            return None
+        n, actions = len(host.pending_idx), msg.actions
+        if len(actions) != n:
+            if len(actions) != len(host.sent_idx):
+                self.outbox.reject(host.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick} has "
+                                   f"{len(actions)} actions; the observation listed {len(host.sent_idx)} members"
+                                   f"{f', {n} still here' if n != len(host.sent_idx) else ''}", now)
+                return None
+            actions = actions[np.isin(host.sent_idx, host.pending_idx, assume_unique=True)]
         self._accept(host, n, msg.compute_us, now, msg.cpu_us)
-        return True
+        return actions
 
     def withdraw(self, unit: Unit, keep_position: bool) -> None:
         """``unit`` leaves: what it owes counts missing; it is awaited no more."""
@@ -135,7 +141,7 @@ class Schedule(abc.ABC):
             n = 1
             frame = P.encode_observation(tick, world.observe(unit.slot), world.info(unit.slot) if self._info else None)
         else:
-            unit.pending_idx = unit.live_idx
+            unit.pending_idx = unit.sent_idx = unit.live_idx
             n = len(unit.live_idx)
             frame = P.encode_host_observation(tick, unit.members_ext, world.observe_many(unit.live_slots),
                                               world.info_many(unit.live_slots) if self._info else None)
@@ -260,8 +266,8 @@ class Lockstep(Schedule):
             self._close_tick(now)
 
     def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
-        if self._host_answer_ok(host, msg, now):
-            self._host_moves.append((host, host.pending_idx, msg.actions))
+        if (actions := self._host_answer(host, msg, now)) is not None:
+            self._host_moves.append((host, host.pending_idx, actions))
             self._expected.discard(host)
             if not self._expected:
                 self._close_tick(now)
@@ -384,9 +390,9 @@ class Async(Schedule):
         self._observe(entry, entry.tick, now)
 
     def on_host_action(self, host: HostEntry, msg: P.HostAction, now: float) -> None:
-        if self._host_answer_ok(host, msg, now):
+        if (actions := self._host_answer(host, msg, now)) is not None:
             del self._queues[host.deadline][host]
-            self.world.move_many(host.slots[host.pending_idx], msg.actions)
+            self.world.move_many(host.slots[host.pending_idx], actions)
             host.tick += 1
             self._observe(host, host.tick, now)
 

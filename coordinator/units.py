@@ -156,6 +156,8 @@ class HostEntry(Unit):
     live_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     #: members of the outstanding observation, in its row order
     pending_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    #: members the outstanding observation listed, as sent (pending_idx less the leavers)
+    sent_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     #: live_idx as it travels, built once per change of membership
     members_ext: object = None
 

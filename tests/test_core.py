@@ -617,7 +617,9 @@ def test_ledger_always_balances(mode, script):
             h.send(hpeer, P.HostHello(f"h{i % 2}", "test", 1, "a", i, 3))
             h.send(hpeer, P.Heartbeat())
         elif kind in ("host_act", "host_bad") and host is not None and host.state is AgentState.STEPPING:
-            n = len(host.pending_idx) + (kind == "host_bad")
+            # as many as still owed (a host may also answer the frame as it listed them); a
+            # bad answer matches neither
+            n = len(host.pending_idx) if kind == "host_act" else len(host.sent_idx) + 1
             received, sent_at = h.ledger.received, host.sent_at
             h.send(hpeer, P.HostAction(host.pending, np.full(n, i, np.uint8), 5))
             if h.ledger.received > received:
@@ -787,8 +789,16 @@ def test_an_agent_taking_a_members_id_leaves_the_host_the_others():
     assert h.ledger.missing == 1 and h.ledger.balanced()
     # the host is not told REPLACED (stop): it keeps its other members, its next frame lists them
     assert not [m for p, m in out if p == b"hp" and type(m) is P.Error]
-    (obs,) = host_obs(h.send(b"hp", P.HostAction(0, np.full(3, 4, np.uint8), 0)) + h.advance(2.0), b"hp")
-    assert obs.members.tolist() == [0, 2]
+    # it answers the frame as it listed the members (it had not heard of the move): accepted,
+    # the moved member's action dropped, and its next frame lists the two it still has
+    received = h.ledger.received
+    out = h.send(b"hp", P.HostAction(0, np.full(3, 4, np.uint8), 0))
+    assert not [m for p, m in out if p == b"hp" and type(m) is P.Error]
+    assert h.ledger.received == received + 2 and h.ledger.balanced()
+    assert host_obs(out, b"hp")[0].members.tolist() == [0, 2]
+    # an answer of neither length (not as listed, not as owed) is refused
+    out = h.send(b"hp", P.HostAction(h.core.hosts["h1"].pending, np.full(3, 4, np.uint8), 0))
+    assert [m.code for p, m in out if p == b"hp" and type(m) is P.Error] == [ErrorCode.BAD_FIELD]
 
 
 def test_arenas_fill_one_after_another():
