@@ -9,6 +9,12 @@ watches every frame both ways while it plays a scenario: WELCOME held back a whi
 observations, a quiet spell, an answer refused as stale, a coordinator restart (a new
 core, a new session) and SIGTERM.  Each rule of the spec is one check, PASS or FAIL with
 what was seen; the exit status is 1 if any failed.
+
+An agent host (one that says HOST_HELLO) gets the same scenario in its messages, one
+HOST_ACTION a frame with an action for each member listed, and two more phases: a member
+moved to a connection of its own (the frames that follow list the others only), and a
+coordinator gone quiet past liveness (the host reconnects on a fresh socket and presents
+its HOST_WELCOME's token); a HOST_BYE it sends is checked where it comes.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
 from agentbus_zmq.coordinator.driver import Driver
 from agentbus_zmq.coordinator.worlds import WorldSpec, WorldUnavailable, parse_world_args
 
-__all__ = ["CHECKS", "Kit", "main"]
+__all__ = ["CHECKS", "HOST_CHECKS", "Kit", "main"]
 
 #: The rules checked, in order, with what each means.
 CHECKS = {
@@ -45,12 +51,21 @@ CHECKS = {
     "rehello_after_restart": "told NOT_REGISTERED by a restarted coordinator, it says HELLO again and steps",
     "bye_on_sigterm": "SIGTERM makes it send BYE and exit",
 }
+#: The rules an agent host is checked against besides (HELLO there meaning HOST_HELLO, and
+#: so on for WELCOME, OBSERVATION and ACTION).
+HOST_CHECKS = {
+    "host_member_moved": "a member moved elsewhere: the frames after list the others, and it answers for them only",
+    "host_reconnects_with_token": "the coordinator silent past liveness: a fresh socket, HOST_HELLO with its token",
+    "host_bye_names_its_members": "a HOST_BYE names members the host has, and the answer after it leaves them out",
+}
 HEARTBEAT_S = 0.5
 #: How long WELCOME is held back (less than an agent's default liveness, 1.5 s).
 HOLD_WELCOME_S = 1.2
 #: A registration the kit makes itself and never answers for: it holds each tick open
 #: for the deadline, so the agent under test sits idle.
 STRAGGLER = b"\x00conformance-straggler"
+#: The connection a host's member is moved to (the kit's own, never answered).
+MOVER = b"\x00conformance-mover"
 
 
 @dataclasses.dataclass
@@ -81,10 +96,10 @@ class _Watched(Driver):
         super().receive(peer, frames, now, key)
 
     def deliver(self, peer: bytes, frame: bytes, now: float) -> bool:
-        if peer == STRAGGLER:
+        if peer in (STRAGGLER, MOVER):
             return False
         msg = P.decode(frame)
-        if type(msg) is P.Welcome and now < self.hold_welcome_until:
+        if type(msg) in (P.Welcome, P.HostWelcome) and now < self.hold_welcome_until:
             return False  # held back: the agent must repeat HELLO
         self.trace.append((now, "out", msg, 1))
         return True
@@ -101,6 +116,9 @@ class Kit:
         self.trace = self.bus.trace
         self.results: list[Result] = []
         self.proc: subprocess.Popen | None = None
+        #: what the command turned out to be (its first HELLO says): an agent or a host
+        self.host = False
+        self.HELLO, self.WELCOME, self.OBSERVATION, self.ACTION = P.Hello, P.Welcome, P.Observation, P.Action
 
     @property
     def core(self) -> CoordinatorCore:
@@ -134,11 +152,11 @@ class Kit:
                                              start_new_session=True)
             except OSError as exc:
                 raise click.ClickException(f"cannot run {shlex.join(self.command)}: {exc}") from None
-            phases = ((self._registration, ("hello_repeated", "ready_heartbeat")),
+            phases = [(self._registration, ("hello_repeated", "ready_heartbeat")),
                       (self._stepping, ("one_action_per_observation",)), (self._idle, ("heartbeat_when_idle",)),
                       (self._stale, ("stale_tick_tolerated",)), (self._restart, ("rehello_after_restart",)),
-                      (self._sigterm, ("bye_on_sigterm",)))
-            for phase, names in phases:
+                      (self._sigterm, ("bye_on_sigterm",))]
+            for phase, names in self._phases(phases):
                 code = self.proc.poll()
                 if code is not None:
                     for name in names:
@@ -150,11 +168,26 @@ class Kit:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
             self.bus.close()
+        if self.host:
+            self._host_byes()
         bad = [m for _, d, m, n in self.trace if d == "in" and (m is None or n != 1)]
         total = sum(1 for _, d, _, _ in self.trace if d == "in")
         self.results.insert(0, Result("single_frame", total > 0 and not bad,
                                       f"{len(bad)} bad messages of {total}" if total else "no message at all"))
         return self.results
+
+    def _phases(self, phases: list):
+        """The phases in order; once registration has shown a host, its own join in."""
+        yield phases[0]
+        if self.host:
+            phases[2:2] = [(self._member_moves, ("host_member_moved",))]
+            phases[-2:-2] = [(self._reconnect, ("host_reconnects_with_token",))]
+        yield from phases[1:]
+
+    def _be_host(self) -> None:
+        self.host = True
+        self.HELLO, self.WELCOME, self.OBSERVATION, self.ACTION = (P.HostHello, P.HostWelcome, P.HostObservation,
+                                                                   P.HostAction)
 
     def _wait_for(self, t0: float, predicate, seconds: float) -> bool:
         end = time.monotonic() + seconds
@@ -168,33 +201,40 @@ class Kit:
 
     def _registration(self) -> None:
         t0 = time.monotonic()
-        got = self._wait_for(t0, lambda ms: sum(type(m) is P.Hello for _, m in ms) >= 1, self.timeout)
+        got = self._wait_for(t0, lambda ms: any(type(m) in (P.Hello, P.HostHello) for _, m in ms), self.timeout)
+        if any(type(m) is P.HostHello for _, m in self._since(t0)):
+            self._be_host()
         hold_end = self.bus.hold_welcome_until
         self.pump(max(0.0, hold_end - time.monotonic()))
-        hellos = [t for t, m in self._since(t0) if type(m) is P.Hello and t <= hold_end]
+        hellos = [t for t, m in self._since(t0) if type(m) is self.HELLO and t <= hold_end]
         gaps = [b - a for a, b in zip(hellos, hellos[1:])]
         self.check("hello_repeated", got and len(hellos) >= 2 and all(0.1 <= g <= 1.0 for g in gaps),
                    f"{len(hellos)} HELLOs while WELCOME was held back {HOLD_WELCOME_S} s, "
                    f"{'gaps ' + ', '.join(f'{g:.2f}' for g in gaps) + ' s' if gaps else 'no repeat'}")
         t1 = time.monotonic()
-        ready = self._wait_for(t1, lambda ms: any(type(m) is not P.Hello for _, m in ms), self.timeout)
-        first = next((m for _, m in self._since(t1) if type(m) is not P.Hello), None)
+        ready = self._wait_for(t1, lambda ms: any(type(m) is not self.HELLO for _, m in ms), self.timeout)
+        first = next((m for _, m in self._since(t1) if type(m) is not self.HELLO), None)
         self.check("ready_heartbeat", ready and type(first) is P.Heartbeat,
                    f"first message after WELCOME: {type(first).__name__ if first else 'none'}")
 
     def _stepping(self, seconds: float = 2.0) -> None:
         t0 = time.monotonic()
         self.pump(seconds)
-        sent = [m.tick for _, m in self._since(t0, "out") if type(m) is P.Observation]
-        ever_sent = {m.tick for _, m in self._since(0.0, "out") if type(m) is P.Observation}
-        got = [m.tick for _, m in self._since(t0) if type(m) is P.Action]
+        sent = [m.tick for _, m in self._since(t0, "out") if type(m) is self.OBSERVATION]
+        listed = {m.tick: len(m.members) for _, m in self._since(0.0, "out") if type(m) is P.HostObservation}
+        ever_sent = {m.tick for _, m in self._since(0.0, "out") if type(m) is self.OBSERVATION}
+        answers = [m for _, m in self._since(t0) if type(m) is self.ACTION]
+        got = [m.tick for m in answers]
         extra = sorted(set(got) - ever_sent)
         dupes = len(got) - len(set(got))
+        # a host answers each member listed, no more, no fewer
+        misfits = [m.tick for m in answers if self.host and m.tick in listed and len(m.actions) != listed[m.tick]]
         # the last observation may still be unanswered when the window ends
         missing = [t for t in sent[:-1] if t not in got]
-        self.check("one_action_per_observation", sent and not extra and not dupes and not missing,
+        self.check("one_action_per_observation", sent and not extra and not dupes and not missing and not misfits,
                    f"{len(sent)} observations, {len(got)} actions, {len(missing)} unanswered, {dupes} twice, "
-                   f"{len(extra)} for ticks never sent")
+                   f"{len(extra)} for ticks never sent" + (f", {len(misfits)} not one action a member listed"
+                                                           if self.host else ""))
 
     def _idle(self, seconds: float = 3.0) -> None:
         now = time.monotonic()
@@ -231,22 +271,81 @@ class Kit:
         t0 = time.monotonic()
         self.pump(1.5)
         ms = self._since(t0)
-        self.check("stale_tick_tolerated", any(type(m) is P.Action for _, m in ms)
-                   and not any(type(m) is P.Hello for _, m in ms) and self.proc.poll() is None,
-                   f"after STALE_TICK: {sum(type(m) is P.Action for _, m in ms)} actions, "
-                   f"{sum(type(m) is P.Hello for _, m in ms)} HELLOs")
+        self.check("stale_tick_tolerated", any(type(m) is self.ACTION for _, m in ms)
+                   and not any(type(m) is self.HELLO for _, m in ms) and self.proc.poll() is None,
+                   f"after STALE_TICK: {sum(type(m) is self.ACTION for _, m in ms)} actions, "
+                   f"{sum(type(m) is self.HELLO for _, m in ms)} HELLOs")
 
     def _restart(self) -> None:
         self.bus.core = self._core("conformance-2")  # what a restarted coordinator knows: nothing
         t0 = time.monotonic()
-        ok = self._wait_for(t0, lambda ms: any(type(m) is P.Action for _, m in ms)
-                            and any(type(m) is P.Hello for _, m in ms), 10)
+        ok = self._wait_for(t0, lambda ms: any(type(m) is self.ACTION for _, m in ms)
+                            and any(type(m) is self.HELLO for _, m in ms), 10)
         ms = self._since(t0)
-        hello_at = next((t for t, m in ms if type(m) is P.Hello), None)
-        stepped = any(type(m) is P.Action and (hello_at is not None and t > hello_at) for t, m in ms)
+        hello_at = next((t for t, m in ms if type(m) is self.HELLO), None)
+        stepped = any(type(m) is self.ACTION and (hello_at is not None and t > hello_at) for t, m in ms)
         self.check("rehello_after_restart", ok and stepped,
                    f"HELLO {'after %.2f s' % (hello_at - t0) if hello_at else 'never'}; "
                    f"{'stepping again' if stepped else 'not stepping'} in the new session")
+
+    def _token(self) -> str | None:
+        """The token of the last HOST_WELCOME the kit delivered."""
+        welcomes = [m for _, m in self._since(0.0, "out") if type(m) is P.HostWelcome]
+        return welcomes[-1].params.get("token") if welcomes else None
+
+    def _member_moves(self) -> None:
+        """Member 1 (or 0, for a host of one) moves to a connection of its own, as a HELLO
+        with the host's token does it: the host keeps the others."""
+        host = next(iter(self.core.hosts.values()), None)
+        if host is None or self._token() is None:
+            self.check("host_member_moved", False, "no host registered")
+            return
+        index = 1 if len(host.ids) > 1 else 0
+        self.core.on_message(MOVER, P.Hello(host.ids[index], "kit", 0, self._token()), time.monotonic())
+        t0 = time.monotonic()
+        self.pump(1.5)
+        frames = {m.tick: m.members.tolist() for _, m in self._since(t0, "out") if type(m) is P.HostObservation}
+        answers = [m for _, m in self._since(t0) if type(m) is P.HostAction and m.tick in frames]
+        wrong = [m.tick for m in answers if len(m.actions) != len(frames[m.tick])]
+        listed = all(index not in members for members in frames.values())
+        self.check("host_member_moved", (bool(answers) or len(host.ids) == 1) and listed and not wrong,
+                   f"member {index} moved: {len(frames)} frames {'without' if listed else 'still with'} it, "
+                   f"{len(answers)} answered, {len(wrong)} with an action count other than the members listed")
+        self.core.on_message(MOVER, P.Bye("done"), time.monotonic())
+
+    def _reconnect(self) -> None:
+        """The coordinator says nothing past the host's liveness (1.5 s): a fresh socket
+        and a HOST_HELLO that presents the last HOST_WELCOME's token."""
+        token, old = self._token(), self.peer
+        time.sleep(HEARTBEAT_S * 3 + 0.5)  # the kit's loop stops: nothing in or out
+        t0 = time.monotonic()
+        ok = self._wait_for(t0, lambda ms: any(type(m) is P.HostHello for _, m in ms), 10)
+        hello = next((m for _, m in self._since(t0) if type(m) is P.HostHello), None)
+        stepped = self._wait_for(t0, lambda ms: any(type(m) is P.HostAction for _, m in ms), 10)
+        fresh = self.peer != old
+        self.check("host_reconnects_with_token", ok and hello.token == token and fresh and stepped,
+                   f"HOST_HELLO {'with its token' if hello and hello.token == token else 'without its token' if hello else 'never'}"
+                   f"{', from a fresh socket' if fresh else ', on the old socket'}; "
+                   f"{'stepping again' if stepped else 'not stepping'}")
+
+    def _host_byes(self) -> None:
+        """Each HOST_BYE the host sent names members it has, and the HOST_ACTION after it
+        answers its frame without them (or, the page allows it, as the frame listed them)."""
+        ins, outs = self._since(0.0), self._since(0.0, "out")
+        counts = [m.count for _, m in ins if type(m) is P.HostHello]
+        byes = [(t, m) for t, m in ins if type(m) is P.HostBye]
+        bad = [m.members for _, m in byes if not counts or not m.members or any(i >= counts[-1] for i in m.members)]
+        wrong = 0
+        for t, bye in byes:
+            answer = next((m for u, m in ins if u > t and type(m) is P.HostAction), None)
+            frame = next((m for _, m in reversed(outs) if type(m) is P.HostObservation and answer is not None
+                          and m.tick == answer.tick), None)
+            if frame is not None:
+                listed = frame.members.tolist()
+                wrong += len(answer.actions) not in (len(listed), len([i for i in listed if i not in bye.members]))
+        self.check("host_bye_names_its_members", not bad and not wrong,
+                   f"{len(byes)} HOST_BYEs, {len(bad)} naming members the host does not have, {wrong} followed by "
+                   "an answer with another count" if byes else "no HOST_BYE sent (none needed: no member failed)")
 
     def _sigterm(self) -> None:
         t0 = time.monotonic()
@@ -285,7 +384,8 @@ def cli(fmt, timeout, world, world_arg, command):
     results = Kit(list(command), timeout, spec).run()
     if fmt == "json":
         click.echo(json.dumps({"command": shlex.join(command), "passed": all(r.passed for r in results),
-                               "checks": [dataclasses.asdict(r) | {"rule": CHECKS[r.name]} for r in results]},
+                               "checks": [dataclasses.asdict(r) | {"rule": {**CHECKS, **HOST_CHECKS}[r.name]}
+                                          for r in results]},
                               indent=2))
     else:
         for r in results:
