@@ -160,10 +160,10 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
 
         _out: list[bytes] = []
 
-        def receive(self, peer, frames, now, key):
+        def receive(self, peer, frames, now, key, address=""):
             t = time.monotonic()
             tick = self.core.tick
-            super().receive(peer, frames, now, key)
+            super().receive(peer, frames, now, key, address)
             if P.unpack(frames[0])[1] in ANSWERS:
                 answered.setdefault(peer, []).append(t)
             if self.core.tick != tick:

@@ -86,14 +86,14 @@ class _Watched(Driver):
         self.peer: bytes | None = None
         self.hold_welcome_until = 0.0
 
-    def receive(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None) -> None:
+    def receive(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None, address: str = "") -> None:
         try:
             msg = P.decode(frames[0]) if len(frames) == 1 else None
         except P.ProtocolError:
             msg = None
         self.trace.append((now, "in", msg, len(frames)))
         self.peer = peer  # its latest connection
-        super().receive(peer, frames, now, key)
+        super().receive(peer, frames, now, key, address)
 
     def deliver(self, peer: bytes, frame: bytes, now: float) -> bool:
         if peer in (STRAGGLER, MOVER):

@@ -102,7 +102,8 @@ _WORLD = WorldConfig()
               help="Seconds from HELLO until a registration must say it is ready; past it, it is dropped and "
                    "its cells freed (repeating HELLO does not extend it).")
 @click.option("--max-pending", envvar=_ENV["max_pending"], type=click.IntRange(1), default=Settings.max_pending,
-              show_default=True, help="Registrations (agents or hosts) not yet ready, at most; more are refused "
+              show_default=True, help="Agents registered and not yet ready, at most (a host counts its "
+                                      "members), and half that from one CURVE key or address; more are refused "
                                       "with BUSY and retried by the agents.")
 @click.option("--drop-after", envvar=_ENV["drop_after"], type=click.IntRange(0), default=Settings.drop_after,
               show_default=True, help="Drop an agent (or host) from the schedule after this many deadlines in a "

@@ -137,7 +137,7 @@ class CoordinatorCore:
 
     @property
     def pending(self) -> int:
-        """Connections registered and not yet ready."""
+        """Agents registered and not yet ready (a host's members count each)."""
         return self.registry.joining
 
     @property
@@ -153,9 +153,9 @@ class CoordinatorCore:
 
     # --- input ------------------------------------------------------------------
 
-    def on_frames(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None = None) -> None:
-        """One multipart message from ``peer`` (routing id already stripped); ``key``: the
-        CURVE key its connection authenticated with (None without CURVE)."""
+    def on_frames(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None = None, address="") -> None:
+        """One multipart message from ``peer`` (routing id stripped); ``key``: its connection's
+        CURVE key (None without CURVE); ``address``: its remote address, if the driver knows it."""
         if len(frames) != 1:
             self.outbox.reject(peer, ErrorCode.BAD_FRAMING, f"expected 1 frame, got {len(frames)}", now)
             return
@@ -164,9 +164,9 @@ class CoordinatorCore:
         except P.ProtocolError as exc:
             self.outbox.reject(peer, exc.code, exc.reason, now)
             return
-        self.on_message(peer, msg, now, key)
+        self.on_message(peer, msg, now, key, address)
 
-    def on_message(self, peer: bytes, msg: P.Message, now: float, key: bytes | None = None) -> None:
+    def on_message(self, peer: bytes, msg: P.Message, now: float, key: bytes | None = None, address: str = "") -> None:
         unit = self._by_peer.get(peer)
         mtype = type(msg)
         if unit is not None:
@@ -184,12 +184,12 @@ class CoordinatorCore:
         if handler is None:  # WELCOME, OBSERVATION, REPLY and the host twins travel the other way only
             self.outbox.reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} is not accepted by the coordinator", now)
         else:
-            handler(peer, unit, msg, now, key)
+            handler(peer, unit, msg, now, key, address)
 
-    def _on_action(self, peer: bytes, unit: Unit | None, msg: P.Action, now: float, key: bytes | None) -> None:
+    def _on_action(self, peer: bytes, unit: Unit | None, msg: P.Action, now: float, *_) -> None:
         self._not_registered(peer, unit, msg, now)  # an agent's own ACTIONs never get here (on_message)
 
-    def _on_host_action(self, peer: bytes, unit: Unit | None, msg: P.HostAction, now: float, key) -> None:
+    def _on_host_action(self, peer: bytes, unit: Unit | None, msg: P.HostAction, now: float, *_) -> None:
         if type(unit) is HostEntry:
             if now >= self.schedule.due:
                 self.schedule.expire_due(now)
@@ -205,21 +205,21 @@ class CoordinatorCore:
             fits = "a host sends HOST_ACTION and HOST_BYE" if type(unit) is HostEntry else "an agent sends ACTION"
             self.outbox.reject(peer, ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE.name} from {unit.name}: {fits}", now)
 
-    def _on_heartbeat(self, peer: bytes, unit: Unit | None, msg: P.Heartbeat, now: float, key) -> None:
+    def _on_heartbeat(self, peer: bytes, unit: Unit | None, msg: P.Heartbeat, now: float, *_) -> None:
         if unit is None:
             self.outbox.reject(peer, ErrorCode.NOT_REGISTERED, "HEARTBEAT from an unregistered peer", now)
 
-    def _on_bye(self, peer: bytes, unit: Unit | None, msg: P.Bye, now: float, key) -> None:
+    def _on_bye(self, peer: bytes, unit: Unit | None, msg: P.Bye, now: float, *_) -> None:
         if unit is not None:
             self._plog.info(now, "%s left: %s", unit.name, msg.reason or "bye")
             self._drop(unit, now)
 
-    def _on_error(self, peer: bytes, unit: Unit | None, msg: P.Error, now: float, key) -> None:
+    def _on_error(self, peer: bytes, unit: Unit | None, msg: P.Error, now: float, *_) -> None:
         self.ledger.errors["received"] += 1
         self._plog.warning(now, "peer %s reported error %s: %s", self.registry.name_of(peer), msg.code,
                            msg.reason[:200])
 
-    def _on_control(self, peer: bytes, unit: Unit | None, msg: P.Control, now: float, key) -> None:
+    def _on_control(self, peer: bytes, unit: Unit | None, msg: P.Control, now: float, *_) -> None:
         """One REPLY per CONTROL: a command of ``bus.commands``, or a coded refusal."""
         command = COMMANDS.get(msg.command)
         try:
@@ -236,7 +236,7 @@ class CoordinatorCore:
 
     # --- registration ----------------------------------------------------------------
 
-    def _on_hello(self, peer: bytes, unit: Unit | None, msg: P.Hello, now: float, key: bytes | None) -> None:
+    def _on_hello(self, peer: bytes, unit: Unit | None, msg: P.Hello, now: float, key, address: str) -> None:
         reg = self.registry
         old = reg.agents.get(msg.agent_id)
         if type(old) is AgentEntry and old.peer == peer:
@@ -244,7 +244,7 @@ class CoordinatorCore:
             # It does not extend the setup grace.
             self.outbox.send(old, reg.welcome(old), now)
             return
-        if reg.admit(peer, [msg.agent_id], msg.agent_id, msg.token, key, now) is None:
+        if (admission := reg.admit(peer, [msg.agent_id], msg.agent_id, msg.token, key, address, now)) is None:
             return
         if unit is not None:
             self._drop(unit, now)
@@ -253,7 +253,7 @@ class CoordinatorCore:
             self._plog.info(now, "agent %s re-registered (peer %s)", msg.agent_id, peer.hex())
             self._forget(old, now, keep_position=True)
         try:
-            entry = reg.add_agent(peer, msg, key, now)
+            entry = reg.add_agent(peer, msg, key, admission, now)
         except WorldFull as exc:
             self.outbox.reject(peer, ErrorCode.WORLD_FULL, str(exc), now)
             return
@@ -261,7 +261,7 @@ class CoordinatorCore:
                         len(reg.agents))
         self.outbox.send(entry, reg.welcome(entry), now)
 
-    def _on_host_hello(self, peer: bytes, unit: Unit | None, msg: P.HostHello, now: float, key: bytes | None) -> None:
+    def _on_host_hello(self, peer: bytes, unit: Unit | None, msg: P.HostHello, now: float, key, address: str) -> None:
         reg = self.registry
         if type(unit) is HostEntry:  # this connection's host, again: as cheap as a heartbeat, whatever it says
             if unit.host_id == msg.host_id and unit.span == (msg.prefix, msg.first, msg.count):
@@ -279,24 +279,24 @@ class CoordinatorCore:
             self.outbox.reject(peer, ErrorCode.WORLD_FULL, f"{len(ids)} agents do not fit: the world has room for "
                                                            f"{free} more", now)
             return
-        if reg.admit(peer, ids, f"host {msg.host_id}", msg.token, key, now, host_id=msg.host_id) is None:
+        admission = reg.admit(peer, ids, f"host {msg.host_id}", msg.token, key, address, now, host_id=msg.host_id)
+        if admission is None:
             return
         if unit is not None:
             self._drop(unit, now)
-        old_host = reg.hosts.get(msg.host_id)
-        if old_host is not None:
+        if (old_host := reg.hosts.get(msg.host_id)) is not None:
             self._plog.info(now, "host %s re-registered (peer %s)", msg.host_id, peer.hex())
             self._drop(old_host, now, keep_position=True)
         for agent_id in ids:
             old = reg.agents.get(agent_id)
             if old is not None:
                 self._forget(old, now, keep_position=True)
-        host = reg.add_host(peer, msg, ids, key, now, old_host)
+        host = reg.add_host(peer, msg, ids, key, admission, now, old_host)
         self._plog.info(now, "host %s registered %d %s agents (%s .. %s, pid %d); %d agents", msg.host_id, len(ids),
                         msg.kind, ids[0], ids[-1], msg.pid, len(reg.agents))
         self.outbox.send(host, reg.host_welcome(host), now)
 
-    def _on_host_bye(self, peer: bytes, unit: Unit | None, msg: P.HostBye, now: float, key) -> None:
+    def _on_host_bye(self, peer: bytes, unit: Unit | None, msg: P.HostBye, now: float, *_) -> None:
         if type(unit) is not HostEntry:
             return self._not_registered(peer, unit, msg, now)
         left = []

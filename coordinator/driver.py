@@ -63,6 +63,19 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
 
+def _peer_address(frame: zmq.Frame) -> str:
+    """Where a connection comes from, as admission charges it: the remote IP for TCP, the
+    user and group for ipc:// (libzmq says ``localhost:UID:GID:PID``; a process's pid
+    would let one user count as many), "" where libzmq cannot say (inproc)."""
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return ""
+    if address.startswith("localhost:") and address.count(":") == 3:
+        return address.rpartition(":")[0]
+    return address
+
+
 class AlertHook:
     """Runs the operator's command when the efficiency alert is raised or cleared, with
     the figures in its environment (BUS_ALERT_*).  One at a time, never waited for: a
@@ -140,8 +153,8 @@ class Driver:
 
     # --- hooks ---------------------------------------------------------------------
 
-    def receive(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None) -> None:
-        self.core.on_frames(peer, frames, now, key)
+    def receive(self, peer: bytes, frames: list[bytes], now: float, key: bytes | None, address: str = "") -> None:
+        self.core.on_frames(peer, frames, now, key, address)
 
     def deliver(self, peer: bytes, frame: bytes, now: float) -> bool:
         return True
@@ -227,7 +240,10 @@ class Driver:
         # With CURVE, each message carries the key its connection authenticated with
         # (the User-Id our ZAP answer gave it): the core binds registrations to keys.
         keyed = self.curve is not None
-        key = None
+        # Without CURVE, a connection not registered is charged by its address while it
+        # gets ready (admission); a registered one's messages are read the cheaper way.
+        registered = core.registry.by_peer
+        key, address = None, ""
         for _ in range(DRAIN_BUDGET):
             try:
                 peer = recv(NOBLOCK)
@@ -237,8 +253,11 @@ class Driver:
                 first = recv(NOBLOCK, copy=False)
                 frames = [first.bytes]
                 key = first.get("User-Id").encode()
+            elif peer in registered:
+                frames, address = [recv(NOBLOCK)], ""  # a ROUTER always has a frame after the routing id
             else:
-                frames = [recv(NOBLOCK)]  # a ROUTER always has a frame after the routing id
+                first = recv(NOBLOCK, copy=False)
+                frames, address = [first.bytes], _peer_address(first)
             while getsockopt(RCVMORE):  # a protocol violation: keep a few, count the rest
                 frame = recv(NOBLOCK)
                 if len(frames) < MAX_FRAMES_KEPT:
@@ -246,7 +265,7 @@ class Driver:
                 else:
                     frames[-1] = b""
             try:
-                self.receive(peer, frames, clock(), key)
+                self.receive(peer, frames, clock(), key, address)
             except Exception:  # a bug must not take the bus down: count, log, answer
                 log.exception("unexpected error handling a message from peer %s", peer.hex())
                 core.on_unexpected(peer)

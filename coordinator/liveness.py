@@ -100,7 +100,7 @@ class Liveness:
         out = []
         for unit in self.registry.by_peer.values():
             if unit.state is JOINING:
-                if now - unit.joined_at > s.setup_grace:
+                if now - unit.grace_from > s.setup_grace:
                     self._plog.warning(now, "%s did not say it was ready within %.1f s of HELLO: dropped", unit.name,
                                        s.setup_grace)
                     out.append(Departure(unit, "setup_expired"))

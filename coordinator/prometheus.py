@@ -78,7 +78,7 @@ class CoreCollector:
                      "world": core.world.kind})
         yield gauge("agents_registered", "Agents registered (alone or in hosts).", len(core.agents))
         yield gauge("agents_ready", "Agents that have answered an observation.", core.ready)
-        yield gauge("agents_pending", "Connections registered and not yet ready.", core.pending)
+        yield gauge("agents_pending", "Agents registered and not yet ready (a host's members count each).", core.pending)
         yield gauge("hosts_registered", "Agent hosts registered.", len(core.hosts))
         yield counter("agent_steps_total", "Agent steps answered in time.", ledger.received)
         yield counter("ticks_total", "Lock-step ticks closed.", ledger.ticks)

@@ -1,7 +1,7 @@
 """Who is registered: admission, takeover, units and their members, and their places.
 
 :class:`Registry` owns the maps from agent id, host id and connection to units, the
-count of registrations not yet ready, the count of agents that have stepped, each id's
+count of agents not yet ready (in all and per origin), the count of agents that have stepped, each id's
 registrations this session (``restarts``) and every unit's place in the world.  It
 decides who may register (:meth:`Registry.admit`: an id held by a live connection is
 taken only with its token, the same CURVE key, or once that connection went silent),
@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import hmac
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,13 +27,25 @@ from agentbus_zmq.coordinator.settings import ConfigError, Settings
 from agentbus_zmq.coordinator.units import (JOINING, UNITS, AgentEntry, HostEntry, Member, Unit, unit_of)
 from agentbus_zmq.coordinator.world import World, WorldFull
 
-__all__ = ["Registry", "MAX_TRACKED_IDS", "RESTARTS_KEPT", "WorldFull"]
+__all__ = ["Admission", "Registry", "MAX_TRACKED_IDS", "RESTARTS_KEPT", "WorldFull"]
 
 #: Agent ids whose registrations are counted for ``restarts`` in stats (bounded memory).
 MAX_TRACKED_IDS = 65_536
 #: The agent ids ``restarts`` keeps: the most recently re-registered (stats shows them,
 #: sorted, at a cost that does not grow with the session).
 RESTARTS_KEPT = PAGE_SIZE
+
+
+class Admission(NamedTuple):
+    """A registration :meth:`Registry.admit` lets in."""
+
+    #: the units it takes over (the caller drops them)
+    taking_over: list[Unit]
+    #: when its setup grace began: now, or the first HELLO of a registration of its ids
+    #: that was still getting ready (a takeover does not start the grace again)
+    grace_from: float
+    #: who is charged for it while it gets ready: its CURVE key, else its address
+    origin: str
 
 
 class Registry:
@@ -51,8 +64,9 @@ class Registry:
         self._order: list[str] | None = None
         self.hosts: dict[str, HostEntry] = {}
         self.by_peer: dict[bytes, Unit] = {}
-        #: units registered and not yet ready (Settings.max_pending)
+        #: agents registered and not yet ready (Settings.max_pending), in all and by origin
         self.joining = 0
+        self._joining_by: collections.Counter = collections.Counter()
         #: registered agents that have answered at least one observation
         self.ready = 0
         #: registrations per agent id this session (restarts = registrations - 1)
@@ -75,12 +89,13 @@ class Registry:
 
     # --- admission ----------------------------------------------------------------------
 
-    def admit(self, peer: bytes, ids: list[str], who: str, token: str, key: bytes | None, now: float,
-              host_id: str | None = None) -> list[Unit] | None:
+    def admit(self, peer: bytes, ids: list[str], who: str, token: str, key: bytes | None, address: str, now: float,
+              host_id: str | None = None) -> Admission | None:
         """May ``peer`` register ``ids`` (and ``host_id``)?  The units it takes over
-        (to be dropped by the caller), or None when refused (the refusal is sent): the
-        coordinator is stopping, the key may not use an id, an id is held by another
-        live connection that this one cannot prove to be, or too many are pending."""
+        (to be dropped by the caller) and when its setup grace began, or None when refused
+        (the refusal is sent): the coordinator is stopping, the key may not use an id, an
+        id is held by another live connection that this one cannot prove to be, or too
+        many agents are pending, in all or from its origin (its key, else ``address``)."""
         if self.stopping:
             self.outbox.reject(peer, ErrorCode.SHUTTING_DOWN, "coordinator is shutting down", now)
             return None
@@ -112,9 +127,10 @@ class Registry:
                                                          f"connection is alive", now)
             return None
         taking_over = [h for h in holders if h.peer != peer]
-        if self.joining - sum(1 for h in taking_over if h.state is JOINING) >= self.settings.max_pending:
-            self.outbox.reject(peer, ErrorCode.BUSY, f"{who}: {self.joining} registrations are waiting to say they "
-                                                     f"are ready (at most {self.settings.max_pending})", now)
+        joining = [h for h in taking_over if h.state is JOINING]
+        origin = f"key:{key.hex()}" if key is not None else f"address:{address}"
+        if busy := self._pending_refusal(len(ids), origin, joining):
+            self.outbox.reject(peer, ErrorCode.BUSY, f"{who}: {busy}", now)
             return None
         for holder in taking_over:
             if type(holder) is HostEntry and holder.host_id != host_id and \
@@ -127,7 +143,24 @@ class Registry:
             if holder.state is JOINING or now - holder.last_seen <= self.settings.expiry:
                 self.outbox.error(holder.peer, ErrorCode.REPLACED, f"{holder.name}: taken over by another "
                                                                    f"connection that presented its token or key")
-        return taking_over
+        return Admission(taking_over, min([now, *(h.grace_from for h in joining)]), origin)
+
+    def _pending_refusal(self, n: int, origin: str, joining: list[Unit]) -> str:
+        """Why ``n`` more agents from ``origin`` may not join the pending ones now ("" if
+        they may).  The units in ``joining`` are taken over: their share is freed.  One
+        origin (a CURVE key, or an address) holds at most half the limit, so one that
+        registers and never gets ready, however many connections and ids it cycles,
+        leaves the other half to everyone else; a registration larger than the limit
+        gets in when nothing else is pending."""
+        limit = self.settings.max_pending
+        total = self.joining - sum(h.charged for h in joining)
+        mine = self._joining_by[origin] - sum(h.charged for h in joining if h.origin == origin)
+        if total and total + n > limit:
+            return f"{total} agents are waiting to say they are ready (at most {limit})"
+        if mine and mine + n > max(1, limit // 2):
+            return (f"{mine} agents from this {origin.partition(':')[0]} are waiting to "
+                    f"say they are ready (at most {max(1, limit // 2)} from one)")
+        return ""
 
     def _may_replace(self, holder: Unit, token: str, key: bytes | None, now: float) -> bool:
         """A new connection may take ``holder``'s registration when the new one proves it
@@ -146,7 +179,7 @@ class Registry:
 
     # --- adding and removing ----------------------------------------------------------
 
-    def add_agent(self, peer: bytes, msg: P.Hello, key: bytes | None, now: float) -> AgentEntry:
+    def add_agent(self, peer: bytes, msg: P.Hello, key: bytes | None, admission: Admission, now: float) -> AgentEntry:
         """Register an agent (its id is free: the caller took it over first); WorldFull
         when there is no place for it."""
         slot = self.world.place(msg.agent_id)
@@ -155,12 +188,24 @@ class Registry:
         self.agents[msg.agent_id] = entry
         self._order = None
         self.by_peer[peer] = entry
-        self.joining += 1
+        self._charge(entry, 1, admission)
         self._count_registration(msg.agent_id)
         return entry
 
-    def add_host(self, peer: bytes, msg: P.HostHello, ids: list[str], key: bytes | None, now: float,
-                 previous: HostEntry | None) -> HostEntry:
+    def _charge(self, unit: Unit, n: int, admission: Admission) -> None:
+        unit.origin, unit.charged, unit.grace_from = admission.origin, n, admission.grace_from
+        self.joining += n
+        self._joining_by[unit.origin] += n
+
+    def _discharge(self, unit: Unit) -> None:
+        self.joining -= unit.charged
+        self._joining_by[unit.origin] -= unit.charged
+        if not self._joining_by[unit.origin]:
+            del self._joining_by[unit.origin]
+        unit.charged = 0
+
+    def add_host(self, peer: bytes, msg: P.HostHello, ids: list[str], key: bytes | None, admission: Admission,
+                 now: float, previous: HostEntry | None) -> HostEntry:
         """Register a host and its members (their ids are free: the caller took them over);
         members ``previous`` (the host's last registration) carried and this one does not
         leave the world."""
@@ -176,7 +221,7 @@ class Registry:
         self._order = None
         self.hosts[msg.host_id] = host
         self.by_peer[peer] = host
-        self.joining += 1
+        self._charge(host, len(ids), admission)
         if previous is not None:
             for agent_id in previous.ids:
                 if agent_id not in self.agents:
@@ -186,7 +231,7 @@ class Registry:
     def mark_ready(self, unit: Unit) -> None:
         """The unit's first message after WELCOME: its model is built."""
         UNITS.move(unit, "ready")
-        self.joining -= 1
+        self._discharge(unit)
 
     def first_step(self, unit: Unit, n: int) -> None:
         """``n`` agents of ``unit`` answered their first observation."""
@@ -197,7 +242,7 @@ class Registry:
         ``keep_position``: its agents keep their places (a new registration of theirs follows)."""
         if self.by_peer.get(unit.peer) is unit:
             if unit.state is JOINING:
-                self.joining -= 1
+                self._discharge(unit)
             del self.by_peer[unit.peer]
         UNITS.move(unit, "leave")
         if type(unit) is HostEntry:

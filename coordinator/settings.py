@@ -39,9 +39,11 @@ class Settings:
     #: after WELCOME); past it, it is dropped and its cells freed.  Repeating HELLO does
     #: not extend it.  A jitted JAX host compiles for seconds.
     setup_grace: float = 30.0
-    #: Connections (agents or hosts) registered and not yet ready, at most; more HELLOs
-    #: are refused with BUSY and retried by the agent.
-    max_pending: int = 1024
+    #: Agents registered and not yet ready (a host counts its members), at most, and half
+    #: that from one origin (a CURVE key, or without CURVE an address); more HELLOs are
+    #: refused with BUSY and retried by the agent.  One registration larger than the
+    #: limit gets in when nothing else is pending (from its origin, and in all).
+    max_pending: int = 16_384
     #: An answer after this fraction of its deadline is counted slow.
     slow_fraction: float = 0.8
     #: Drop a unit from the schedule after this many deadlines in a row that it missed,

@@ -109,6 +109,12 @@ class Unit:
     times_n: int = 0
     #: when a refused HELLO for its ids last made the registry probe it (ID_TAKEN)
     probed_at: float = -math.inf
+    #: who is charged for it while it gets ready: its CURVE key, else its address ("" unknown)
+    origin: str = ""
+    #: agents it counts among the pending (Settings.max_pending) while JOINING
+    charged: int = 0
+    #: when its setup grace began: its ids' first HELLO (a takeover while joining keeps it)
+    grace_from: float = 0.0
 
     @property
     def name(self) -> str:

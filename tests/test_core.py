@@ -36,8 +36,8 @@ class Harness:
     def now(self, t: float) -> None:
         self.clock.advance(t - self.clock.now())
 
-    def send(self, peer: bytes, msg) -> list:
-        self.core.on_message(peer, msg, self.now)
+    def send(self, peer: bytes, msg, key: bytes | None = None, address: str = "") -> list:
+        self.core.on_message(peer, msg, self.now, key, address)
         return self.take()
 
     def raw(self, peer: bytes, frames: list[bytes]) -> list:
@@ -255,7 +255,9 @@ def test_agents_pages_are_sorted_once_per_change_of_membership_not_once_per_requ
     h = Harness(world=WorldConfig(seed=1, max_arenas=1000))
     for j in range(3):
         h.send(b"h%d" % j, P.HostHello(f"h{j}", "test", 1, f"z{j}-", 0, 4096))
+        h.send(b"h%d" % j, P.Heartbeat())                  # ready: 4,096 pending from one origin at most
     reg = h.core.registry
+    assert len(reg.agents) == 3 * 4096
     first = reg.page(0)
     order = reg._order
     for page in (0, 1, 95, 0):
@@ -337,15 +339,52 @@ def test_registrations_that_never_get_ready_expire_and_free_their_cells():
     assert type(h.hello(b"legit", "legit")[0][1]) is P.Welcome
 
 
-def test_pending_registrations_are_bounded():
-    h = Harness(max_pending=3)
-    for i in range(3):
-        h.send(f"p{i}".encode(), P.Hello(f"a{i}", "test", 1))
-    out = h.send(b"p3", P.Hello("a3", "test", 1))
-    assert [m.code for _, m in out] == [ErrorCode.BUSY] and "a3" not in h.core.agents
-    h.send(b"p0", P.Heartbeat())                          # one becomes ready: room for one more
-    assert type(h.send(b"p3", P.Hello("a3", "test", 1))[0][1]) is P.Welcome
-    assert h.core.stats(h.now).to_wire()["pending"] == 3
+def test_pending_registrations_are_bounded_in_agents_and_per_origin():
+    """At most max_pending agents not yet ready (a host counts its members), half of them
+    from one origin: the address without CURVE, the key with it."""
+    h = Harness(max_pending=8)
+    for i in range(4):                                    # one address: half the limit
+        assert type(h.send(b"a%d" % i, P.Hello(f"a{i}", "test", 1), address="10.0.0.1")[0][1]) is P.Welcome
+    out = h.send(b"a4", P.Hello("a4", "test", 1), address="10.0.0.1")
+    assert [m.code for _, m in out] == [ErrorCode.BUSY] and "from this address" in out[0][1].reason
+    out = h.send(b"k1", P.HostHello("k", "test", 1, "k-", 0, 3), key=b"K" * 40, address="10.0.0.1")
+    assert type(out[0][1]) is P.HostWelcome               # another origin: its key, not its address
+    out = h.send(b"b1", P.HostHello("b", "test", 1, "b-", 0, 2), address="10.0.0.2")
+    assert [m.code for _, m in out] == [ErrorCode.BUSY] and "7 agents are waiting" in out[0][1].reason
+    assert h.core.stats(h.now).to_wire()["pending"] == 7
+    h.send(b"a0", P.Heartbeat())                          # one becomes ready: room for one more there
+    assert type(h.send(b"a4", P.Hello("a4", "test", 1), address="10.0.0.1")[0][1]) is P.Welcome
+    h.send(b"k1", P.Heartbeat())                          # the host's three: room for a host of two
+    assert type(h.send(b"b1", P.HostHello("b", "test", 1, "b-", 0, 2), address="10.0.0.2")[0][1]) is P.HostWelcome
+    assert h.core.stats(h.now).to_wire()["pending"] == 6
+
+
+def test_a_registration_larger_than_the_limit_gets_in_when_nothing_is_pending():
+    h = Harness(max_pending=4)
+    assert type(h.send(b"h", P.HostHello("h", "test", 1, "m-", 0, 10))[0][1]) is P.HostWelcome
+    out = h.send(b"a", P.Hello("a", "test", 1), address="10.0.0.9")
+    assert [m.code for _, m in out] == [ErrorCode.BUSY]   # until the host is ready
+    h.send(b"h", P.Heartbeat())
+    assert type(h.send(b"a", P.Hello("a", "test", 1), address="10.0.0.9")[0][1]) is P.Welcome
+
+
+def test_a_takeover_while_getting_ready_does_not_start_the_setup_grace_again():
+    """A squatter renewing its registrations with their tokens from new connections used
+    to keep them (and the pending slots) for ever: the grace runs from the first HELLO."""
+    h = Harness(setup_grace=5.0, heartbeat=0.5)
+    token = h.send(b"p0", P.Hello("squat", "test", 1))[0][1].params["token"]
+    for n in (1, 2):                                      # every 2 s a new connection with the token
+        h.now += 2.0
+        out = h.send(b"p%d" % n, P.Hello("squat", "test", 1, token))
+        (welcome,) = [m for p, m in out if p == b"p%d" % n]
+        token = welcome.params["token"]                   # taken over: a new token, the old one told
+        assert [m.code for p, m in out if p != b"p%d" % n] == [ErrorCode.REPLACED]
+        h.core.on_timer(h.now)
+    assert h.core.agents["squat"].peer == b"p2" and h.ledger.errors["setup_expired"] == 0
+    h.now = 5.1                                           # 5 s after the first HELLO, not after the last
+    h.core.on_timer(h.now)
+    assert "squat" not in h.core.agents and h.ledger.errors["setup_expired"] == 1
+
 
 
 def test_repeated_hello_from_the_same_peer_is_idempotent():

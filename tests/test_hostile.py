@@ -450,6 +450,31 @@ def test_an_agent_that_cannot_start_is_restarted_only_with_back_off(fake_coordin
     assert min(gaps) >= 0.5 and gaps[1] > gaps[0], f"restarts {gaps} s apart: no back-off"
 
 
+def test_an_address_that_never_gets_ready_cannot_keep_a_real_agent_out(bus):
+    """Registrations that never get ready, from new connections with new ids, used to hold
+    every pending place (a real agent got BUSY for 19-75 s): one address holds half of
+    them, and an agent from another address registers at once."""
+    endpoint = bus.coordinator("tcp://127.0.0.1:*", "--max-pending", "64", "--setup-grace", "120")
+    squatting = f"tcp://127.0.0.2:0;{endpoint.removeprefix('tcp://')}"   # from another loopback address
+    squatters = []
+    try:
+        codes = []
+        for i in range(80):
+            s = sockets.dealer(squatting)
+            squatters.append(s)
+            s.send(P.encode(P.Hello(f"squat-{i}", "null", 0)))
+            m = _recv(s)
+            codes.append(m.code if type(m) is P.Error else type(m).__name__)
+        assert codes.count("Welcome") == 32 and codes.count(P.ErrorCode.BUSY) == 48, codes
+        assert bus.stats()["pending"] == 32
+        agent = bus.agents(1, "--kind", "null")                    # from 127.0.0.1
+        wait_until(lambda: bus.stats()["ready"] == 1, 30, "the agent to step beside 32 squatters")
+        assert "BUSY" not in open(agent.log_path).read()          # in at the first HELLO
+    finally:
+        for s in squatters:
+            s.close(linger=0)
+
+
 def test_an_agent_whose_id_was_taken_over_stops_and_is_not_restarted(fake_coordinator):
     router, start = fake_coordinator
     launcher = start("--kind", "null", "--restart", "--restart-backoff", "0.05")

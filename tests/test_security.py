@@ -162,3 +162,78 @@ def test_binding_beyond_loopback_without_curve_warns(bus, tmp_path):
     child = bus.start("coordinator", "agentbus_zmq.coordinator", "--bind", "tcp://0.0.0.0:*", "--endpoint-file", str(path))
     wait_until(lambda: path.exists() and path.read_text().strip(), 20, "the coordinator to bind")
     wait_until(lambda: "beyond loopback without CURVE" in child.log_path.read_text(), 10, "the warning")
+
+
+
+#: Run inside the namespace: 300 connections opened at once from one address, then a
+#: client from another; prints what got through, as JSON.
+_FLOOD = """
+import json, select, socket, time
+from agentbus_zmq.bus.client import ControlClient
+
+socks = []
+for _ in range(300):
+    s = socket.socket()
+    s.bind(("127.0.0.2", 0))
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", 5555))
+    socks.append(s)
+end = time.monotonic() + 0.5           # an answered SYN connects in microseconds; a dropped one waits 1 s
+while time.monotonic() < end:
+    select.select([], socks, [], 0.05)
+opened = 0
+for s in socks:
+    try:
+        s.getpeername()
+        opened += 1
+    except OSError:
+        pass
+with ControlClient("tcp://127.0.0.1:5555") as client:    # another address, meanwhile
+    pong = client.request("ping", timeout=10)
+print(json.dumps({"opened": opened, "pong": pong}))
+"""
+
+
+def test_the_firewall_table_bounds_new_connections_per_address_and_lets_others_in(tmp_path):
+    """A CURVE handshake flood from strangers (900 connections a second cut the step rate to
+    26 %) is bounded before the coordinator sees it: deploy/firewall/agentbus.nft, loaded in a
+    network namespace around a real coordinator, lets one address open about its burst (40)
+    and keeps serving a client from another address."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.conftest import cli_env
+
+    rules = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy/firewall/agentbus.nft")
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace (CI runs as root)")
+    for tool in ("ip", "nft"):
+        assert shutil.which(tool), f"{tool} is needed (.ci/run installs iproute2 and nftables)"
+    ns = f"agentbus-{uuid.uuid4().hex[:8]}"
+    inside = ["ip", "netns", "exec", ns]
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    coordinator = None
+    try:
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        subprocess.run([*inside, "nft", "-f", rules], check=True, timeout=30)
+        coordinator = subprocess.Popen([*inside, sys.executable, "-m", "agentbus_zmq.coordinator", "--bind",
+                                        "tcp://127.0.0.1:5555", "--endpoint-file", str(tmp_path / "endpoint")],
+                                       env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=open(tmp_path / "coordinator.log", "w"))
+        wait_until(lambda: (tmp_path / "endpoint").exists(), 30, "the coordinator to bind in the namespace")
+        r = subprocess.run([*inside, sys.executable, "-c", _FLOOD], capture_output=True, text=True, env=cli_env(),
+                           timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        assert 20 <= result["opened"] <= 80, result      # the burst (40), and what 0.5 s refills
+        assert result["pong"]["session"], result         # served at once, beside the flood
+    finally:
+        if coordinator is not None:
+            coordinator.terminate()
+            coordinator.wait(30)
+        subprocess.run(["ip", "netns", "del", ns], timeout=30)
