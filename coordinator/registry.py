@@ -1,12 +1,13 @@
 """Who is registered: admission, takeover, units and their members, and their places.
 
 :class:`Registry` owns the maps from agent id, host id and connection to units, the
-count of agents not yet ready (in all and per origin), the count of agents that have stepped, each id's
-registrations this session (``restarts``) and every unit's place in the world.  It
-decides who may register (:meth:`Registry.admit`: an id held by a live connection is
-taken only with its token, the same CURVE key, or once that connection went silent),
-adds and removes units, and never schedules: the facade settles what a departing unit
-owed with the schedule before it calls :meth:`Registry.remove`.
+count of agents not yet ready (in all and per origin), the count of agents that have
+stepped, each id's registrations this session (``restarts``) and every unit's place in
+the world.  It decides who may register (:meth:`Registry.admit`: an id held by a live
+connection is taken only with its token, the same CURVE key, or once that connection
+went silent; pending agents are bounded in all and per origin), adds and removes units,
+and never schedules: the facade settles what a departing unit owed with the schedule
+before it calls :meth:`Registry.remove`.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ class Registry:
             return None
         taking_over = [h for h in holders if h.peer != peer]
         joining = [h for h in taking_over if h.state is JOINING]
-        origin = f"key:{key.hex()}" if key is not None else f"address:{address}"
+        current = self.by_peer.get(peer)  # a registered connection registering again: the driver skips its address
+        origin = (f"key:{key.hex()}" if key is not None else current.origin if current is not None and not address
+                  else f"address:{address}")
         if busy := self._pending_refusal(len(ids), origin, joining):
             self.outbox.reject(peer, ErrorCode.BUSY, f"{who}: {busy}", now)
             return None

@@ -359,6 +359,14 @@ def test_pending_registrations_are_bounded_in_agents_and_per_origin():
     assert h.core.stats(h.now).to_wire()["pending"] == 6
 
 
+def test_a_connection_registering_again_is_charged_to_its_own_origin():
+    h = Harness()
+    h.send(b"p1", P.Hello("a1", "test", 1), address="10.0.0.1")
+    h.send(b"p1", P.Heartbeat())
+    h.send(b"p1", P.Hello("a2", "test", 1))               # the driver reads no address for a registered peer
+    assert h.core.agents["a2"].origin == "address:10.0.0.1" and h.core.pending == 1
+
+
 def test_a_registration_larger_than_the_limit_gets_in_when_nothing_is_pending():
     h = Harness(max_pending=4)
     assert type(h.send(b"h", P.HostHello("h", "test", 1, "m-", 0, 10))[0][1]) is P.HostWelcome
