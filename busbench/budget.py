@@ -7,8 +7,8 @@ processes of a machine), so the segments of one tick can be laid end to end:
 bus (the coordinator runs in this process, behind the same Driver ``bus-coordinator``
 runs; hosts are ``bus-agent`` processes)::
 
-    coordinator  last answer in -> world step -> encode -> send       "coordinator"
-    transport    sent -> host wakes -> decode -> first agent step     "to the agents"
+    coordinator  last answer in -> world step -> encode -> to send    "coordinator"
+    transport    send -> host wakes -> decode -> first agent step     "to the agents"
     agents       first agent step begins -> last agent step ends      "agents"
     transport    last step ends -> encode -> send -> coordinator reads "back"
     barrier      this host's answer read -> the tick's last answer    "waiting for others"
@@ -158,8 +158,6 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
         """The coordinator's Driver, stamping when answers are read, when each tick
         closes and when observations are handed to the socket."""
 
-        _out: list[bytes] = []
-
         def receive(self, peer, frames, now, key, address=""):
             t = time.monotonic()
             tick = self.core.tick
@@ -170,16 +168,11 @@ def bus_budget(kind: str, options: dict, agents: int, per_host: int, ticks: int,
                 closes.append(t)
 
         def deliver(self, peer, frame, now):
+            # stamped as it is handed to the socket, not after: a host may wake and start
+            # stepping before a loaded coordinator's next line runs
             if P.unpack(frame)[1] in OBSERVATIONS:
-                self._out.append(peer)
+                sent.setdefault(peer, []).append((self.core.tick, time.monotonic()))
             return True
-
-        def flush(self):
-            super().flush()
-            t, tick = time.monotonic(), self.core.tick
-            for peer in self._out:
-                sent.setdefault(peer, []).append((tick, t))
-            self._out.clear()
 
     trace = tempfile.mkdtemp(prefix="busbench-budget-")
     core = CoordinatorCore(Settings(mode="lockstep", deadline=10.0), GridWorld(WorldConfig()), "budget")

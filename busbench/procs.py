@@ -10,10 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 
-__all__ = ["Child", "ChildFailed"]
+__all__ = ["Child", "ChildFailed", "stop_all"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Child:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self._terminated = False
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", module, *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
@@ -61,10 +63,16 @@ class Child:
         except psutil.NoSuchProcess:
             return []
 
+    def terminate(self) -> None:
+        """SIGTERM, once, if it is still running (:meth:`stop` waits for it)."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL the whole group.  Returns the status."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -74,7 +82,18 @@ class Child:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        code = self.proc.wait(timeout)
+        code = self.proc.wait(max(timeout, 5.0))  # SIGKILLed: it goes at once, however short the grace
         if self._log is not subprocess.DEVNULL:
             self._log.close()
         return code
+
+
+def stop_all(children: list[Child], timeout: float = 10.0) -> None:
+    """Stop ``children`` together: SIGTERM to every one first, then each waited for until
+    one shared deadline (``timeout`` s in all, not each), then SIGKILL what is left.  An
+    interrupted busbench is gone in ``timeout`` s however loaded the machine is."""
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        child.stop(max(0.1, deadline - time.monotonic()))

@@ -28,7 +28,7 @@ import psutil
 
 from agentbus_zmq.agents.layout import resolve_per_host
 from agentbus_zmq.bus.config import DEFAULTS
-from agentbus_zmq.busbench.procs import Child
+from agentbus_zmq.busbench.procs import Child, stop_all
 from agentbus_zmq.coordinator.settings import Settings
 from agentbus_zmq.coordinator.grid import WorldConfig
 from agentbus_zmq.coordinator.worlds import WorldSpec
@@ -429,8 +429,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 errors.append(f"{child.name} exited with status {code} (log: {tmp}/{child.name}.log)")
         children.clear()
     finally:
-        for child in reversed(children):
-            child.stop()
+        stop_all(list(reversed(children)))  # interrupted: all at once, within one grace
     c = cores()
     rate = window["rate"]
     w = window["window"]
