@@ -181,7 +181,14 @@ def test_busbench_interrupted_stops_everything(tmp_path, sig):
         # The coordinator, the launcher and its 3 agents.
         procs = wait_until(lambda: len(d := _descendants(proc.pid)) >= 5 and d, 60, "busbench's processes")
         proc.send_signal(sig)
-        assert proc.wait(30) == 130
+        try:  # its output read meanwhile (a full pipe must not hold it up), and where it hangs if it does
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy = shutil.which("py-spy", path=os.path.dirname(sys.executable))
+            dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True,
+                                  timeout=30).stdout if spy else "(no py-spy)"
+            pytest.fail(f"busbench still running 60 s after signal {sig}; its stack:\n{dump}")
+        assert proc.returncode == 130, err[-2000:]
         gone, alive = psutil.wait_procs(procs, timeout=10)
         assert alive == []
     finally:
