@@ -3,6 +3,13 @@ agent and refuses everyone else."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
 import pytest
 import zmq
 from zmq.utils import z85
@@ -11,7 +18,7 @@ from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus import sockets
 from agentbus_zmq.bus.client import BusUnavailable, ControlClient
 from agentbus_zmq.bus.security import ClientKeys, ServerKeys, generate, load_allow_list, zap_verdict
-from tests.conftest import wait_until
+from tests.conftest import cli_env, wait_until
 
 
 def _request(key: bytes, mechanism: bytes = b"CURVE") -> list[bytes]:
@@ -199,19 +206,9 @@ def test_the_firewall_table_bounds_new_connections_per_address_and_lets_others_i
     26 %) is bounded before the coordinator sees it: deploy/firewall/agentbus.nft, loaded in a
     network namespace around a real coordinator, lets one address open about its burst (40)
     and keeps serving a client from another address."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import uuid
-
-    from tests.conftest import cli_env
-
     rules = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy/firewall/agentbus.nft")
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace (CI runs as root)")
+    # not skipped: where it cannot run, it fails saying what it needs
+    assert os.geteuid() == 0, "needs root, for a network namespace and nftables (CI runs as root: sudo pytest)"
     for tool in ("ip", "nft"):
         assert shutil.which(tool), f"{tool} is needed (.ci/run installs iproute2 and nftables)"
     ns = f"agentbus-{uuid.uuid4().hex[:8]}"
