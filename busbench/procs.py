@@ -32,15 +32,18 @@ def die_with_parent() -> None:
 
 
 class Child:
-    """One process started as ``python -m MODULE ARGS`` (the console scripts' code)."""
+    """One process started as ``python -m MODULE ARGS`` (the console scripts' code), after
+    ``prefix`` where one is given: a command that ends by exec'ing it, such as ``ip netns
+    exec NS`` (busbench.netlab), so that the pid is still the Python process's."""
 
-    def __init__(self, name: str, module: str, args: list[str], log_path: str | os.PathLike | None = None):
+    def __init__(self, name: str, module: str, args: list[str], log_path: str | os.PathLike | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self._terminated = False
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", module, *args],
+            [*prefix, sys.executable, "-P", "-m", module, *args],  # prefix: e.g. ip netns exec NS (it execs)
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             preexec_fn=die_with_parent, start_new_session=True,
         )

@@ -67,6 +67,11 @@ class BenchConfig:
     timeout: float = 300.0
     solo_duration: float = 2.0
     connect: str | None = None
+    #: the coordinator binds here (default: where ``transport`` puts it)
+    bind: str | None = None
+    #: the agents connect here (default: the bound endpoint), and start in this network namespace
+    agents_endpoint: str | None = None
+    agents_netns: str | None = None
     #: run the started bus with CURVE (fresh keys per run)
     curve: bool = False
     #: with connect: the server's public key file and this client's secret key file
@@ -343,7 +348,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
         if cfg.connect:
             endpoint, checks, agent_spin, coordinator_spin = cfg.connect, [], None, None
         else:
-            bind = f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*"
+            bind = cfg.bind or (f"ipc://{tmp}/bus.ipc" if cfg.transport == "ipc" else "tcp://127.0.0.1:*")
             coord = Child("coordinator", "agentbus_zmq.coordinator",
                           ["--bind", bind, "--endpoint-file", f"{tmp}/endpoint", "--mode", cfg.mode,
                            "--lockstep-scope", cfg.lockstep_scope,
@@ -361,10 +366,11 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 restart = (["--restart", "--restart-backoff", "0.05", "--max-restarts", str(10**9)]
                            if cfg.chaos_kill_rate > 0 else [])
                 agents = Child("agents", "agentbus_zmq.agents",
-                               ["--endpoint", endpoint, "--replicas", str(n), "--per-host", str(per_host),
+                               ["--endpoint", cfg.agents_endpoint or endpoint, "--replicas", str(n), "--per-host", str(per_host),
                                 "--lanes", str(cfg.lanes), "--id", "bench", "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(),
                                 *client_args, *restart],
-                               log_path=f"{tmp}/agents.log")
+                               log_path=f"{tmp}/agents.log",
+                               prefix=("ip", "netns", "exec", cfg.agents_netns) if cfg.agents_netns else ())
                 children.append(agents)
                 checks.append(agents)
             launcher = None if cfg.connect else agents
