@@ -1,0 +1,208 @@
+"""Beyond one machine, on one machine: hosts as network namespaces joined by a bridge
+(busbench.netlab), the coordinator on one, agent hosts on others, over TCP with CURVE
+(each host's key bound to its own ids).  Links are cut and restored as a cable would be.
+
+Every test needs root and iproute2; where either is missing it fails saying so (CI runs
+as root and .ci/run installs iproute2): these are not tests to skip quietly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agentbus_zmq.bus.security import generate
+from agentbus_zmq.busbench.netlab import NetLab, requirements
+from agentbus_zmq.busbench.procs import Child
+from tests.conftest import wait_until
+
+HEARTBEAT = 0.5
+#: a peer silent this long is declared dead (bus-coordinator --heartbeat: 3 intervals)
+LIVENESS_S = 3 * HEARTBEAT
+PER_HOST = 4
+OBSERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ns_observer.py")
+
+
+class Observer:
+    """A control client inside a namespace (tests/ns_observer.py), driven line by line."""
+
+    def __init__(self, lab: NetLab, host: str, endpoint: str, keys: tuple[str, str] | None = None):
+        self.proc = subprocess.Popen([*lab.prefix(host), sys.executable, "-P", OBSERVER, endpoint, *(keys or ())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert self._answer(60) == "ready"
+
+    def _answer(self, timeout: float):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"the observer did not answer within {timeout} s"
+        line = self.proc.stdout.readline()
+        assert line, f"the observer exited (status {self.proc.poll()})"
+        answer = json.loads(line)
+        assert "ok" in answer, answer["error"]
+        return answer["ok"]
+
+    def request(self, cmd: str, args: dict | None = None) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "args": args or {}}) + "\n")
+        return self._answer(30)
+
+    def stats(self) -> dict:
+        return self.request("stats")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Site:
+    """A lab with its processes: whatever a test starts is stopped, then the lab deleted."""
+
+    def __init__(self, lab: NetLab, tmp):
+        self.lab, self.tmp = lab, tmp
+        self.children: list[Child] = []
+        self.observers: list[Observer] = []
+
+    def start(self, host: str, name: str, module: str, *args: str) -> Child:
+        child = Child(name, module, [*args, "--log-level", "INFO", "--heartbeat", str(HEARTBEAT)],
+                      log_path=self.tmp / f"{name}.log", prefix=self.lab.prefix(host))
+        self.children.append(child)
+        return child
+
+    def observe(self, host: str, endpoint: str, keys: tuple[str, str] | None = None) -> Observer:
+        self.observers.append(Observer(self.lab, host, endpoint, keys))
+        return self.observers[-1]
+
+    def close(self) -> None:
+        for o in self.observers:
+            o.close()
+        for child in reversed(self.children):
+            child.stop(timeout=10)
+
+
+@pytest.fixture
+def site(tmp_path, request):
+    missing = requirements()
+    assert missing is None, f"multi-host tests: a network lab {missing}"   # fails, never skips
+    with NetLab(request.param) as lab:
+        s = Site(lab, tmp_path)
+        try:
+            yield s
+        finally:
+            s.close()
+
+
+def curve_bus(site: Site, hosts: list[str]):
+    """Keys (the coordinator's, an admin's, one per agent host bound to HOST-*), the
+    coordinator on ``coord`` bound to every address of its namespace, an observer on its
+    loopback, and PER_HOST agents in one host process on each of ``hosts``."""
+    tmp = site.tmp
+    server_pub, server_secret = generate(tmp / "server", "coordinator")
+    _, admin_secret = generate(tmp / "allowed", "admin")
+    secrets = {h: generate(tmp / "allowed", h, agents=[f"{h}-*", h])[1] for h in hosts}
+    coordinator = site.start("coord", "coordinator", "agentbus_zmq.coordinator", "--bind", "tcp://0.0.0.0:5555",
+                             "--curve-secret", str(server_secret), "--curve-clients", str(tmp / "allowed"))
+    observer = site.observe("coord", "tcp://127.0.0.1:5555", (str(server_pub), str(admin_secret)))
+    endpoint = f"tcp://{site.lab.addr['coord']}:5555"
+    for h in hosts:
+        site.start(h, f"agents-{h}", "agentbus_zmq.agents", "--endpoint", endpoint, "--kind", "null", "--replicas",
+                   str(PER_HOST), "--per-host", str(PER_HOST), "--id", h, "--curve-server-key", str(server_pub),
+                   "--curve-key", str(secrets[h]))
+    return coordinator, observer
+
+
+def stepping(observer: Observer, ids: set[str], more_ticks: int = 20) -> dict:
+    """Wait until exactly ``ids`` are registered and ready and the schedule has ticked
+    ``more_ticks`` more times; the stats then, their ledger balanced."""
+    first = wait_until(lambda: (s := observer.stats())["ready"] == len(ids) and set(s["agent_ids"]) == ids and s,
+                       60, f"{sorted(ids)} registered and stepping")
+    later = wait_until(lambda: (s := observer.stats())["ledger"]["ticks"] >= first["ledger"]["ticks"] + more_ticks and s,
+                       60, f"{more_ticks} more ticks")
+    assert set(later["agent_ids"]) == ids and later["ledger"]["balanced"], later["ledger"]
+    return later
+
+
+def ids_of(*hosts: str) -> set[str]:
+    return {f"{h}-{i}" for h in hosts for i in range(1, PER_HOST + 1)}
+
+
+def noticed(host: Child, times: int) -> None:
+    """Wait until agent host ``host`` has reconnected ``times`` times after hearing nothing
+    from the coordinator for 3 heartbeats (its log says so each time)."""
+    wait_until(lambda: host.log_path.read_text().count("no word from") >= times, 60,
+               f"{host.name} to notice the coordinator's silence {times} times")
+
+
+def dead_after(log_text: str, host: str) -> list[float]:
+    """The silences after which the coordinator's log declared ``host``'s unit dead."""
+    return [float(s) for s in re.findall(rf"host {re.escape(host)}\S* silent for ([\d.]+) s: declared dead", log_text)]
+
+
+@pytest.mark.parametrize("site", [["coord", "a", "b", "c"]], indirect=True)
+def test_a_hosts_link_cut_and_restored(site):
+    """Three agent hosts on three machines: one host's link goes down.  Its agents are
+    declared dead within the liveness limit while the others keep stepping and every step
+    is accounted for; the link comes back and its agents rejoin under their ids."""
+    coordinator, observer = curve_bus(site, ["a", "b", "c"])
+    before = stepping(observer, ids_of("a", "b", "c"))
+
+    site.lab.link("a", up=False)
+    cut = stepping(observer, ids_of("b", "c"))
+    silences = dead_after(coordinator.log_path.read_text(), "a")
+    assert silences and all(LIVENESS_S <= s <= LIVENESS_S + 2.0 for s in silences), silences
+    assert cut["ledger"]["missing"] >= before["ledger"]["missing"] and cut["ledger"]["balanced"]
+    # and a's host, cut off, has given up on its connection and tried afresh, twice
+    noticed(site.children[1], 2)
+
+    site.lab.link("a", up=True)
+    after = stepping(observer, ids_of("a", "b", "c"))
+    # the same ids, registered once more each: a's four, and nobody else
+    assert {k: v for k, v in after["restarts"].items() if v} == {i: 1 for i in ids_of("a")}, after["restarts"]
+    assert after["ledger"]["errors"].get("unauthorized", 0) == 0 and after["session"] == before["session"]
+
+
+@pytest.mark.parametrize("site", [["coord", "a", "b", "c"]], indirect=True)
+def test_the_coordinators_link_cut_and_restored(site):
+    """The coordinator's own link goes down: every host is declared dead, every host
+    notices the silence and keeps trying; the link comes back and every host rejoins, its
+    agents under their ids, with the ledger balanced across the cut."""
+    coordinator, observer = curve_bus(site, ["a", "b", "c"])
+    before = stepping(observer, ids_of("a", "b", "c"))
+
+    site.lab.link("coord", up=False)
+    wait_until(lambda: observer.stats()["agents"] == 0, 30, "every host declared dead")
+    for h in ("a", "b", "c"):
+        assert dead_after(coordinator.log_path.read_text(), h), f"{h} not declared dead"
+    for host in site.children[1:]:
+        noticed(host, 2)
+
+    site.lab.link("coord", up=True)
+    after = stepping(observer, ids_of("a", "b", "c"))
+    assert after["restarts"] == {i: 1 for i in ids_of("a", "b", "c")}, after["restarts"]
+    assert after["ledger"]["sent"] > before["ledger"]["sent"] and after["ledger"]["balanced"]
+
+
+@pytest.mark.parametrize("site", [["c1", "c2", "agents"]], indirect=True)
+def test_two_coordinators_each_own_their_arenas(site):
+    """Past one coordinator: two coordinators on two hosts, each owning its own arenas,
+    and agents on a third host split between them (by arena: each agent host is pointed
+    at the coordinator that owns its arena).  Each coordinator's ledger balances and each
+    steps only its own agents."""
+    observers = {}
+    for c in ("c1", "c2"):
+        site.start(c, f"coordinator-{c}", "agentbus_zmq.coordinator", "--bind", f"tcp://{site.lab.addr[c]}:5555",
+                   "--arena-agents", str(PER_HOST))
+        observers[c] = site.observe(c, f"tcp://{site.lab.addr[c]}:5555")
+    for c in ("c1", "c2"):
+        site.start("agents", f"agents-{c}", "agentbus_zmq.agents", "--endpoint", f"tcp://{site.lab.addr[c]}:5555",
+                   "--kind", "null", "--replicas", str(2 * PER_HOST), "--per-host", str(PER_HOST), "--id", f"{c}x")
+    for c, observer in observers.items():
+        s = stepping(observer, {f"{c}x-{i}" for i in range(1, 2 * PER_HOST + 1)})
+        assert s["arenas"] == 2 and s["hosts"] == 2, s
