@@ -36,6 +36,7 @@ _ENV = {
     "max_restarts": "BUS_AGENT_MAX_RESTARTS",
     "restart_period": "BUS_AGENT_RESTART_PERIOD",
     "restart_backoff": "BUS_AGENT_RESTART_BACKOFF",
+    "health_dir": "BUS_AGENT_HEALTH_DIR",
 }
 _POLICY = RestartPolicy()
 
@@ -99,10 +100,13 @@ def default_agent_id() -> str:
               default=None, help="Use CURVE: the coordinator's public .key file.")
 @click.option("--curve-key", envvar=_ENV["curve_key"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --curve-server-key: this agent's .key_secret file.")
+@click.option("--health-dir", envvar=_ENV["health_dir"], type=click.Path(file_okay=False, writable=True),
+              default=None, help="Each agent process keeps a health file here (its id.json, once a second) for "
+                                 "probes: python -m agentbus_zmq.agents.health DIR [--stepping].")
 @click.option("--log-level", envvar=_ENV["log_level"], type=click.Choice(LOG_LEVELS, case_sensitive=False),
               default="INFO", show_default=True, help="Log lines at this level and above, to stderr.")
 def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host, lanes, heartbeat, sched, restart, max_restarts,
-        restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, log_level):
+        restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, health_dir, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
     from agentbus_zmq.agents.kinds import KindUnavailable, create, kind_options
@@ -129,6 +133,11 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
         check_endpoint(endpoint)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if health_dir:
+        try:
+            os.makedirs(health_dir, exist_ok=True)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot create {health_dir}: {exc.strerror}", param_hint="--health-dir") from None
     try:
         curve = client_keys(curve_server_key, curve_key)
     except ValueError as exc:
@@ -143,7 +152,7 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
                                    "give --per-host K or --per-host auto")
         status = launch(lambda: create(kind, **options), endpoint, agent_id, replicas, per_host, batch=sched == "batch",
                         restart=restart, policy=policy, lanes=lanes, heartbeat=heartbeat, max_steps=max_steps, curve=curve,
-                        spin=spin_us / 1e6)
+                        spin=spin_us / 1e6, health_dir=health_dir)
     except KindUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(status)

@@ -33,6 +33,7 @@ import time
 
 import zmq
 
+from agentbus_zmq.agents.health import HealthFile
 from agentbus_zmq.agents.host import Host
 from agentbus_zmq.agents.sdk import Agent, BadObservation
 from agentbus_zmq.agents.session import AgentSession, BadFrame, Left, Refused, SessionState, Welcomed
@@ -103,7 +104,8 @@ class Runtime:
     def __init__(self, agent: Agent | Host, endpoint: str, agent_id: str, heartbeat: float = config.DEFAULTS.heartbeat,
                  liveness: int = config.DEFAULTS.liveness, backoff_min: float = config.DEFAULTS.backoff_min,
                  backoff_max: float = config.DEFAULTS.backoff_max, max_steps: int = 0,
-                 curve: ClientKeys | None = None, spin: float = 0.0, lanes: list[tuple[Host, str]] = ()):
+                 curve: ClientKeys | None = None, spin: float = 0.0, lanes: list[tuple[Host, str]] = (),
+                 health_dir: str | None = None):
         self.endpoint = endpoint
         self.max_steps = max_steps
         self.curve = curve
@@ -113,6 +115,8 @@ class Runtime:
                                                members=a.members if isinstance(a, Host) else None))
                       for a, i in [(agent, agent_id), *lanes]]
         self.agent, self.agent_id, self.session = agent, agent_id, self.lanes[0].session
+        #: where this process says how it is, for probes (agents.health)
+        self.health = HealthFile(health_dir, agent_id) if health_dir else None
         self._plog = PeerLog(log)
         #: why the agent stopped on its own (its BYE's reason), and how it exits
         self.failure = ""
@@ -159,6 +163,9 @@ class Runtime:
                                 spin_until = self._drain(lane) or spin_until
                     for lane in self.lanes:
                         self._on_timer(lane, clock())
+                    if self.health is not None:
+                        self.health.update(clock(), all(lane.session.state is SessionState.REGISTERED
+                                                        for lane in self.lanes), self.steps)
             finally:
                 for lane in self.lanes:
                     lane.session.stop(clock(), self.failure or "agent stopping")
