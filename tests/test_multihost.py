@@ -11,16 +11,18 @@ import json
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from agentbus_zmq.bus.report import AgentsPage
 from agentbus_zmq.bus.security import generate
 from agentbus_zmq.busbench.netlab import NetLab, requirements
 from agentbus_zmq.busbench.procs import Child
-from tests.conftest import wait_until
+from tests.conftest import cli_env, wait_until
 
 HEARTBEAT = 0.5
 #: a peer silent this long is declared dead (bus-coordinator --heartbeat: 3 intervals)
@@ -157,7 +159,12 @@ def test_a_hosts_link_cut_and_restored(site):
     cut = stepping(observer, ids_of("b", "c"))
     silences = dead_after(coordinator.log_path.read_text(), "a")
     assert silences and all(LIVENESS_S <= s <= LIVENESS_S + 2.0 for s in silences), silences
-    assert cut["ledger"]["missing"] >= before["ledger"]["missing"] and cut["ledger"]["balanced"]
+    # what was lost is a's, whole frames of it (the tick out when the link went, and the
+    # next until a was declared dead); b and c missed nothing
+    lost = cut["ledger"]["missing"] - before["ledger"]["missing"]
+    assert lost >= PER_HOST and lost % PER_HOST == 0 and cut["ledger"]["late"] == before["ledger"]["late"], lost
+    rows = AgentsPage.from_wire(observer.request("agents", {"page": 0})).agents
+    assert sorted(r.id for r in rows) == sorted(ids_of("b", "c")) and not any(r.missed for r in rows), rows
     # and a's host, cut off, has given up on its connection and tried afresh, twice
     noticed(site.children[1], 2)
 
@@ -206,3 +213,47 @@ def test_two_coordinators_each_own_their_arenas(site):
     for c, observer in observers.items():
         s = stepping(observer, {f"{c}x-{i}" for i in range(1, 2 * PER_HOST + 1)})
         assert s["arenas"] == 2 and s["hosts"] == 2, s
+
+
+def _echo_server() -> tuple[socket.socket, int]:
+    server = socket.create_server(("127.0.0.1", 0))
+    return server, server.getsockname()[1]
+
+
+def test_the_delaying_proxy_keeps_every_byte_in_order_and_delays_each_way():
+    """busbench.netlab's proxy, for kernels without netem: 2 MB through it and back, in
+    order; a round trip takes at least twice its delay (never less: load only adds)."""
+    server, port = _echo_server()
+    with socket.socket() as probe:                       # a free port for the proxy
+        probe.bind(("127.0.0.1", 0))
+        proxy_port = probe.getsockname()[1]
+    proxy = subprocess.Popen([sys.executable, "-m", "agentbus_zmq.busbench.netlab", "proxy", "--listen",
+                              f"127.0.0.1:{proxy_port}", "--upstream", f"127.0.0.1:{port}", "--delay", "0.05"],
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env())
+    try:
+        assert proxy.stdout.readline().strip() == "listening"
+        client = socket.create_connection(("127.0.0.1", proxy_port), timeout=30)
+        upstream, _ = server.accept()
+        upstream.settimeout(30)
+        payload = bytes(range(256)) * 8192                # 2 MB
+        start = time.monotonic()
+        client.sendall(b"x")
+        assert upstream.recv(1) == b"x"
+        upstream.sendall(b"y")
+        assert client.recv(1) == b"y"
+        assert time.monotonic() - start >= 0.1            # 50 ms each way
+        got = bytearray()
+        client.sendall(payload)
+        while len(got) < len(payload):
+            chunk = upstream.recv(1 << 16)
+            assert chunk, "the proxy closed early"
+            got += chunk
+        assert bytes(got) == payload
+        client.shutdown(socket.SHUT_WR)                   # an end passes through, after the data
+        assert upstream.recv(1) == b""
+        client.close()
+        upstream.close()
+    finally:
+        server.close()
+        proxy.terminate()
+        proxy.wait(10)
