@@ -120,9 +120,13 @@ class _Progress:
                    "agents on another host or namespace).")
 @click.option("--agents-endpoint", default=None, metavar="ENDPOINT",
               help="The agents connect here instead of the bound endpoint (through a proxy, or another address).")
-@click.option("--agents-netns", default=None, metavar="NAME",
+@click.option("--agents-netns", multiple=True, metavar="NAME",
               help="Start the agents in this Linux network namespace (ip netns exec; root): busbench between hosts "
-                   "on one machine (busbench.netlab).")
+                   "on one machine (busbench.netlab). Repeat it to split the agents between namespaces, in whole "
+                   "hosts, one launcher each.")
+@click.option("--agents-cpus", multiple=True, metavar="CPUS",
+              help="With --agents-netns: the CPUs each namespace's agents may use (taskset -c, e.g. 0-3), one per "
+                   "--agents-netns.")
 @click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=_CFG.deadline,
               help="Seconds a tick (or, async, an observation) waits for answers (bus-coordinator --deadline).")
 @click.option("--peer", type=click.Choice([*PEERS, "none"]), default=_CFG.peer,
@@ -164,7 +168,7 @@ class _Progress:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write throughput and efficiency against agent count as a PNG.")
 def cli(agents, sweep, agent_kind, backend, policy_len, mode, lockstep_scope, steps, duration, timeout, warmup, repeat, transport, seed, width,
-        height, per_host, lanes, world, world_arg, arena_agents, connect, bind, agents_endpoint, agents_netns, deadline, peer, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
+        height, per_host, lanes, world, world_arg, arena_agents, connect, bind, agents_endpoint, agents_netns, agents_cpus, deadline, peer, spin, chaos_kill_rate, curve, curve_server_key, curve_key, fmt, output, report_path, baseline, fail_on_regression,
         gate_on, profile_dir, metrics, model, plot_path):
     """Start a coordinator and N agent processes, drive them, and measure throughput,
     efficiency, latency, CPU and memory, beside the same agents with no bus and under
@@ -201,14 +205,16 @@ def cli(agents, sweep, agent_kind, backend, policy_len, mode, lockstep_scope, st
                 raise click.BadParameter(str(exc), param_hint=name) from None
             if connect:
                 raise click.UsageError(f"{name} is for the bus busbench starts; it cannot be used with --connect")
+    if agents_cpus and len(agents_cpus) != len(agents_netns):
+        raise click.UsageError("give one --agents-cpus per --agents-netns")
     if chaos_kill_rate and connect:
         raise click.UsageError("--chaos-kill-rate kills agents busbench started; it cannot be used with --connect")
     base = _load_baseline(baseline) if baseline else None
     cfg = BenchConfig(kind=agent_kind, backend=backend, policy_len=policy_len, mode=mode, lockstep_scope=lockstep_scope,
                       steps=steps,
                       duration=0.0 if steps else duration, timeout=timeout, warmup=warmup, transport=transport, seed=seed, width=width, height=height,
-                      connect=connect, bind=bind, agents_endpoint=agents_endpoint, agents_netns=agents_netns,
-                      deadline=deadline, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
+                      connect=connect, bind=bind, agents_endpoint=agents_endpoint, agents_netns=tuple(agents_netns),
+                      agents_cpus=tuple(agents_cpus), deadline=deadline, spin=spin, chaos_kill_rate=chaos_kill_rate, curve=curve, curve_server_key=curve_server_key, curve_key=curve_key,
                       per_host=per_host, lanes=lanes, world=world, world_args=parse_world_args(world_arg), arena_agents=arena_agents, profile=profile_dir, metrics=metrics,
                       model=model, peer=None if peer == "none" or connect else peer)
     if model is not None:  # a model file that cannot be used is one line now, as bus-agent says it

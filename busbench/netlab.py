@@ -19,7 +19,9 @@ that holds every chunk it forwards for a fixed time each way.  Either way ``dela
 one way, each direction: a round trip gains twice it.
 
 ``python -m agentbus_zmq.busbench.netlab latency`` measures busbench between two
-namespaces at several delays (docs/performance.md, "Between hosts").
+namespaces at several delays (docs/performance.md, "Between hosts"); ``... netlab bench
+--hosts 4 --cores-per-host 4 -- BUSBENCH-OPTIONS`` runs busbench with the agents split
+between four hosts of four CPUs each.
 """
 
 from __future__ import annotations
@@ -285,6 +287,34 @@ def proxy(listen: str, upstream: str, delay: float) -> None:
     p = DelayProxy(_hostport(listen), _hostport(upstream), delay)
     print("listening", flush=True)
     p.serve()
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--hosts", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Agent hosts: namespaces the agents are split between, in whole agent hosts.")
+@click.option("--cores-per-host", type=click.IntRange(0), default=0, show_default=True,
+              help="Pin each host's agents to this many CPUs of their own (taskset; host i gets CPUs "
+                   "i*C .. i*C+C-1); 0: unpinned.")
+@click.argument("busbench_args", nargs=-1, type=click.UNPROCESSED)
+def bench(hosts: int, cores_per_host: int, busbench_args: tuple[str, ...]) -> None:
+    """busbench with the coordinator on one host and the agents split between HOSTS
+    others (the rest of the command line is busbench's own options): e.g.
+    `bench --hosts 4 --cores-per-host 4 -- --agents 1000 --per-host auto`."""
+    names = [f"h{i + 1}" for i in range(hosts)]
+    if cores_per_host and hosts * cores_per_host > len(os.sched_getaffinity(0)):
+        raise click.UsageError(f"{hosts} x {cores_per_host} CPUs: this machine lets us use "
+                               f"{len(os.sched_getaffinity(0))}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with NetLab(["coord", *names]) as lab:
+        placement = []
+        for i, h in enumerate(names):
+            placement += ["--agents-netns", lab.netns[h]]
+            if cores_per_host:
+                placement += ["--agents-cpus", f"{i * cores_per_host}-{(i + 1) * cores_per_host - 1}"]
+        cmd = [*lab.prefix("coord"), sys.executable, "-m", "agentbus_zmq.busbench", "--bind", "tcp://0.0.0.0:5555",
+               "--agents-endpoint", f"tcp://{lab.addr['coord']}:5555", *placement, *busbench_args]
+        code = subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode
+    sys.exit(code)
 
 
 _PING = """

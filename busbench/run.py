@@ -71,7 +71,10 @@ class BenchConfig:
     bind: str | None = None
     #: the agents connect here (default: the bound endpoint), and start in this network namespace
     agents_endpoint: str | None = None
-    agents_netns: str | None = None
+    #: network namespaces the agents start in, split between them in whole hosts (one
+    #: launcher each), and a CPU list for each (taskset -c), or none
+    agents_netns: tuple[str, ...] = ()
+    agents_cpus: tuple[str, ...] = ()
     #: run the started bus with CURVE (fresh keys per run)
     curve: bool = False
     #: with connect: the server's public key file and this client's secret key file
@@ -107,6 +110,23 @@ class BenchConfig:
                                       "goals": self.goals, "seed": self.seed, "arena_agents": self.arena_agents,
                                       **self.world_args})
         return WorldSpec(self.world, dict(self.world_args)).with_defaults(seed=self.seed)
+
+    def agent_placement(self, n: int, per_host: int) -> list[tuple[int, tuple[str, ...]]]:
+        """One launcher per agents' namespace (one in all without): its agent count, whole
+        hosts of ``per_host`` dealt round, and its command prefix."""
+        places = max(1, len(self.agents_netns))
+        hosts = -(-n // per_host)
+        counts = [0] * places
+        for j in range(hosts):                       # the last host of all may be partial
+            counts[j % places] += min(per_host, n - j * per_host)
+        out = []
+        for i, count in enumerate(counts):
+            prefix = ("ip", "netns", "exec", self.agents_netns[i]) if self.agents_netns else ()
+            if self.agents_cpus:
+                prefix += ("taskset", "-c", self.agents_cpus[i])
+            if count > 0:
+                out.append((count, prefix))
+        return out
 
     def hosts_for(self, n: int) -> int:
         """Agents per process for ``n`` agents (``per_host`` resolved, auto included)."""
@@ -281,16 +301,17 @@ def _wait_for_file(path: str, child: Child, timeout: float) -> str:
     raise TimeoutError(f"the coordinator did not report its endpoint within {timeout:.0f} s")
 
 
-def _agent_processes(launcher: Child | None) -> list[psutil.Process]:
-    """The agent (or host) processes busbench's launcher forked: its children, or the
-    launcher itself when it runs its one agent in-process."""
-    if launcher is None:
-        return []
-    try:
-        parent = psutil.Process(launcher.pid)
-        return parent.children() or [parent]
-    except psutil.NoSuchProcess:
-        return []
+def _agent_processes(launchers: list[Child]) -> list[psutil.Process]:
+    """The agent (or host) processes busbench's launchers forked: their children, or a
+    launcher itself where it runs its one agent in-process."""
+    procs = []
+    for launcher in launchers:
+        try:
+            parent = psutil.Process(launcher.pid)
+            procs += parent.children() or [parent]
+        except psutil.NoSuchProcess:
+            pass
+    return procs
 
 
 def _stats(client: ControlClient, page: int | None = None) -> Stats:
@@ -365,15 +386,20 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                 # chaos kills on purpose: restart at once, and never give up on it
                 restart = (["--restart", "--restart-backoff", "0.05", "--max-restarts", str(10**9)]
                            if cfg.chaos_kill_rate > 0 else [])
-                agents = Child("agents", "agentbus_zmq.agents",
-                               ["--endpoint", cfg.agents_endpoint or endpoint, "--replicas", str(n), "--per-host", str(per_host),
-                                "--lanes", str(cfg.lanes), "--id", "bench", "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(),
-                                *client_args, *restart],
-                               log_path=f"{tmp}/agents.log",
-                               prefix=("ip", "netns", "exec", cfg.agents_netns) if cfg.agents_netns else ())
-                children.append(agents)
-                checks.append(agents)
-            launcher = None if cfg.connect else agents
+                launchers = []
+                for i, (count, prefix) in enumerate(cfg.agent_placement(n, per_host)):
+                    name = "agents" if i == 0 else f"agents-{i + 1}"
+                    launchers.append(Child(
+                        name, "agentbus_zmq.agents",
+                        ["--endpoint", cfg.agents_endpoint or endpoint, "--replicas", str(count), "--per-host",
+                         str(per_host), "--lanes", str(cfg.lanes), "--id", "bench" if i == 0 else f"bench{i + 1}",
+                         "--spin-us", str(agent_spin), "--log-level", "WARNING", *cfg.agent_args(), *client_args,
+                         *restart],
+                        log_path=f"{tmp}/{name}.log", prefix=prefix))
+                children += launchers
+                checks += launchers
+            else:
+                launchers = []
             progress(f"{n} agents in {processes} processes: starting, warming up, measuring")
             sampler: MemorySampler | None = None
             chaos = Chaos(cfg.chaos_kill_rate) if cfg.chaos_kill_rate > 0 else None
@@ -397,15 +423,15 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                     if stats.ready >= n:  # all up: start watching (and, with chaos, killing)
                         sampler = MemorySampler(_coordinator(children), n)
                         if profiler is not None and not profiler.error:
-                            agent_procs = _agent_processes(launcher)
+                            agent_procs = _agent_processes(launchers)
                             profiler.start({"coordinator": coord.pid,
                                             **({"agent": agent_procs[0].pid} if agent_procs else {})})
                     return
                 if sampler.due(now):
-                    sampler.sample(now, _agent_processes(launcher) if launcher else _local(_pids(client)))
+                    sampler.sample(now, _agent_processes(launchers) if launchers else _local(_pids(client)))
                 if chaos is not None:
                     roster = stats.roster if stats.roster is not None else _roster(client)
-                    chaos.step(now, roster, {p.pid for p in _agent_processes(launcher)})
+                    chaos.step(now, roster, {p.pid for p in _agent_processes(launchers)})
 
             window = client.wait(request, max(cfg.timeout, cfg.duration + 120) + 5, idle, "measure")
             if profiler is not None:
@@ -421,7 +447,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                         child.check()
                     chaos.observe(time.monotonic(), _roster(client))
                     time.sleep(0.05)
-            procs = _agent_processes(launcher) if launcher else _local(_pids(client))
+            procs = _agent_processes(launchers) if launchers else _local(_pids(client))
         record["memory_mb"] = _memory(procs, n) if procs else None
         record["memory_growth"] = (sampler.growth(window["opened_at"], window["closed_at"], window["rate"])
                                    if sampler is not None and procs else None)

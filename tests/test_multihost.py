@@ -257,3 +257,27 @@ def test_the_delaying_proxy_keeps_every_byte_in_order_and_delays_each_way():
         server.close()
         proxy.terminate()
         proxy.wait(10)
+
+
+def _namespaces() -> set[str]:
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30, check=True)
+    return {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
+
+
+def test_busbench_splits_its_agents_between_hosts_and_leaves_no_namespace_behind():
+    """`netlab bench`: the coordinator on one host, the agents in whole hosts on two others,
+    each pinned to a CPU of its own; every agent counted, memory sampled on both hosts."""
+    missing = requirements()
+    assert missing is None, f"netlab bench: a network lab {missing}"
+    before = _namespaces()
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench.netlab", "bench", "--hosts", "2",
+                        "--cores-per-host", "1", "--", "--agents", "8", "--per-host", "2", "--agent-kind", "null",
+                        "--duration", "1", "--peer", "none", "--format", "json"],
+                       capture_output=True, text=True, env=cli_env(), timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    run = result["runs"][0]
+    assert len(result["config"]["agents_netns"]) == 2 and result["config"]["agents_cpus"] == ["0-0", "1-1"]
+    assert run["registered"] == 8 and run["lost_steps"] == 0 and run["balanced"] and run["rate"] > 0
+    assert run["memory_mb"]["processes"] == 4            # both launchers' hosts, two in each namespace
+    assert _namespaces() == before
