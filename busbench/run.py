@@ -69,7 +69,7 @@ class BenchConfig:
     connect: str | None = None
     #: the coordinator binds here (default: where ``transport`` puts it)
     bind: str | None = None
-    #: the agents connect here (default: the bound endpoint), and start in this network namespace
+    #: the agents connect here (default: the bound endpoint)
     agents_endpoint: str | None = None
     #: network namespaces the agents start in, split between them in whole hosts (one
     #: launcher each), and a CPU list for each (taskset -c), or none
