@@ -141,8 +141,8 @@ def test_the_containers_commands_environment_and_probes_work_as_written(tmp_path
     """The coordinator and an agent pod started here with the environment, the Secret
     layout and the arguments the manifests give them (only mount paths and the Service's
     address mapped to this machine): the agents register over CURVE with the pod's name
-    as their id, and every probe passes as written, the agents' readiness only once they
-    step."""
+    as their id, and every probe passes as written (tests/test_health.py shows the
+    readiness probe failing until the agents are registered)."""
     resources = build(OVERLAYS[0])
     data = {**settings(resources), "BUS_AGENT_REPLICAS": "4", "BUS_AGENT_PER_HOST": "2", "BUS_AGENT_KIND": "null"}
     coordinator_c, agents_c = container(resources, "agentbus-coordinator"), container(resources, "agentbus-agents")
