@@ -134,6 +134,27 @@ class NetLab:
         would: the host keeps its address and sockets, and nothing it sends arrives."""
         _ip("-n", self.switch, "link", "set", self._port[host], "up" if up else "down")
 
+    def loss(self, fraction: float) -> None:
+        """Drop ``fraction`` of the frames the bridge forwards between hosts, at random,
+        each way (nftables' bridge family in the switch's namespace; 0 removes it).  TCP
+        turns each loss into a retransmission: a stall of at least its minimum timeout."""
+        subprocess.run([*self.prefix(), "nft", "delete", "table", "bridge", "netlab"], capture_output=True,
+                       timeout=_TIMEOUT)
+        if fraction > 0:
+            rules = ("table bridge netlab {\n chain forward {\n  type filter hook forward priority 0; policy accept;\n"
+                     f"  numgen random mod 1000000 < {round(fraction * 1_000_000)} drop\n }}\n}}\n")
+            r = subprocess.run([*self.prefix(), "nft", "-f", "-"], input=rules, text=True, capture_output=True,
+                               timeout=_TIMEOUT)
+            if r.returncode:
+                raise LabUnavailable(f"nft (loss {fraction:.2%}): {r.stderr.strip()}")
+
+    def rto_min(self, host: str, ms: float) -> None:
+        """Set the lab subnet's route on ``host`` to retransmit TCP after ``ms`` at the
+        least, instead of Linux's 200 ms (``ip route ... rto_min``): on a lossy link, how
+        long one lost segment stalls a connection."""
+        _ip("-n", self.netns[host], "route", "replace", f"{SUBNET}.0/24", "dev", "eth0", "proto", "kernel", "scope",
+            "link", "src", self.addr[host], "rto_min", f"{ms:g}ms")
+
     def netem(self) -> bool:
         """Does this kernel have netem (tc's delay qdisc)?  Tried once, on the switch."""
         if self._netem is None:
@@ -339,6 +360,10 @@ def _floats(text: str) -> list[float]:
 @cli.command()
 @click.option("--delay", "delays", default="0,0.1,1,10", show_default=True,
               help="One-way delays to add, in ms, comma-separated (a round trip gains twice each).")
+@click.option("--loss", "losses", default="", show_default=True,
+              help="Also: frames lost at random on the direct path, in %, comma-separated (no delay added).")
+@click.option("--rto-min", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="TCP's minimum retransmission timeout on both hosts' routes, in ms (Linux: 200).")
 @click.option("--mode", "modes", default="lockstep,async", show_default=True)
 @click.option("--agents", type=int, default=10, show_default=True)
 @click.option("--per-host", default="5", show_default=True)
@@ -348,7 +373,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--deadline", type=float, default=None, help="bus-coordinator --deadline (default: its own).")
 @click.option("--repeat", type=int, default=1, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON here.")
-def latency(delays: str, modes: str, agents: int, per_host: str, lanes: int, agent_kind: str, duration: float,
+def latency(delays: str, losses: str, rto_min: float | None, modes: str, agents: int, per_host: str, lanes: int, agent_kind: str, duration: float,
             deadline: float | None, repeat: int, output: str | None) -> None:
     """busbench with the coordinator on one host and the agents on another, at each added
     delay and mode: R, E_pool, the added latency and the ping round trip measured over the
@@ -360,31 +385,40 @@ def latency(delays: str, modes: str, agents: int, per_host: str, lanes: int, age
         direct = f"tcp://{lab.addr['coord']}:5555"
         proxy_endpoint = f"tcp://{SWITCH_ADDR}:6000"
         use_netem = lab.netem()
-        cases = [(d, "netem") for d in _floats(delays)] if use_netem else \
-            [(d, how) for d in _floats(delays) for how in (("direct", "proxy") if d == 0 else ("proxy",))]
-        for delay_ms, how in cases:
+        if rto_min:
+            for host in ("coord", "agents"):
+                lab.rto_min(host, rto_min)
+        # (one-way delay in ms, frames lost in %, path): netem delays in the kernel; without
+        # it, the proxy (at 0 too, beside the direct path: what its hop costs)
+        cases = [(d, 0.0, "netem") for d in _floats(delays)] if use_netem else \
+            [(d, 0.0, how) for d in _floats(delays) for how in (("direct", "proxy") if d == 0 else ("proxy",))]
+        cases += [(0.0, p, "direct") for p in _floats(losses)]
+        for delay_ms, loss, how in cases:
             proxy_proc = None
-            if how == "netem":
+            lab.loss(loss / 100)
+            if use_netem:
                 for host in ("coord", "agents"):
                     lab.delay(host, delay_ms / 1e3)
-                endpoint = direct
-            elif how == "direct":
-                endpoint = direct
-            else:  # the proxy at 0 too: what the hop itself costs, beside the direct path
+            endpoint = proxy_endpoint if how == "proxy" else direct
+            if how == "proxy":
                 proxy_proc = subprocess.Popen(
                     [*lab.prefix(), sys.executable, "-m", "agentbus_zmq.busbench.netlab", "proxy", "--listen",
                      f"{SWITCH_ADDR}:6000", "--upstream", f"{lab.addr['coord']}:5555", "--delay", str(delay_ms / 1e3)],
                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
                 proxy_proc.stdout.readline()
-                endpoint = proxy_endpoint
+            if loss:
+                how += f", {loss:g} % lost"
+            if rto_min:
+                how += f", rto_min {rto_min:g} ms"
             try:
                 ping = _ping(lab, endpoint)
                 for mode in modes.split(","):
-                    cmd = [*lab.prefix("coord"), sys.executable, "-m", "agentbus_zmq.busbench", "--agents", str(agents),
-                           "--per-host", per_host, "--lanes", str(lanes), "--agent-kind", agent_kind, "--mode", mode, "--duration", str(duration),
-                           "--repeat", str(repeat), "--peer", "none", "--format", "json", "--bind", "tcp://0.0.0.0:5555",
-                           "--agents-netns", lab.netns["agents"], "--agents-endpoint", endpoint,
-                           *(["--deadline", str(deadline)] if deadline else [])]
+                    cmd = [*lab.prefix("coord"), sys.executable, "-m", "agentbus_zmq.busbench",
+                           "--agents", str(agents), "--per-host", per_host, "--lanes", str(lanes),
+                           "--agent-kind", agent_kind, "--mode", mode, "--duration", str(duration),
+                           "--repeat", str(repeat), "--peer", "none", "--format", "json",
+                           "--bind", "tcp://0.0.0.0:5555", "--agents-netns", lab.netns["agents"],
+                           "--agents-endpoint", endpoint, *(["--deadline", str(deadline)] if deadline else [])]
                     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
                     if r.returncode not in (0, 3):
                         raise click.ClickException(f"busbench failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -432,14 +466,18 @@ def _ping(lab: NetLab, endpoint: str, n: int = 200) -> dict:
 
 
 def markdown(rows: list[dict], agents: int, per_host: str, kind: str, lanes: int = 1) -> str:
-    lines = [f"{agents} {kind} agents, {per_host} per host process{f', {lanes} lanes each' if lanes > 1 else ''}; "
-             "coordinator and agents in two namespaces",
-             "", "| added delay, each way | path | ping p50 (ms) | mode | R (steps/s) | E(N) | E_pool | latency p50 / p95 / p99 (ms) | lost |",
+    """The rows of ``latency`` as docs/performance.md shows them."""
+    lanes_each = f", {lanes} lanes each" if lanes > 1 else ""
+    lines = [f"{agents} {kind} agents, {per_host} per host process{lanes_each}; coordinator and agents in two "
+             "namespaces", "",
+             "| added delay, each way | path | ping p50 (ms) | mode | R (steps/s) | E(N) | E_pool "
+             "| latency p50 / p95 / p99 (ms) | lost |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = r["latency_ms"]
-        lines.append(f"| {r['delay_ms']:g} ms | {r['how']} | {r['ping_ms']['p50_ms']:.2f} | {r['mode']} | {r['rate']:,.0f} | "
-                     f"{r['efficiency']:.2f} | {r['efficiency_pool']:.2f} | {lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f} | {r['lost_steps']} |")
+        lines.append(f"| {r['delay_ms']:g} ms | {r['how']} | {r['ping_ms']['p50_ms']:.2f} | {r['mode']} "
+                     f"| {r['rate']:,.0f} | {r['efficiency']:.2f} | {r['efficiency_pool']:.2f} "
+                     f"| {lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f} | {r['lost_steps']} |")
     return "\n".join(lines)
 
 

@@ -281,3 +281,51 @@ def test_busbench_splits_its_agents_between_hosts_and_leaves_no_namespace_behind
     assert run["registered"] == 8 and run["lost_steps"] == 0 and run["balanced"] and run["rate"] > 0
     assert run["memory_mb"]["processes"] == 4            # both launchers' hosts, two in each namespace
     assert _namespaces() == before
+
+
+_RECEIVE = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+print("ready", flush=True)
+s.settimeout(2)
+n = 0
+try:
+    while True:
+        n += s.recv(16) == b"x"
+except TimeoutError:
+    pass
+print(n)
+"""
+
+_SEND = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(1000):
+    s.sendto(b"x", (sys.argv[1], 9999))
+    time.sleep(0.0005)
+"""
+
+
+def _datagrams_through(lab: NetLab) -> int:
+    """1,000 datagrams sent from a to b, paced; how many arrived."""
+    receiver = subprocess.Popen([*lab.prefix("b"), sys.executable, "-c", _RECEIVE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout.readline().strip() == "ready"
+        subprocess.run([*lab.prefix("a"), sys.executable, "-c", _SEND, lab.addr["b"]], check=True, timeout=60)
+        return int(receiver.communicate(timeout=60)[0])
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait(10)
+
+
+@pytest.mark.parametrize("site", [["a", "b"]], indirect=True)
+def test_the_lab_loses_the_share_of_frames_it_is_told_to(site):
+    """netlab's loss (nftables on the bridge): none by default, about 30 % when told 30 %,
+    none again once removed."""
+    assert _datagrams_through(site.lab) >= 990
+    site.lab.loss(0.3)
+    assert 550 <= _datagrams_through(site.lab) <= 850      # 700 expected; 3 sd is +-45
+    site.lab.loss(0)
+    assert _datagrams_through(site.lab) >= 990
