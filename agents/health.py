@@ -38,23 +38,24 @@ WRITE_EVERY_S = 1.0
 
 class HealthFile:
     """One process's health file, rewritten (atomically: a rename) at most every
-    WRITE_EVERY_S seconds by :meth:`update`, which its loop calls every turn."""
+    WRITE_EVERY_S seconds: its loop asks :meth:`due` every turn (one comparison) and
+    gathers what :meth:`write` needs only when it is."""
 
     def __init__(self, directory: str | os.PathLike, name: str):
         self.path = Path(directory) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.json"
         self._tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         self._written = -float("inf")
-        self._steps = -1
+        self._steps: int | None = None
         self._stepped: float | None = None
 
-    def update(self, now: float, registered: bool, steps: int) -> None:
-        if steps != self._steps:
-            if self._steps >= 0:
-                self._stepped = now
-            self._steps = steps
-        if now - self._written < WRITE_EVERY_S:
-            return
-        self._written = now
+    def due(self, now: float) -> bool:
+        return now - self._written >= WRITE_EVERY_S
+
+    def write(self, now: float, registered: bool, steps: int) -> None:
+        """The count grew since the last write: it stepped (to within WRITE_EVERY_S)."""
+        if self._steps is not None and steps != self._steps:
+            self._stepped = now
+        self._steps, self._written = steps, now
         body = {"pid": os.getpid(), "registered": registered, "steps": steps, "updated": now, "stepped": self._stepped}
         try:
             self._tmp.write_text(json.dumps(body))

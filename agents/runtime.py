@@ -163,9 +163,9 @@ class Runtime:
                                 spin_until = self._drain(lane) or spin_until
                     for lane in self.lanes:
                         self._on_timer(lane, clock())
-                    if self.health is not None:
-                        self.health.update(clock(), all(lane.session.state is SessionState.REGISTERED
-                                                        for lane in self.lanes), self.steps)
+                    if self.health is not None and self.health.due(t := clock()):
+                        self.health.write(t, all(lane.session.state is SessionState.REGISTERED
+                                                 for lane in self.lanes), self.steps)
             finally:
                 for lane in self.lanes:
                     lane.session.stop(clock(), self.failure or "agent stopping")

@@ -16,15 +16,20 @@ from tests.conftest import cli_env, wait_until
 def test_a_health_file_says_alive_then_stepping_then_stalled(tmp_path):
     assert "no health files" in check(tmp_path, 10, False, 0.0)
     h = HealthFile(tmp_path, "pod-7/host1")            # an id is made a safe file name
-    h.update(100.0, registered=False, steps=0)
+
+    def turn(now, registered, steps):                   # what the runtime's loop does each turn
+        if h.due(now):
+            h.write(now, registered, steps)
+
+    turn(100.0, registered=False, steps=0)
     assert (tmp_path / "pod-7_host1.json").exists()
     assert check(tmp_path, 10, False, 105.0) is None                      # alive
     assert "not registered" in check(tmp_path, 10, True, 105.0)           # not ready
-    h.update(100.5, registered=True, steps=0)                             # within a second: not written
+    turn(100.5, registered=True, steps=2)                                 # within a second: not written
     assert "not registered" in check(tmp_path, 10, True, 105.0)
-    h.update(101.0, registered=True, steps=3)
+    turn(101.0, registered=True, steps=3)
     assert check(tmp_path, 10, True, 105.0) is None                       # ready: registered, stepped at 101
-    h.update(109.0, registered=True, steps=3)                             # registered, no step since 101
+    turn(109.0, registered=True, steps=3)                                 # registered, no step since 101
     assert check(tmp_path, 10, True, 110.0) is None
     assert "no step for more than 10 s" in check(tmp_path, 10, True, 112.0)
     assert check(tmp_path, 10, False, 112.0) is None                      # still alive
