@@ -441,21 +441,17 @@ def latency(delays: str, losses: str, rto_min: float | None, modes: str, agents:
 def _ping(lab: NetLab, endpoint: str, n: int = 200) -> dict:
     """The round trip of a control ping from the agents' host over ``endpoint``, to a
     coordinator started for it on ``coord`` (and stopped): what the path adds."""
-    from agentbus_zmq.busbench.procs import Child
-
     import tempfile
+
+    from agentbus_zmq.busbench.procs import Child
+    from agentbus_zmq.busbench.run import wait_for_file
 
     bound = os.path.join(tempfile.mkdtemp(prefix="netlab-"), "endpoint")
     coordinator = Child("coordinator", "agentbus_zmq.coordinator", ["--bind", "tcp://0.0.0.0:5555", "--endpoint-file",
                                                                      bound, "--log-level", "ERROR"],
                         prefix=lab.prefix("coord"))
     try:
-        until = time.monotonic() + 30
-        while not os.path.exists(bound):        # bound: the proxy's connection upstream finds it
-            coordinator.check()
-            if time.monotonic() > until:
-                raise click.ClickException("the coordinator did not bind within 30 s")
-            time.sleep(0.02)
+        wait_for_file(bound, coordinator, 30)   # bound: the proxy's connection upstream finds it
         r = subprocess.run([*lab.prefix("agents"), sys.executable, "-c", _PING, endpoint, str(n)], capture_output=True,
                            text=True, timeout=120, stdin=subprocess.DEVNULL)
     finally:

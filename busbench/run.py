@@ -286,7 +286,9 @@ def _memory(procs: list[psutil.Process], agents: int) -> dict:
     }
 
 
-def _wait_for_file(path: str, child: Child, timeout: float) -> str:
+def wait_for_file(path: str, child: Child, timeout: float) -> str:
+    """What a coordinator started with ``--endpoint-file path`` wrote there (its endpoint),
+    once it has; fails at once if ``child`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         child.check()
@@ -378,7 +380,7 @@ def run_one(cfg: BenchConfig, n: int, r1: float, pool: dict | None = None,
                            *(["--metrics", cfg.metrics] if cfg.metrics else [])],
                           log_path=f"{tmp}/coordinator.log")
             children.append(coord)
-            endpoint, checks = _wait_for_file(f"{tmp}/endpoint", coord, 30), [coord]
+            endpoint, checks = wait_for_file(f"{tmp}/endpoint", coord, 30), [coord]
         with ControlClient(endpoint, curve=keys) as client:
             client.wait_ready(10)
             request = client.send("measure", args)

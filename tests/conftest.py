@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,13 @@ def reap(proc: subprocess.Popen, extra: list[psutil.Process]) -> None:
             pass
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (a moment ago)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -83,9 +91,9 @@ class Bus:
         return self.start("agents", "agentbus_zmq.agents", "--endpoint", endpoint or self.endpoint, "--replicas", str(n),
                           "--id", agent_id, *args)
 
-    def start(self, name: str, module: str, *args: str) -> Child:
+    def start(self, name: str, module: str, *args: str, prefix: tuple[str, ...] = ()) -> Child:
         log = self.tmp / f"{name}-{len(self.children)}.log"
-        child = Child(name, module, [*args, "--log-level", "INFO"], log_path=log)
+        child = Child(name, module, [*args, "--log-level", "INFO"], log_path=log, prefix=prefix)
         self.children.append(child)
         return child
 

@@ -9,7 +9,6 @@ import copy
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 
 from agentbus_zmq.bus.client import ControlClient
 from agentbus_zmq.bus.security import ClientKeys, generate
-from tests.conftest import cli_env, wait_until
+from tests.conftest import cli_env, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 #: the oldest Kubernetes the manifests are for (policy/v1 PodDisruptionBudget: 1.21)
@@ -99,12 +98,6 @@ def test_every_setting_is_one_the_commands_read():
     assert names - known == set()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _environment(c: dict, data: dict, paths: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """The container's environment as Kubernetes would give it (the ConfigMap, then its
     own env), its mount paths mapped to directories here."""
@@ -155,7 +148,7 @@ def test_the_containers_commands_environment_and_probes_work_as_written(tmp_path
              "probe.key_secret": probe_secret}
     specs = {d: by_kind(resources)[("Deployment", d)]["spec"]["template"]["spec"]
              for d in ("agentbus-coordinator", "agentbus-agents")}
-    port = _free_port()
+    port = free_port()
     procs = []
     try:
         # the coordinator's pod

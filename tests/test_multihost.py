@@ -22,7 +22,7 @@ from agentbus_zmq.bus.report import AgentsPage
 from agentbus_zmq.bus.security import generate
 from agentbus_zmq.busbench.netlab import NetLab, requirements
 from agentbus_zmq.busbench.procs import Child
-from tests.conftest import cli_env, wait_until
+from tests.conftest import cli_env, free_port, wait_until
 
 HEARTBEAT = 0.5
 #: a peer silent this long is declared dead (bus-coordinator --heartbeat: 3 intervals)
@@ -65,18 +65,18 @@ class Observer:
 
 
 class Site:
-    """A lab with its processes: whatever a test starts is stopped, then the lab deleted."""
+    """A lab with its processes (the ``bus`` fixture's, which stops them), and observers."""
 
-    def __init__(self, lab: NetLab, tmp):
-        self.lab, self.tmp = lab, tmp
-        self.children: list[Child] = []
+    def __init__(self, lab: NetLab, bus):
+        self.lab, self.bus, self.tmp = lab, bus, bus.tmp
         self.observers: list[Observer] = []
 
+    @property
+    def children(self) -> list[Child]:
+        return self.bus.children
+
     def start(self, host: str, name: str, module: str, *args: str) -> Child:
-        child = Child(name, module, [*args, "--log-level", "INFO", "--heartbeat", str(HEARTBEAT)],
-                      log_path=self.tmp / f"{name}.log", prefix=self.lab.prefix(host))
-        self.children.append(child)
-        return child
+        return self.bus.start(name, module, *args, "--heartbeat", str(HEARTBEAT), prefix=self.lab.prefix(host))
 
     def observe(self, host: str, endpoint: str, keys: tuple[str, str] | None = None) -> Observer:
         self.observers.append(Observer(self.lab, host, endpoint, keys))
@@ -85,16 +85,15 @@ class Site:
     def close(self) -> None:
         for o in self.observers:
             o.close()
-        for child in reversed(self.children):
-            child.stop(timeout=10)
+        self.bus.close()
 
 
 @pytest.fixture
-def site(tmp_path, request):
+def site(bus, request):
     missing = requirements()
     assert missing is None, f"multi-host tests: a network lab {missing}"   # fails, never skips
     with NetLab(request.param) as lab:
-        s = Site(lab, tmp_path)
+        s = Site(lab, bus)
         try:
             yield s
         finally:
@@ -224,9 +223,7 @@ def test_the_delaying_proxy_keeps_every_byte_in_order_and_delays_each_way():
     """busbench.netlab's proxy, for kernels without netem: 2 MB through it and back, in
     order; a round trip takes at least twice its delay (never less: load only adds)."""
     server, port = _echo_server()
-    with socket.socket() as probe:                       # a free port for the proxy
-        probe.bind(("127.0.0.1", 0))
-        proxy_port = probe.getsockname()[1]
+    proxy_port = free_port()
     proxy = subprocess.Popen([sys.executable, "-m", "agentbus_zmq.busbench.netlab", "proxy", "--listen",
                               f"127.0.0.1:{proxy_port}", "--upstream", f"127.0.0.1:{port}", "--delay", "0.05"],
                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=cli_env())
