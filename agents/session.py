@@ -57,7 +57,7 @@ __all__ = ["AgentSession", "SessionState", "Welcomed", "Refused", "Left", "BadFr
            "IllegalTransition"]
 
 #: Errors after which the coordinator has forgotten us: say HELLO again at once.
-REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN, ErrorCode.DROPPED})
+REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN, ErrorCode.DROPPED, ErrorCode.WORLD_FAULT})
 #: Errors after which this session must stop: another connection holds our registration.
 #: refusals that end the session: another connection took the id over, or the
 #: coordinator will never let this agent have it (its CURVE key is bound to other ids)

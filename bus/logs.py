@@ -17,7 +17,7 @@ import collections
 import logging
 import re
 
-__all__ = ["PeerLog", "printable"]
+__all__ = ["PeerLog", "printable", "errno_name"]
 
 #: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -29,6 +29,14 @@ def printable(value: object, limit: int = 300) -> str:
     text = str(value)
     cut = text[:limit]
     return _CONTROL.sub(_escape, cut) + ("…" if len(text) > limit else "")
+
+
+def errno_name(value: int) -> str:
+    """An errno as a log line names it: ``EMFILE (Too many open files)``."""
+    import errno
+    import os
+
+    return f"{errno.errorcode.get(value, value)} ({os.strerror(value)})" if value else "unknown error"
 
 
 def _escape(match: re.Match) -> str:

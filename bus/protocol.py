@@ -97,6 +97,7 @@ class ErrorCode(enum.IntEnum):
     REPLACED = 16
     NOT_ALLOWED = 17
     DROPPED = 18
+    WORLD_FAULT = 19
 
 
 #: What the receiver of each error should do about it.  Part of the protocol.
@@ -120,6 +121,8 @@ ERROR_HINTS: dict[ErrorCode, str] = {
     ErrorCode.REPLACED: "another connection took this registration over with its token: stop, or start with a new id",
     ErrorCode.NOT_ALLOWED: "this CURVE key may not use that id: see the key's `agents` patterns in the allow-list",
     ErrorCode.DROPPED: "this agent kept missing its deadline and was dropped from the schedule: HELLO to rejoin",
+    ErrorCode.WORLD_FAULT: ("the world kept failing in this agent's arena, which is closed for a while (the "
+                            "coordinator's log names the world's method): HELLO to rejoin; tell the world's author"),
 }
 
 

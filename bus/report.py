@@ -160,6 +160,8 @@ class AgentRow(_View):
     late: int = 0
     slow: int = 0
     last_seen_s: float = 0.0
+    #: actions refused at the world's door (its default applied); a host's, for its agents
+    bad_actions: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -132,7 +133,7 @@ def cli(bind, mode, lockstep_scope, deadline, member_deadline, heartbeat, world,
         efficiency_window, agent_cores, alert_threshold, alert_for, alert_hook, log_level):
     """Run the agentbus coordinator: it owns the world, the schedule and the registry."""
     configure_logging(log_level)
-    from agentbus_zmq.coordinator.driver import serve
+    from agentbus_zmq.coordinator.driver import EXIT_CORE_FAILED, CoreFailed, serve
 
     try:
         if agent_cores == "auto":
@@ -163,6 +164,11 @@ def cli(bind, mode, lockstep_scope, deadline, member_deadline, heartbeat, world,
               alert_hook=alert_hook)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    except CoreFailed as exc:
+        logging.getLogger(__name__).critical("%s: exiting with status %d so that a supervisor restarts the "
+                                             "coordinator (its log above has the first traceback)", exc,
+                                             EXIT_CORE_FAILED)
+        sys.exit(EXIT_CORE_FAILED)
     except zmq.ZMQError as exc:
         hint = (" Another coordinator (or program) holds it: stop that one, or choose another --bind."
                 if exc.errno == zmq.EADDRINUSE else "")

@@ -141,8 +141,11 @@ class ArenaLockstep(Schedule):
             self._late_or_stale(entry, msg.tick, now)
             return
         self._accept(entry, 1, msg.compute_us, now, msg.cpu_us)
+        action = msg.action
+        if type(action) is not int or action >= self._n_actions:  # the door; for a discrete world, inline
+            action = self._door_action(entry, msg, now)
         cohort = self._cohort_of[entry]
-        cohort.moves[entry.slot] = msg.action
+        cohort.moves[entry.slot] = action
         cohort.expected.discard(entry)
         if not cohort.expected:
             self._close_tick(cohort, now)
@@ -192,10 +195,10 @@ class ArenaLockstep(Schedule):
             us = (now - cohort.opened_at) * 1e6
             tick_time.record(us)
             self.timings.tick_time_sum_us += us
-        cohort.open, cohort.due = False, math.inf
         moves, cohort.moves = cohort.moves, {}
         host_moves, cohort.host_moves = cohort.host_moves, []
-        apply_moves(self.world, moves, host_moves)
+        apply_moves(self.world, moves, host_moves)  # never raises (the world is guarded)
+        cohort.open, cohort.due = False, math.inf
         self.ledger.ticks += 1
         m = self.windows.current
         if m is not None:

@@ -35,10 +35,11 @@ from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.clock import Clock, SystemClock
 from agentbus_zmq.bus.commands import COMMANDS, Call, CommandError, refusal
 from agentbus_zmq.bus.commands.measure import MeasureRequest
-from agentbus_zmq.bus.logs import PeerLog
+from agentbus_zmq.bus.logs import PeerLog, errno_name
 from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.report import PAGE_SIZE, AgentsPage, Stats
 from agentbus_zmq.coordinator import report
+from agentbus_zmq.coordinator.guard import GuardedWorld
 from agentbus_zmq.coordinator.efficiency import SLOWEST_NAMED, AlertEvent, LiveEfficiency, Sample, cpu_bound, explain
 from agentbus_zmq.coordinator.ledger import Ledger, Timings
 from agentbus_zmq.coordinator.liveness import Liveness
@@ -85,12 +86,13 @@ class CoordinatorCore:
         ``histograms``: keep latency and tick-duration histograms (for /metrics);
         ``clock``: CPU time and load (:class:`~agentbus_zmq.bus.clock.FakeClock` in tests)."""
         self.settings = settings
-        self.world = world if world is not None else GridWorld()
         self.session = session
         self.clock = clock if clock is not None else SystemClock()
         self.ledger = Ledger()
         self.timings = Timings(histograms)
         self._plog = PeerLog(log, WARNINGS_PER_S)
+        #: the world behind its door: every part reaches it only through this guard
+        self.world = GuardedWorld(world if world is not None else GridWorld(), self.clock.now, self._plog)
         self.outbox = Outbox(self.ledger.errors, self._plog, lambda peer: self.registry.name_of(peer))
         self.registry = Registry(settings, self.world, session, self.outbox, self.ledger.errors, key_patterns, token)
         self._by_peer = self.registry.by_peer  # read on every message (the registry owns it)
@@ -351,6 +353,18 @@ class CoordinatorCore:
             self._watch(now)
             self.timings.cpu_cap_us = cpu_bound(self.registry.by_peer.values())
         self.windows.on_timer(now)
+        if self.world.closed:  # arenas closed by what happened since the last turn (messages, deadlines)
+            self._settle_closed(now)
+
+    def _settle_closed(self, now: float) -> None:
+        """Agents of arenas the guard closed are told WORLD_FAULT and dropped (a host keeps its others)."""
+        for arena, why in self.world.take_closed():
+            entries = [e for e in self.registry.agents.values() if self.world.arena_of(e.slot) == arena]
+            for peer in {(e if type(e) is AgentEntry else e.host).peer for e in entries}:
+                self.outbox.error(peer, ErrorCode.WORLD_FAULT, f"arena {arena} closed: {why}")
+            for entry in entries:
+                self.ledger.errors["world_fault"] += 1
+                self._forget(entry, now, keep_position=False)
 
     def next_timeout(self, now: float) -> float:
         """Seconds until :meth:`on_timer` has something to do: the next deadline, sweep,
@@ -367,7 +381,7 @@ class CoordinatorCore:
             self.liveness.on_connection_closed()
         elif name == "accept_failed":
             self._plog.warning(now, "cannot accept a connection: %s (out of file descriptors? raise `ulimit -n`)",
-                               _errno_name(value))
+                               errno_name(value))
 
     def on_handshake(self, who: str, allowed: bool, now: float) -> None:
         """A CURVE handshake was decided (the driver answers ZAP with bus.security)."""
@@ -423,21 +437,13 @@ class CoordinatorCore:
 
     def _watch(self, now: float) -> None:
         """Sample the live efficiency; raise or clear its alert."""
-        ledger = self.ledger
-        self.live.sample(Sample(now, self.timings.agent_cpu_us, ledger.received, ledger.missing + ledger.late,
-                                self.clock.cpu()[0]), self.registry.ready)
-        event = self.live.update(now)
-        if event is None:
-            return
-        if event.raised:
-            event = self.live.raised(event, explain(event.figures, self.liveness.straggler_table(),
-                                                    self.liveness.slowest_units(SLOWEST_NAMED), self.clock.load()))
-            log.warning("efficiency %.0f%% below the %.0f%% threshold for %.0f s: %s", event.efficiency * 100,
-                        event.threshold * 100, self.settings.alert_for, event.cause)
-        else:
-            log.info("efficiency alert cleared (%s): %s", f"{event.efficiency:.0%}" if event.efficiency else "-",
-                     event.cause)
-        self._alerts.append(event)
+        ledger, liveness = self.ledger, self.liveness
+        event = self.live.watch(Sample(now, self.timings.agent_cpu_us, ledger.received, ledger.missing + ledger.late,
+                                       self.clock.cpu()[0]), self.registry.ready, now,
+                                lambda f: explain(f, liveness.straggler_table(), liveness.slowest_units(SLOWEST_NAMED),
+                                                  self.clock.load()))
+        if event is not None:
+            self._alerts.append(event)
 
     # --- the Server interface of bus.commands -------------------------------------------
 
@@ -452,9 +458,3 @@ class CoordinatorCore:
     def agents_page(self, page: int, now: float) -> AgentsPage:
         """One row per agent, STATS_DETAIL_MAX a page, by id: what ``busctl agents`` shows."""
         return report.agents_page(self.registry, page, now)
-
-def _errno_name(value: int) -> str:
-    import errno
-    import os
-
-    return f"{errno.errorcode.get(value, value)} ({os.strerror(value)})" if value else "unknown error"

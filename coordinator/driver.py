@@ -22,11 +22,12 @@ from zmq.utils.monitor import recv_monitor_message
 from agentbus_zmq.bus import sockets
 from agentbus_zmq.bus.clock import SystemClock
 from agentbus_zmq.bus.security import ZAP_ENDPOINT, ServerKeys, zap_verdict
+from agentbus_zmq.bus.protocol import ErrorCode
 from agentbus_zmq.bus.signals import StopSignal
 from agentbus_zmq.coordinator.core import ConfigError, CoordinatorCore, Settings
 from agentbus_zmq.coordinator.world import World
 
-__all__ = ["Driver", "serve"]
+__all__ = ["Driver", "serve", "CoreFailed", "CORE_FAILURES_TO_EXIT", "EXIT_CORE_FAILED"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,15 @@ DRAIN_BUDGET = 256
 MAX_FRAMES_KEPT = 4
 #: Longest the loop ever sleeps, so every wait stays bounded.
 MAX_POLL_S = 0.25
+#: Turns of the loop in a row in which the core's timers raised: its state can no longer
+#: be trusted, and the coordinator exits (EXIT_CORE_FAILED) for its supervisor to restart it.
+CORE_FAILURES_TO_EXIT = 50
+#: The exit status then (EX_SOFTWARE): a supervisor restarts it (deploy/systemd: Restart=on-failure).
+EXIT_CORE_FAILED = 70
+
+
+class CoreFailed(RuntimeError):
+    """The core's timers raised CORE_FAILURES_TO_EXIT turns in a row (the message says where)."""
 
 
 #: Connection events counted in stats["connections"]: a peer that connects and never
@@ -150,6 +160,8 @@ class Driver:
         self._spin_until = 0.0
         #: peers found gone while sending, not yet told to the core
         self._gone: list[bytes] = []
+        #: turns in a row whose timers raised (CORE_FAILURES_TO_EXIT)
+        self._failing = 0
 
     # --- hooks ---------------------------------------------------------------------
 
@@ -173,7 +185,7 @@ class Driver:
                 send(peer, MORE_NOBLOCK)
                 send(frame, NOBLOCK)
             except zmq.Again:
-                core.on_undeliverable(peer, "its send queue is full", self.clock())
+                self._call(core.on_undeliverable, peer, "its send queue is full", self.clock())
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise
@@ -202,15 +214,15 @@ class Driver:
                 if not monitor.poll(0):
                     break
                 event = recv_monitor_message(monitor)
-                core.on_connection_event(_EVENT_NAMES.get(event["event"], str(event["event"])), clock(),
-                                         event["value"] if event["event"] == zmq.EVENT_ACCEPT_FAILED else 0)
+                self._call(core.on_connection_event, _EVENT_NAMES.get(event["event"], str(event["event"])), clock(),
+                           event["value"] if event["event"] == zmq.EVENT_ACCEPT_FAILED else 0)
         if self.zap is not None and self.zap in ready:
             reply, allowed, who = zap_verdict(self.zap.recv_multipart(), self.curve.allowed)
             self.zap.send_multipart(reply)
-            core.on_handshake(who, allowed, clock())
+            self._call(core.on_handshake, who, allowed, clock())
         if self.exporter is not None and (self.exporter.busy or self.exporter.fd in ready):
             self.exporter.handle(ready, clock())
-        core.on_timer(clock())
+        self._timers(clock())
         if self._gone:
             self._settle_gone()
         alerts = core.take_alerts()
@@ -221,6 +233,30 @@ class Driver:
         self.flush()
         return ready
 
+    def _call(self, method, *args) -> None:
+        """A call into the core that must not take the loop down: a bug is logged and counted."""
+        try:
+            method(*args)
+        except Exception:
+            log.exception("unexpected error in the coordinator's %s (counted; serving goes on)", method.__name__)
+            self.core.ledger.errors[ErrorCode.UNEXPECTED.name] += 1
+
+    def _timers(self, now: float) -> None:
+        """The core's timers: an exception is logged (its traceback once in a row) and
+        counted, and the loop goes on; CORE_FAILURES_TO_EXIT turns in a row raise CoreFailed."""
+        try:
+            self.core.on_timer(now)
+        except Exception as exc:
+            self._failing += 1
+            self.core.ledger.errors[ErrorCode.UNEXPECTED.name] += 1
+            if self._failing == 1:
+                log.exception("unexpected error in the coordinator's timers (counted; serving goes on)")
+            if self._failing >= CORE_FAILURES_TO_EXIT:
+                raise CoreFailed(f"the coordinator's timers raised {self._failing} turns in a row, the last "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            return
+        self._failing = 0
+
     def _settle_gone(self) -> None:
         """Peers whose connection was gone when a frame for them was sent: read what the
         socket still holds first (a departing agent's BYE may sit there, sent before it
@@ -229,7 +265,7 @@ class Driver:
             self._drain()
             gone, self._gone = self._gone, []
             for peer in gone:
-                self.core.on_undeliverable(peer, "its connection is gone", self.clock(), gone=True)
+                self._call(self.core.on_undeliverable, peer, "its connection is gone", self.clock(), True)
             self.flush()
             if not self._gone:
                 return

@@ -25,9 +25,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import math
 
 __all__ = ["AlertEvent", "LiveEfficiency", "Sample", "explain", "cpu_bound", "SLOWEST_NAMED", "CPU_BOUND_FACTOR"]
+
+log = logging.getLogger(__name__)
 
 #: Units named as the slowest in an efficiency alert.
 SLOWEST_NAMED = 3
@@ -158,6 +161,22 @@ class LiveEfficiency:
         """The raised ``event`` with its cause named (kept as ``last_cause``)."""
         self.last_cause = cause
         return dataclasses.replace(event, cause=cause)
+
+    def watch(self, s: Sample, agents: int, now: float, why) -> AlertEvent | None:
+        """Sample, then raise or clear the alert (logged): the event, or None.  ``why``
+        explains a raised alert from its figures."""
+        self.sample(s, agents)
+        event = self.update(now)
+        if event is None:
+            return None
+        if event.raised:
+            event = self.raised(event, why(event.figures))
+            log.warning("efficiency %.0f%% below the %.0f%% threshold for %.0f s: %s", event.efficiency * 100,
+                        event.threshold * 100, self.hold, event.cause)
+        else:
+            log.info("efficiency alert cleared (%s): %s", f"{event.efficiency:.0%}" if event.efficiency else "-",
+                     event.cause)
+        return event
 
 
 def explain(f: dict, stragglers: dict, slowest: list[tuple[str, float]], load: float) -> str:

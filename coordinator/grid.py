@@ -97,6 +97,9 @@ class GridWorld(World):
     """Positions of agents in arenas of one grid layout with obstacles and goals."""
 
     kind = "grid"
+    #: move_many checks nothing that can fail after it starts writing (the door has
+    #: checked the actions): one call steps every arena
+    atomic_moves = True
 
     def __init__(self, config: WorldConfig = WorldConfig()):
         self.config = config
@@ -208,6 +211,19 @@ class GridWorld(World):
         if self._count[arena] == self.per_arena - 1:
             heapq.heappush(self._open, arena)
         self._free_slots.append(slot)
+
+    def reset_arena(self, arena: int) -> None:
+        """Its agents on new free cells (seeded), as if just placed, in slot order."""
+        slots = sorted(s for s in self._slot.values() if self.arena.item(s) == arena)
+        self._occupant[arena, :] = -1
+        for slot in slots:
+            cell = self._free_cell(arena)
+            self.cell[slot] = cell
+            self.found[slot] = GOAL if self._is_goal[cell] else EMPTY
+            self._occupant[arena, cell] = slot
+
+    def default_action(self, slot: int) -> int:
+        return STAY
 
     def _arena_with_room(self) -> int:
         while self._open:  # a heap; an arena may appear twice or be full by now: checked here

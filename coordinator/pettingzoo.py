@@ -230,6 +230,16 @@ class PettingZooWorld(World):
             self.episodes += 1
             self._reset(arena, index)
 
+    def reset_arena(self, arena: int) -> None:
+        """A new episode in ``arena`` (its bus agents keep their environment agents)."""
+        a = self._arenas[arena]
+        a.episode += 1
+        self.episodes += 1
+        self._reset(a, arena)
+
+    def default_action(self, slot: int):
+        return self._default(self._arenas[self._arena_of[slot]])
+
     def _default(self, arena: _Arena):
         value = self._act_space.sample(arena.rng)
         return int(value) if isinstance(self._act_space, Discrete) else np.asarray(value)

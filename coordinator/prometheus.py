@@ -45,7 +45,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: ledger error counters that are not protocol error codes: reason label of agents_dropped
 DROP_REASONS = {"expired": "silent", "setup_expired": "setup_grace", "dropped_stragglers": "straggler",
-                "connection_closed": "connection_closed"}
+                "connection_closed": "connection_closed", "world_fault": "world_fault"}
 _CODES = {c.name for c in ErrorCode}
 
 
@@ -102,6 +102,14 @@ class CoreCollector:
         yield counter("curve_refused_total", "CURVE clients refused (not on the allow-list).",
                       ledger.errors.get("unauthorized", 0))
         yield counter("peer_errors_received_total", "ERROR messages peers sent.", ledger.errors.get("received", 0))
+        yield counter("bad_actions_total", "Actions refused at the world's door (not values of its action space; "
+                                           "the world's default applied).", ledger.errors.get("bad_actions", 0))
+        faults = CounterMetricFamily("agentbus_world_faults_total", "Faults of the world (a method raised or handed "
+                                     "out what cannot travel), by method; each resets its arena.", labels=["method"])
+        for method, n in sorted(core.world.by_method.items()):
+            faults.add_metric([method], n)
+        yield faults
+        yield gauge("world_arenas_closed", "Arenas closed after repeated faults of the world.", len(core.world.closed))
         conns = CounterMetricFamily("agentbus_connection_events_total", "Transport events on the ROUTER.",
                                     labels=["event"])
         for event in ("accepted", "disconnected", "handshake_failed", "accept_failed"):

@@ -127,6 +127,13 @@ class PymdpWorld(World):
         self._obs[slot] = [int(o) for o in self._call(slot, self._envs[slot].reset)]
         self._t[slot] = 0
 
+    def reset_arena(self, arena: int) -> None:
+        """A new episode in the agent's own maze (an arena is one agent's slot)."""
+        if self._envs[arena] is not None:
+            self._episode[arena] += 1
+            self.episodes += 1
+            self._reset(arena)
+
     def arenas_of(self, slots) -> np.ndarray:
         return np.asarray(slots, dtype=np.int64).copy()
 

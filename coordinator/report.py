@@ -29,13 +29,13 @@ def stats(core, now: float, page: int | None = None) -> Stats:
                         ready_ids=[e.agent_id for e, u in zip(entries, units) if u.first_step_at is not None],
                         host_ids=heapq.nsmallest(PAGE_SIZE, reg.hosts))
     connections = {**dict.fromkeys(CONNECTION_EVENTS, 0), **core.connections}
+    figures = core.world.figures()
     return Stats(
         session=core.session, mode=core.settings.mode,
         uptime_s=now - (core.started_at if core.started_at is not None else now),
         agents=n, ready=reg.ready, hosts=len(reg.hosts), arenas=core.world.arenas, tick=core.schedule.tick,
         ledger=LedgerView(**core.ledger.snapshot()), restarts=dict(sorted(reg.restarts.items())[:PAGE_SIZE]),
-        goal_visits=core.world.figures().get("goal_visits", 0),
-        world={"kind": core.world.kind, **core.world.figures()},
+        goal_visits=figures.get("goal_visits", 0), world={"kind": core.world.kind, **figures},
         connections={**connections, "open": connections["accepted"] - connections["disconnected"]},
         pending=reg.joining, measurements={"running": core.windows.current is not None, "queued": core.windows.queued},
         stragglers=core.liveness.straggler_table(), live=LiveView(**core.live.figures()), pages=page_count(n),
@@ -55,5 +55,6 @@ def agents_page(registry: Registry, page: int, now: float) -> AgentsPage:
             state=unit.state.value, steps=unit.steps if type(unit) is AgentEntry else unit.answers,
             p50_us=times[len(times) // 2] if times else None,
             p99_us=times[min(len(times) - 1, (len(times) * 99) // 100)] if times else None,
-            missed=unit.missed, late=unit.late, slow=unit.slow, last_seen_s=round(now - unit.last_seen, 3)))
+            missed=unit.missed, late=unit.late, slow=unit.slow, last_seen_s=round(now - unit.last_seen, 3),
+            bad_actions=unit.bad_actions))
     return AgentsPage(page, page_count(len(registry.agents)), rows)

@@ -10,7 +10,11 @@ are applied; an observation unanswered after the deadline is counted missing and
 replaced by a new one (with the next tick number).
 
 In both, an ACTION that arrives after its deadline is late, whether or not the timer
-has run yet: the facade expires what is due before it hands any answer over.
+has run yet: the facade expires what is due before it hands any answer over.  Every
+action passes the world's door (:mod:`.door`) before the world sees it: one that is not
+a value of the action space is refused (BAD_FIELD, counted per unit) and the world's
+default action is applied in its place.  The world is the registry's
+:class:`~agentbus_zmq.coordinator.guard.GuardedWorld`: nothing it does can raise here.
 
 A schedule owns the tick, what is outstanding and when it is due, the step fields of
 the ledger and the step timings; it reads the registry's units and tells the registry
@@ -29,6 +33,7 @@ import numpy as np
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.logs import PeerLog
 from agentbus_zmq.bus.protocol import ErrorCode
+from agentbus_zmq.coordinator.door import Door
 from agentbus_zmq.coordinator.ledger import Ledger, Timings
 from agentbus_zmq.coordinator.liveness import Liveness
 from agentbus_zmq.coordinator.outbox import Outbox
@@ -63,8 +68,9 @@ class Schedule(abc.ABC):
         self.windows = windows
         self._plog = plog
         self._slow_fraction = settings.slow_fraction
-        #: the world reports rewards and episodes with each observation
-        self._info = self.world.has_info
+        #: the door for actions; a discrete world's size, checked inline on the hot path
+        self._door = Door(self.world.spaces()[1])
+        self._n_actions = self._door.n
         #: lock-step ticks closed (async: 0)
         self.tick = 0
         #: earliest time a deadline may be due (may be early, never late)
@@ -101,7 +107,32 @@ class Schedule(abc.ABC):
                 return None
             actions = actions[np.isin(host.sent_idx, host.pending_idx, assume_unique=True)]
         self._accept(host, n, msg.compute_us, now, msg.cpu_us)
-        return actions
+        checked, bad, reason = self._door.actions(actions, n)
+        if bad is None:
+            return checked
+        host.bad_actions += int(bad.sum())
+        self.ledger.errors["bad_actions"] += int(bad.sum())
+        self.outbox.reject(host.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick}: {reason}; the "
+                           f"world's default action was applied for those members", now)
+        slots = host.slots[host.pending_idx]
+        defaults = [self.world.default_action(s) for s in slots[bad].tolist()]
+        if checked is None:  # nothing of it usable: every row is the default
+            checked = np.array([self.world.default_action(s) for s in slots.tolist()])
+        else:
+            checked = checked.copy()
+            checked[bad] = np.array(defaults, dtype=checked.dtype).reshape(checked[bad].shape)
+        return checked
+
+    def _door_action(self, entry: AgentEntry, msg: P.Action, now: float):
+        """An agent's action through the door: itself, or (refused) the world's default."""
+        value, reason = self._door.action(msg.action)
+        if reason is None:
+            return value
+        entry.bad_actions += 1
+        self.ledger.errors["bad_actions"] += 1
+        self.outbox.reject(entry.peer, ErrorCode.BAD_FIELD, f"ACTION for tick {msg.tick}: {reason}; the world's "
+                           f"default action was applied", now)
+        return self.world.default_action(entry.slot)
 
     def withdraw(self, unit: Unit, keep_position: bool) -> None:
         """``unit`` leaves: what it owes counts missing; it is awaited no more."""
@@ -137,21 +168,27 @@ class Schedule(abc.ABC):
         unit.pending = tick
         unit.sent_at = now
         world = self.world
-        if type(unit) is AgentEntry:
-            n = 1
-            frame = P.encode_observation(tick, world.observe(unit.slot), world.info(unit.slot) if self._info else None)
-        else:
-            unit.pending_idx = unit.sent_idx = unit.live_idx
-            n = len(unit.live_idx)
-            frame = P.encode_host_observation(tick, unit.members_ext, world.observe_many(unit.live_slots),
-                                              world.info_many(unit.live_slots) if self._info else None)
+        try:
+            if type(unit) is AgentEntry:
+                n = 1
+                got = world.observation(unit.slot)
+                frame = P.encode_observation(tick, *got) if got is not None else None
+            else:
+                unit.pending_idx = unit.sent_idx = unit.live_idx
+                n = len(unit.live_idx)
+                got = world.observations(unit.live_slots)
+                frame = P.encode_host_observation(tick, unit.members_ext, *got) if got is not None else None
+        except (TypeError, ValueError, OverflowError) as exc:  # what the world handed out cannot be packed
+            world.unsendable(unit.slot if type(unit) is AgentEntry else unit.live_slots, exc)
+            frame = None
         ledger = self.ledger
         ledger.sent += n
         ledger.outstanding += n
         m = self.windows.current
         if m is not None:
             m.on_sent(n)
-        self.outbox.send(unit, frame, now)
+        if frame is not None:  # None: the world failed in its arena (the step counts missing at its deadline)
+            self.outbox.send(unit, frame, now)
 
     def _accept(self, unit: Unit, n: int, compute_us: int, now: float, cpu_us: int | None) -> None:
         """``n`` agent-steps answered in time: the ledger, the unit, the measurement."""
@@ -259,7 +296,10 @@ class Lockstep(Schedule):
             self._late_or_stale(entry, msg.tick, now)
             return
         self._accept(entry, 1, msg.compute_us, now, msg.cpu_us)
-        self._moves[entry.slot] = msg.action
+        action = msg.action
+        if type(action) is not int or action >= self._n_actions:  # the door; for a discrete world, inline
+            action = self._door_action(entry, msg, now)
+        self._moves[entry.slot] = action
         expected = self._expected
         expected.discard(entry)
         if not expected:
@@ -313,8 +353,8 @@ class Lockstep(Schedule):
             us = (now - self._opened_at) * 1e6
             tick_time.record(us)
             self.timings.tick_time_sum_us += us
+        self._apply_moves()  # never raises (the world is guarded): the tick is closed once they are applied
         self.open = False
-        self._apply_moves()
         self.ledger.ticks += 1
         m = self.windows.current
         if m is not None:
@@ -385,7 +425,10 @@ class Async(Schedule):
             return
         self._accept(entry, 1, msg.compute_us, now, msg.cpu_us)
         del self._queues[entry.deadline][entry]
-        self.world.move(entry.slot, msg.action)
+        action = msg.action
+        if type(action) is not int or action >= self._n_actions:  # the door; for a discrete world, inline
+            action = self._door_action(entry, msg, now)
+        self.world.move(entry.slot, action)
         entry.tick += 1
         self._observe(entry, entry.tick, now)
 

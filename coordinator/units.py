@@ -100,6 +100,8 @@ class Unit:
     missed: int = 0
     late: int = 0
     slow: int = 0
+    #: actions refused at the world's door (not values of its action space; the default applied)
+    bad_actions: int = 0
     #: missed, late or slow answers in a row (Settings.drop_after)
     strikes: int = 0
     #: the last STEP_TIMES step times (wall, per agent, microseconds), a ring

@@ -12,7 +12,7 @@ import abc
 
 import numpy as np
 
-from agentbus_zmq.bus.spaces import Discrete, Space
+from agentbus_zmq.bus.spaces import Discrete, MultiDiscrete, Space
 
 __all__ = ["World", "WorldFull"]
 
@@ -32,6 +32,10 @@ class World(abc.ABC):
     kind = "world"
     #: whether observations carry ``info`` (reward, episode)
     has_info = False
+    #: whether :meth:`move_many` raises, if it raises, before it changes anything: then the
+    #: coordinator steps all arenas in one call and, should it raise, repeats it arena by
+    #: arena to find the arena at fault; otherwise it calls it arena by arena
+    atomic_moves = False
 
     @abc.abstractmethod
     def spaces(self) -> tuple[Space, Space]:
@@ -107,6 +111,24 @@ class World(abc.ABC):
     def figures(self) -> dict:
         """What ``stats`` reports about the world (``goal_visits`` for the grid)."""
         return {}
+
+    def default_action(self, slot: int):
+        """The action applied for an agent whose own was refused at the door (not a value
+        of the action space): 0, zeros, or zeros clipped into an array space's bounds."""
+        space = self.spaces()[1]
+        if isinstance(space, Discrete):
+            return 0
+        if isinstance(space, MultiDiscrete):
+            return np.zeros(len(space.nvec), np.int64)
+        lo = -np.inf if space.low is None else space.low
+        hi = np.inf if space.high is None else space.high
+        return np.clip(np.zeros(space.shape, space.dtype), lo, hi).astype(space.dtype)
+
+    def reset_arena(self, arena: int) -> None:
+        """Start ``arena`` afresh (a new episode) after one of its steps failed: its agents
+        stay in it.  A world that cannot raises NotImplementedError, and the arena is closed
+        at its first fault instead (see coordinator.guard)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reset_arena")
 
     def arena_of(self, slot: int) -> int:
         return int(self.arenas_of(np.array([slot]))[0])

@@ -14,7 +14,7 @@ __all__ = ["AgentsCommand", "MAX_PAGES", "SORTS", "agents_table", "fetch", "fetc
 #: busctl's sort keys: option value -> (row field, largest first)
 SORTS = {"id": ("id", False), "steps": ("steps", True), "p50": ("p50_us", True), "p99": ("p99_us", True),
          "missed": ("missed", True), "late": ("late", True), "slow": ("slow", True),
-         "last-seen": ("last_seen_s", True)}
+         "last-seen": ("last_seen_s", True), "bad-actions": ("bad_actions", True)}
 
 
 @command
@@ -24,7 +24,8 @@ class AgentsCommand(Command):
     name = "agents"
     args_doc = "`page` (optional int, default 0)"
     result_doc = ("`{page, pages, agents}`: one row per agent (128 a page, by id): `id, pid, host, kind, state, "
-                  "steps, p50_us, p99_us` (step time, wall, the last 32 steps), `missed, late, slow, last_seen_s`; "
+                  "steps, p50_us, p99_us` (step time, wall, the last 32 steps), `missed, late, slow, last_seen_s`, `bad_actions` (refused at the world's door, its default "
+                  "applied); "
                   "`state` is `joining` (registered, not yet ready), `idle` (ready, nothing outstanding) or "
                   "`stepping` (an observation outstanding); a host's agents show their host's figures, and a "
                   "member's `steps` are its host's frames answered in time (each steps every member listed)")

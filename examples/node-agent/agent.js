@@ -17,8 +17,8 @@ const endpoint = process.env.BUS_ENDPOINT || "tcp://127.0.0.1:5555";
 const agentId = process.env.AGENT_ID || `node-${process.pid}`;
 const VERSION = 1;
 const HELLO = 1, WELCOME = 2, OBSERVATION = 3, ACTION = 4, HEARTBEAT = 5, BYE = 6, ERROR = 7;
-const NOT_REGISTERED = 7, SHUTTING_DOWN = 10, REPLACED = 16, DROPPED = 18;
-const FORGOTTEN = new Set([NOT_REGISTERED, SHUTTING_DOWN, DROPPED]);
+const NOT_REGISTERED = 7, SHUTTING_DOWN = 10, REPLACED = 16, DROPPED = 18, WORLD_FAULT = 19;
+const FORGOTTEN = new Set([NOT_REGISTERED, SHUTTING_DOWN, DROPPED, WORLD_FAULT]);
 const OBSTACLE = 1, AGENT = 3, WALL = 4, STAY = 4;
 
 let stopping = false;
