@@ -22,6 +22,7 @@ _ENV = {
     "backend": "BUS_BACKEND",
     "policy_len": "BUS_POLICY_LEN",
     "model": "BUS_MODEL",
+    "max_model_mb": "BUS_MAX_MODEL_MB",
     "replicas": "BUS_AGENT_REPLICAS",
     "per_host": "BUS_AGENT_PER_HOST",
     "lanes": "BUS_AGENT_LANES",
@@ -67,6 +68,10 @@ def default_agent_id() -> str:
 @click.option("--model", envvar=_ENV["model"], type=click.Path(exists=True, dir_okay=False), default=None,
               help="Explorer: an .npz of A0, A1, B0, C0, C1, D0 (and E) to use instead of the model built from "
                    "the world; checked against the world in WELCOME.")
+@click.option("--max-model-mb", envvar=_ENV["max_model_mb"], type=click.IntRange(1, 1 << 20), default=1024,
+              show_default=True, help="Explorer, learner: the memory their model and planning may take, estimated "
+                                      "from WELCOME before anything is allocated; a WELCOME that needs more is "
+                                      "refused (BYE, exit 3).")
 @click.option("--replicas", envvar=_ENV["replicas"], type=click.IntRange(1, 1_000_000), default=1, show_default=True,
               help="Run this many agents, forked from one prepared parent (one process each, or --per-host).")
 @click.option("--per-host", envvar=_ENV["per_host"], type=PerHost(), default="1", show_default=True,
@@ -105,7 +110,7 @@ def default_agent_id() -> str:
                                  "probes: python -m agentbus_zmq.agents.health DIR [--stepping].")
 @click.option("--log-level", envvar=_ENV["log_level"], type=click.Choice(LOG_LEVELS, case_sensitive=False),
               default="INFO", show_default=True, help="Log lines at this level and above, to stderr.")
-def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host, lanes, heartbeat, sched, restart, max_restarts,
+def cli(endpoint, agent_id, kind, backend, policy_len, model, max_model_mb, replicas, per_host, lanes, heartbeat, sched, restart, max_restarts,
         restart_period, restart_backoff, spin_us, max_steps, seed, curve_server_key, curve_key, health_dir, log_level):
     """Run agentbus agents: connect, say HELLO, step on every observation, until signalled."""
     configure_logging(log_level)
@@ -115,7 +120,8 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, replicas, per_host
     from agentbus_zmq.bus.protocol import Hello, ProtocolError
     from agentbus_zmq.bus.sockets import check_endpoint
 
-    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed, model=model)
+    options = kind_options(kind, backend=backend, policy_len=policy_len, seed=seed, model=model,
+                           max_model_mb=max_model_mb)
     if model is not None and "model" not in options:
         raise click.UsageError(f"--model is for kinds that take a model (explorer); {kind} does not")
     if model is not None:

@@ -23,7 +23,7 @@ import numpy as np
 from agentbus_zmq.agents.sdk import BadWelcome
 
 __all__ = ["MAX_MODEL_BYTES", "MAX_SIDE", "Model", "ModelError", "build_model", "check_model", "check_world",
-           "load_model", "model_bytes", "model_from_world", "save_model"]
+           "check_policies", "load_model", "model_bytes", "model_from_world", "policy_bytes", "save_model"]
 
 EMPTY, OBSTACLE, GOAL, AGENT, WALL = range(5)
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0), (0, 0))
@@ -61,6 +61,34 @@ def model_bytes(width: int, height: int) -> int:
     """Estimated peak bytes of the model (and pymdp's copies) for a world this size."""
     S = width * height
     return 3 * 8 * S * S * (len(MOVES) + 1)
+
+
+#: What one numpy array costs beside its values (header and object), in bytes.
+_ARRAY_OVERHEAD = 112
+
+
+def policy_bytes(controls: list[int], policy_len: int, states: list[int], outcomes: list[int]) -> tuple[int, int]:
+    """``(policies, bytes)``: how many policies pymdp enumerates for factors with
+    ``controls`` actions each (1 for a factor the agent does not control) over
+    ``policy_len`` moves, and an estimate of what they take while it plans: each policy's
+    array, and the states and outcomes it predicts at every move (Python integers: the
+    product is never computed in a fixed width, so a huge one cannot wrap round)."""
+    policies = math.prod(controls) ** policy_len
+    per_move = sum(_ARRAY_OVERHEAD + 8 * s for s in states) + sum(_ARRAY_OVERHEAD + 8 * o for o in outcomes)
+    return policies, policies * (_ARRAY_OVERHEAD + 8 * policy_len * len(controls) + policy_len * per_move)
+
+
+def check_policies(model: Model, policy_len: int, max_bytes: int = MAX_MODEL_BYTES) -> None:
+    """:class:`BadWelcome` when planning over ``model``'s policies would take more than
+    ``max_bytes`` (checked before pymdp enumerates them)."""
+    states = [b.shape[0] for b in model.B]
+    control = model.control_factors
+    controls = [b.shape[2] if control is None or f in control else 1 for f, b in enumerate(model.B)]
+    policies, need = policy_bytes(controls, policy_len, states, list(model.num_outcomes))
+    if need > max_bytes:
+        raise BadWelcome(f"the world's model has {policies:,} policies of {policy_len} moves ({' x '.join(map(str, controls))}"
+                         f" actions per move), about {need / 2**20:,.0f} MB to plan over, more than the "
+                         f"{max_bytes / 2**20:,.0f} MB this agent allows (--max-model-mb)")
 
 
 def check_world(world: object, max_bytes: int = MAX_MODEL_BYTES) -> tuple[int, int, set, set]:

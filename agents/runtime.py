@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import time
 
+import numpy as np
 import zmq
 
 from agentbus_zmq.agents.health import HealthFile
@@ -205,7 +207,7 @@ class Runtime:
             etype = type(event)
             if etype is P.Observation:
                 if event.info is not None:
-                    self._info(lane, event.info)
+                    self._info(lane, event.tick, event.info)
                 t0, c0 = time.perf_counter_ns(), thread_time_ns()
                 try:
                     action = _action(agent.step(event.obs))
@@ -223,6 +225,11 @@ class Runtime:
                     self.exit = Exit.DONE
                 return time.monotonic() + self.spin if self.spin else 0.0
             if etype is P.HostObservation:
+                reward = event.info.get("reward") if event.info is not None else None
+                if reward is not None and reward.dtype.kind == "f" and not np.isfinite(reward).all():
+                    bad = ~np.isfinite(reward)
+                    self._refuse_reward(lane, event.tick, f"{int(bad.sum())} of its rewards are not finite numbers")
+                    event.info["reward"] = np.where(bad, 0.0, reward)
                 try:
                     result = agent.step(event, self._keepalive)
                 except BadObservation as exc:
@@ -272,15 +279,24 @@ class Runtime:
             elif etype is BadFrame:
                 self._plog.warning(now, "dropped a bad message from %s: %s", self.endpoint, event.error)
 
-    def _info(self, lane: _Lane, info: dict) -> None:
+    def _info(self, lane: _Lane, tick: int, info: dict) -> None:
         """A world's reward and episode: ``on_episode`` when the episode changed, then
-        ``on_reward``."""
+        ``on_reward``.  A reward that is no finite number is refused (reported, BAD_FIELD)
+        and counts as 0: the observation is still answered."""
         episode, reward = info.get("episode"), info.get("reward", 0.0)
-        reward = float(reward) if type(reward) in (int, float) else 0.0
+        if type(reward) not in (int, float) or not math.isfinite(reward):
+            self._refuse_reward(lane, tick, f"its reward {printable(repr(reward), 40)} is not a finite number")
+            reward = 0.0
+        reward = float(reward)
         if type(episode) is int and episode != lane.episode:
             lane.episode = episode
             lane.agent.on_episode(episode, reward)
         lane.agent.on_reward(reward)
+
+    def _refuse_reward(self, lane: _Lane, tick: int, why: str) -> None:
+        now = time.monotonic()
+        self._plog.warning(now, "%s: observation for tick %d: %s; counted as 0", lane.agent_id, tick, why)
+        lane.session.report(ErrorCode.BAD_FIELD, f"observation for tick {tick}: {why}; counted as 0", now)
 
     def _refuse_observation(self, lane: _Lane, tick: int, exc: BadObservation) -> None:
         """Not answered (the coordinator counts it missing); reported to it, logged."""

@@ -416,6 +416,62 @@ def test_a_crafted_welcome_stops_the_explorer_cleanly(fake_coordinator, world, e
     assert expect in log and "Traceback" not in log
 
 
+def _spaces(obs: dict, act: dict) -> dict:
+    return {"kind": "hostile", "spaces": {"observation": obs, "action": act}}
+
+
+_MODEL_7x64 = {"A": [np.ones((1, 1, 1, 1, 1, 1, 1, 1))], "B": [np.ones((1, 1, 64))] * 7,
+               "C": [np.zeros(1)], "D": [np.ones(1)] * 7}
+
+
+@pytest.mark.parametrize("kind, world, expect", [
+    ("learner", _spaces({"type": "multi_discrete", "nvec": [1024, 2**20]}, {"type": "discrete", "n": 1024}), "MB"),
+    ("learner", _spaces({"type": "discrete", "n": 1024}, {"type": "discrete", "n": 2**32}), "MB"),
+    ("explorer", {"kind": "pymdp", "model": _MODEL_7x64}, "policies"),
+    ("explorer", {"kind": "pymdp", "model": {**_MODEL_7x64, "control_factors": [0, 1, 2, 3, 4, 5, 6]}}, "policies"),
+], ids=["learner-nvec", "learner-actions", "explorer-64**7-policies", "explorer-controlled"])
+def test_a_welcome_within_the_spaces_limits_cannot_exhaust_an_agent(fake_coordinator, kind, world, expect):
+    router, start = fake_coordinator
+    agent = start("--kind", kind)
+    peer = _hello(router)
+    proc = psutil.Process(agent.pid)
+    base = proc.memory_info().rss
+    sent = time.monotonic()
+    router.send_multipart([peer, P.encode(P.Welcome("evil", "a1", {"world": world}))])
+    bye, peak = None, 0
+    while bye is None and time.monotonic() < sent + 30:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass
+        if router.poll(10):
+            msg = P.decode(router.recv_multipart()[1])
+            bye = msg if type(msg) is P.Bye else None
+    took = time.monotonic() - sent
+    assert bye is not None and expect in bye.reason and "--max-model-mb" in bye.reason, bye
+    assert agent.proc.wait(10) == 3
+    assert took < 5 and peak - base < 200 << 20, f"{took:.2f} s, grew {(peak - base) / 2**20:.0f} MB"
+
+
+def test_a_reward_that_is_not_finite_is_refused_and_the_agent_steps_on(fake_coordinator):
+    router, start = fake_coordinator
+    agent = start("--kind", "learner")
+    peer = _hello(router)
+    world = _spaces({"type": "multi_discrete", "nvec": [4, 2]}, {"type": "discrete", "n": 3})
+    router.send_multipart([peer, P.encode(P.Welcome("evil", "a1", {"world": world}))])
+    for tick, reward in enumerate((float("nan"), float("inf"), -1e308, 1.0, -float("inf"), 0.5)):
+        router.send_multipart([peer, P.encode(P.Observation(tick, [tick % 4, 0], {"reward": reward, "episode": 0}))])
+    got, deadline = [], time.monotonic() + 30
+    while len([m for m in got if type(m) is P.Action]) < 6 and time.monotonic() < deadline:
+        if router.poll(200):
+            got.append(P.decode(router.recv_multipart()[1]))
+    assert [m.tick for m in got if type(m) is P.Action] == list(range(6))     # every observation answered
+    errors = [m for m in got if type(m) is P.Error]
+    assert len(errors) == 3 and all(e.code == P.ErrorCode.BAD_FIELD and "not a finite number" in e.reason
+                                    for e in errors)
+    assert agent.proc.poll() is None
+
+
 def test_an_out_of_range_observation_is_reported_and_skipped(fake_coordinator):
     router, start = fake_coordinator
     agent = start("--kind", "explorer")

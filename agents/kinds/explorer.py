@@ -31,11 +31,14 @@ N_FOUND = 5
 
 class Explorer(Agent):
     kind = "explorer"
-    OPTIONS = ("backend", "policy_len", "seed", "model")
+    OPTIONS = ("backend", "policy_len", "seed", "model", "max_model_mb")
 
-    def __init__(self, backend: str = BACKENDS[0], policy_len: int = 1, seed: int = 0, model: str | None = None):
+    def __init__(self, backend: str = BACKENDS[0], policy_len: int = 1, seed: int = 0, model: str | None = None,
+                 max_model_mb: int = 1024):
         """``model``: an .npz of A, B, C, D (and E) to use instead of the one built from
-        the world (agents.model.load_model); checked against each WELCOME's world."""
+        the world (agents.model.load_model); checked against each WELCOME's world.
+        ``max_model_mb``: what its model and planning may take, estimated from WELCOME
+        before anything is allocated (more is BadWelcome)."""
         if backend not in BACKENDS:
             raise ValueError(f"explorer backend must be one of {BACKENDS}, got {backend!r}")
         if policy_len < 1:
@@ -44,6 +47,7 @@ class Explorer(Agent):
         self.policy_len = policy_len
         self.seed = seed
         self.model_path = model
+        self.max_bytes = max_model_mb << 20
         self._own_model = None
         if model is not None:
             from agentbus_zmq.agents.model import load_model
@@ -70,8 +74,11 @@ class Explorer(Agent):
 
     def configure(self, world: dict, agent_id: str = "") -> None:
         """Build (or check) the model for ``world`` (WELCOME's ``params["world"]``)."""
+        from agentbus_zmq.agents.model import check_policies
+
         seed = zlib.crc32(agent_id.encode()) ^ self.seed
         model = self._model_for(world)
+        check_policies(model, self.policy_len, self.max_bytes)
         self._outcomes = model.num_outcomes
         self._impl = (_NumpyImpl if self.backend == "numpy" else _JaxImpl)(model, self.policy_len, seed)
 
@@ -82,13 +89,13 @@ class Explorer(Agent):
         from agentbus_zmq.agents.model import build_model, check_model, model_from_world  # numpy: not at import
 
         if self._own_model is None and isinstance(world, dict) and "model" in world:
-            model = model_from_world(world)
+            model = model_from_world(world, self.max_bytes)
             if self.backend != "numpy" and (len(model.B) > 1 or model.control_factors):
                 raise BadWelcome("the jax explorer models single-factor worlds (the grid); use --backend numpy "
                                  "for this world's model")
             return model
         if self._own_model is None:
-            return build_model(world)
+            return build_model(world, self.max_bytes)
         check_model(self._own_model, world, self.policy_len)
         return self._own_model
 

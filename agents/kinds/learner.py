@@ -35,6 +35,8 @@ __all__ = ["Learner"]
 MAX_STATES = 1024
 #: preference scale: C[m][o] = SCALE x the mean reward outcome o came with
 SCALE = 4.0
+#: rewards count within +-MAX_REWARD (a finite -1e308 would overflow the values it sums)
+MAX_REWARD = 1e6
 #: backward induction: the discount of a state's worth per move, the sweeps at most, and
 #: the change in worth below which a sweep ends it
 GAMMA = 0.9
@@ -44,10 +46,12 @@ TOLERANCE = 1e-3
 
 class Learner(Agent):
     kind = "learner"
-    OPTIONS = ("seed", "policy_len")
+    OPTIONS = ("seed", "policy_len", "max_model_mb")
 
-    def __init__(self, seed: int = 0, concentration: float = 0.1, policy_len: int = 1):
+    def __init__(self, seed: int = 0, concentration: float = 0.1, policy_len: int = 1, max_model_mb: int = 1024):
         self.seed = seed
+        #: what its tables and planning may take, estimated from WELCOME before allocating
+        self.max_bytes = max_model_mb << 20
         self.concentration = concentration
         self.policy_len = policy_len
         self._agent = None
@@ -73,6 +77,7 @@ class Learner(Agent):
             raise BadWelcome(f"the learner models discrete observations of at most {MAX_STATES} states in their "
                              f"first modality, not {obs_space}")
         self.nvec, S, conc = nvec, nvec[0], self.concentration
+        self._check_size(nvec, act_space.n)
         np.random.seed((zlib.crc32(welcome.agent_id.encode()) ^ self.seed) % 2**32)
         A, pA = utils.obj_array(len(nvec)), utils.obj_array(len(nvec))
         A[0] = np.eye(S)
@@ -97,8 +102,22 @@ class Learner(Agent):
         self._utils, self._np = utils, np
         self._prev = None
 
+    def _check_size(self, nvec: list[int], actions: int) -> None:
+        """BadWelcome when its tables would take more than ``max_bytes``: B and its
+        Dirichlet counts (S x S x actions, and a copy while planning), the other
+        modalities' A and counts, and the policies (estimated before anything exists)."""
+        from agentbus_zmq.agents.model import policy_bytes
+
+        S = nvec[0]
+        tables = 8 * (3 * S * S * actions + 3 * S * sum(nvec[1:]) + 4 * sum(nvec))
+        policies, planning = policy_bytes([actions], self.policy_len, [S], nvec)
+        if tables + planning > self.max_bytes:
+            raise BadWelcome(f"a learner of {S} states, {len(nvec)} modalities {nvec} and {actions:,} actions "
+                             f"({policies:,} policies) needs about {(tables + planning) / 2**20:,.0f} MB, more "
+                             f"than the {self.max_bytes / 2**20:,.0f} MB it allows (--max-model-mb)")
+
     def on_reward(self, reward: float) -> None:
-        self._reward = reward
+        self._reward = min(max(reward, -MAX_REWARD), MAX_REWARD)
 
     def on_episode(self, episode: int, reward: float) -> None:
         self._prev = None  # the next move starts a new episode: no transition to learn from
