@@ -144,6 +144,12 @@ def cli(endpoint, agent_id, kind, backend, policy_len, model, max_model_mb, repl
             os.makedirs(health_dir, exist_ok=True)
         except OSError as exc:
             raise click.BadParameter(f"cannot create {health_dir}: {exc.strerror}", param_hint="--health-dir") from None
+        from agentbus_zmq.agents.health import check_directory
+
+        try:
+            check_directory(health_dir)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--health-dir") from None
     try:
         curve = client_keys(curve_server_key, curve_key)
     except ValueError as exc:

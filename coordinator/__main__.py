@@ -14,7 +14,7 @@ from agentbus_zmq.bus.config import (DEFAULT_ENDPOINT, DEFAULTS, LOG_LEVELS, con
 from agentbus_zmq.bus.security import ServerKeys
 from agentbus_zmq.bus.sockets import check_endpoint
 from agentbus_zmq.coordinator.settings import LOCKSTEP_SCOPES, MODES, ConfigError, Settings
-from agentbus_zmq.coordinator.grid import WorldConfig
+from agentbus_zmq.coordinator.grid import RANGES, WorldConfig
 from agentbus_zmq.coordinator.worlds import WorldSpec, WorldUnavailable, available_worlds, parse_world_args
 
 _ENV = {
@@ -74,20 +74,20 @@ _WORLD = WorldConfig()
 @click.option("--world-arg", "world_arg", envvar=_ENV["world_arg"], multiple=True, metavar="KEY=VALUE",
               help="An argument for the world's factory (repeatable; VALUE read as JSON where it parses, e.g. 3, "
                    "false, null, else as a string; in BUS_WORLD_ARGS, several separated by spaces).")
-@click.option("--width", envvar=_ENV["width"], type=click.IntRange(1), default=_WORLD.width, show_default=True,
+@click.option("--width", envvar=_ENV["width"], type=click.IntRange(*RANGES["width"]), default=_WORLD.width, show_default=True,
               help="Grid world: width in cells.")
-@click.option("--height", envvar=_ENV["height"], type=click.IntRange(1), default=_WORLD.height, show_default=True,
+@click.option("--height", envvar=_ENV["height"], type=click.IntRange(*RANGES["height"]), default=_WORLD.height, show_default=True,
               help="Grid world: height in cells.")
-@click.option("--obstacles", envvar=_ENV["obstacles"], type=click.IntRange(0), default=_WORLD.obstacles,
+@click.option("--obstacles", envvar=_ENV["obstacles"], type=click.IntRange(*RANGES["obstacles"]), default=_WORLD.obstacles,
               show_default=True, help="Grid world: cells no agent may enter, placed by --seed.")
-@click.option("--goals", envvar=_ENV["goals"], type=click.IntRange(0), default=_WORLD.goals, show_default=True,
+@click.option("--goals", envvar=_ENV["goals"], type=click.IntRange(*RANGES["goals"]), default=_WORLD.goals, show_default=True,
               help="Grid world: goal cells (an agent on one observes found = 1), placed by --seed.")
-@click.option("--seed", envvar=_ENV["seed"], type=int, default=_WORLD.seed, show_default=True,
+@click.option("--seed", envvar=_ENV["seed"], type=click.IntRange(*RANGES["seed"]), default=_WORLD.seed, show_default=True,
               help="World layout and placement seed (same seed, same world).")
-@click.option("--arena-agents", envvar=_ENV["arena_agents"], type=click.IntRange(0), default=_WORLD.arena_agents,
+@click.option("--arena-agents", envvar=_ENV["arena_agents"], type=click.IntRange(*RANGES["arena_agents"]), default=_WORLD.arena_agents,
               show_default=True, help="Agents per arena (a copy of the world) at most; 0: every free cell. "
                                       "More agents open more arenas.")
-@click.option("--max-arenas", envvar=_ENV["max_arenas"], type=click.IntRange(1), default=_WORLD.max_arenas,
+@click.option("--max-arenas", envvar=_ENV["max_arenas"], type=click.IntRange(*RANGES["max_arenas"]), default=_WORLD.max_arenas,
               show_default=True, help="Arenas the coordinator may open; past that, agents get WORLD_FULL.")
 @click.option("--endpoint-file", type=click.Path(dir_okay=False), default=None,
               help="Write the endpoint actually bound here (useful with a wildcard port, tcp://127.0.0.1:*).")

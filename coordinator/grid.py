@@ -51,6 +51,13 @@ _PLACEMENT_TRIES = 8
 #: below this many agents, a batch of moves is applied one by one (same rule, less overhead)
 _SCALAR_BATCH = 48
 
+#: The grid's arguments and their ranges (the options' and --world-arg's alike): a side
+#: as the explorer models it at most, cells whose per-arena tables stay a few MB.
+MAX_SIDE = 4096
+MAX_CELLS = 1 << 20
+RANGES = {"width": (1, MAX_SIDE), "height": (1, MAX_SIDE), "obstacles": (0, MAX_CELLS), "goals": (0, MAX_CELLS),
+          "seed": (0, 2**32 - 1), "layout_seed": (0, 2**32 - 1), "arena_agents": (0, MAX_CELLS),
+          "max_arenas": (1, 1_000_000)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +78,16 @@ class WorldConfig:
     max_arenas: int = 10_000
 
     def __post_init__(self) -> None:
-        if self.width < 1 or self.height < 1:
-            raise ValueError("the world needs width and height of at least 1")
-        if self.obstacles < 0 or self.goals < 0 or self.obstacles + self.goals > self.width * self.height:
+        for name, (lo, hi) in RANGES.items():  # --world-arg values meet the options' ranges, before anything is built
+            value = getattr(self, name)
+            if name == "layout_seed" and value is None:
+                continue
+            if type(value) is not int or not lo <= value <= hi:
+                raise ValueError(f"grid argument {name} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+        if self.width * self.height > MAX_CELLS:
+            raise ValueError(f"grid arguments width x height must be at most {MAX_CELLS:,} cells, got "
+                             f"{self.width} x {self.height}")
+        if self.obstacles + self.goals > self.width * self.height:
             raise ValueError("obstacles + goals must fit in width x height cells")
         if self.obstacles >= self.width * self.height:
             raise ValueError("the world needs at least one cell without an obstacle")

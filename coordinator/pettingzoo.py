@@ -27,7 +27,7 @@ import numpy as np
 from agentbus_zmq.bus.spaces import Array, Discrete, MultiDiscrete, Space, SpaceError, from_gymnasium
 from agentbus_zmq.coordinator.world import World, WorldFull
 
-__all__ = ["PettingZooWorld", "make_parallel_env"]
+__all__ = ["PettingZooWorld", "make_parallel_env", "check_args"]
 
 
 def make_parallel_env(module: str, args: dict):
@@ -44,6 +44,34 @@ def make_parallel_env(module: str, args: dict):
 
         return aec_to_parallel(mod.env(**args))
     raise ImportError(f"{module} has neither parallel_env nor env: not a PettingZoo environment module")
+
+
+#: Ranges of the arguments worlds are built with (``--world-arg``), checked before any
+#: environment is: agent counts (PettingZoo's own names for them), episode lengths, and
+#: any other number within +-MAX_NUMBER; strings and lists short.  Past these an
+#: environment would take minutes or gigabytes to build, or a step as long.
+ARG_RANGES = {"seed": (0, 2**32 - 1), "max_arenas": (1, 1_000_000), "max_cycles": (1, 10_000_000)}
+AGENT_COUNTS = frozenset({"N", "num_agents", "n_agents", "num_good", "num_adversaries", "num_obstacles",
+                          "num_landmarks", "n_pursuers", "n_evaders", "n_poisons", "n_coop", "num_archers",
+                          "num_knights", "num_swords", "num_arrows", "max_zombies", "num_players", "players"})
+MAX_AGENTS_IN_ENV = 1024
+MAX_NUMBER = 10**7
+
+
+def check_args(args: dict) -> None:
+    """ValueError naming the first argument out of its range (module docstring of ARG_RANGES)."""
+    import math
+
+    for key, value in args.items():
+        lo, hi = ARG_RANGES.get(key, (0, MAX_AGENTS_IN_ENV) if key in AGENT_COUNTS else (-MAX_NUMBER, MAX_NUMBER))
+        if key in ARG_RANGES or key in AGENT_COUNTS:
+            if type(value) is not int or not lo <= value <= hi:
+                raise ValueError(f"world argument {key} must be an integer in [{lo}, {hi:,}], got {value!r:.40}")
+        elif type(value) in (int, float):
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise ValueError(f"world argument {key} must be a finite number in [{lo:,}, {hi:,}], got {value!r:.40}")
+        elif isinstance(value, (str, list, dict)) and len(value) > 256:
+            raise ValueError(f"world argument {key} must be at most 256 long, got {len(value):,}")
 
 
 class _Arena:
@@ -65,8 +93,7 @@ class PettingZooWorld(World):
     has_info = True
 
     def __init__(self, module: str, seed: int = 0, max_arenas: int = 1000, **env_args):
-        if type(seed) is not int or type(max_arenas) is not int or max_arenas < 1:
-            raise ValueError("seed must be an integer and max_arenas a positive integer")
+        check_args({"seed": seed, "max_arenas": max_arenas, **env_args})
         self.module, self.seed, self.max_arenas, self.env_args = module, seed, max_arenas, env_args
         probe = make_parallel_env(module, env_args)
         self.names = list(probe.possible_agents)

@@ -57,8 +57,17 @@ class PymdpWorld(World):
                  reward_probs: list | None = None):
         if env not in ENVS:
             raise ValueError(f"pymdp has no environment {env!r} here; known: {', '.join(ENVS)}")
-        if type(episode_len) is not int or episode_len < 1 or type(max_arenas) is not int or max_arenas < 1:
-            raise ValueError("episode_len and max_arenas must be positive integers")
+        for name, value, hi in (("episode_len", episode_len, 10_000), ("max_arenas", max_arenas, 1_000_000),
+                                ("seed", seed, 2**32 - 1)):
+            lo = 0 if name == "seed" else 1
+            if type(value) is not int or not lo <= value <= hi:
+                raise ValueError(f"world argument {name} must be an integer in [{lo}, {hi:,}], got {value!r:.40}")
+        if reward_probs is not None and not (
+                type(reward_probs) is list and len(reward_probs) == 2
+                and all(type(p) in (int, float) and 0 <= p <= 1 for p in reward_probs)
+                and abs(sum(reward_probs) - 1) < 1e-9):
+            raise ValueError(f"world argument reward_probs must be two probabilities that sum to 1, got "
+                             f"{reward_probs!r:.60}")
         self.env_name, self.seed, self.max_arenas, self.episode_len = env, seed, max_arenas, episode_len
         self._make = lambda: ENVS[env](reward_probs)
         _, self._model, self._spaces = self._make()

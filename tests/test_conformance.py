@@ -24,6 +24,7 @@ def _conformance(*command: str, world: tuple[str, ...] = (), host: bool = False)
     r = subprocess.run([sys.executable, "-m", "agentbus_zmq.busbench.conformance", "--format", "json", *world, "--",
                         *command],
                        capture_output=True, text=True, env=cli_env(), timeout=180, stdin=subprocess.DEVNULL)
+    assert r.stdout.strip(), f"bus-conformance printed no report (exit {r.returncode}): {r.stderr[-3000:]}"
     report = json.loads(r.stdout)
     assert r.returncode == (0 if report["passed"] else 1)
     assert [c["name"] for c in report["checks"]] == (HOST_ORDER if host else list(CHECKS))

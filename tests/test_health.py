@@ -3,8 +3,11 @@ a fake clock, then a real bus-agent whose probe follows the coordinator coming a
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,6 +39,51 @@ def test_a_health_file_says_alive_then_stepping_then_stalled(tmp_path):
     assert "has not turned for 13 s" in check(tmp_path, 10, False, 122.0)  # the loop stopped
     (tmp_path / "other.json").write_text("{not json")
     assert "other.json: unreadable" in check(tmp_path, 100, False, 110.0)
+
+
+@pytest.mark.unit
+def test_a_link_planted_in_a_shared_health_directory_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)                                 # sticky and world-writable, as /tmp
+    (shared / "a1.json").symlink_to(victim)              # planted at the file's own name
+    for pid in range(os.getpid() - 5, os.getpid() + 5):  # and at every name the old code's temporary could take
+        (shared / f"a1.{pid}.tmp").symlink_to(victim)
+    h = HealthFile(shared, "a1")
+    h.write(10.0, True, 3)
+    assert victim.read_text() == "precious"
+    assert not (shared / "a1.json").is_symlink() and json.loads((shared / "a1.json").read_text())["steps"] == 3
+
+
+@pytest.mark.unit
+def test_a_health_directory_anyone_may_write_to_is_refused_unless_sticky(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by every user and not sticky"):
+        HealthFile(open_dir, "a1")
+    r = subprocess.run([sys.executable, "-m", "agentbus_zmq.agents", "--endpoint", f"ipc://{tmp_path}/x.ipc",
+                        "--kind", "null", "--health-dir", str(open_dir)], capture_output=True, text=True,
+                       env=cli_env(), timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "not sticky" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.unit
+def test_the_probe_opens_only_regular_files_and_never_blocks(tmp_path):
+    HealthFile(tmp_path, "good").write(100.0, True, 1)
+    os.mkfifo(tmp_path / "fifo.json")                     # opening it for reading would block for ever
+    started = time.monotonic()
+    r = _probe(tmp_path, "--max-age", "1e9")
+    assert r.returncode == 1 and "fifo.json: unreadable (not a regular file)" in r.stderr
+    assert time.monotonic() - started < 30
+    os.unlink(tmp_path / "fifo.json")
+    (tmp_path / "link.json").symlink_to(tmp_path / "good.json")
+    assert "link.json: unreadable (a link, not a file)" in check(tmp_path, 1e9, False, 100.0)
+    os.unlink(tmp_path / "link.json")
+    (tmp_path / "huge.json").write_text("{" + " " * 10**6)
+    assert "huge.json: unreadable" in check(tmp_path, 1e9, False, 100.0)
 
 
 def _probe(directory, *args) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -353,8 +354,33 @@ def test_busbench_runs_a_pettingzoo_world_with_r1_and_the_pool_in_the_same_world
     assert run["rate"] > 0 and run["pool_rate"] > 0 and result["single_agent_rate"] > 0 and run["balanced"]
 
 
-def test_a_world_that_cannot_be_built_stops_the_coordinator_in_one_line(tmp_path):
+@pytest.mark.parametrize("args, words", [
+    (["colour=red"], "takes no argument 'colour'"),
+    (["width=100000", "height=100000"], "width must be an integer in [1, 4096], got 100000"),
+])
+def test_a_world_that_cannot_be_built_stops_the_coordinator_in_one_line(tmp_path, args, words):
     r = subprocess.run([sys.executable, "-m", "agentbus_zmq.coordinator", "--bind", f"ipc://{tmp_path}/b.ipc",
-                        "--world", "grid", "--world-arg", "colour=red"], capture_output=True, text=True,
-                       env=cli_env(), timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode == 2 and "takes no argument 'colour'" in r.stderr and "Traceback" not in r.stderr
+                        "--world", "grid", *[a for pair in args for a in ("--world-arg", pair)]], capture_output=True,
+                       text=True, env=cli_env(), timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.strip()]) == 3, r.stderr    # usage, hint, the one line
+
+
+@pytest.mark.parametrize("name, args, words", [
+    ("grid", {"width": 100000, "height": 100000}, "width must be an integer in [1, 4096]"),
+    ("grid", {"width": float("nan")}, "width must be an integer in [1, 4096], got nan"),
+    ("grid", {"width": 2000, "height": 2000}, "at most 1,048,576 cells"),
+    ("grid", {"max_arenas": 10**9}, "max_arenas must be an integer in [1, 1000000]"),
+    ("grid", {"seed": -1}, "seed must be an integer in [0, 4294967295]"),
+    (SPREAD, {"N": 100000}, "N must be an integer in [0, 1,024]"),
+    (SPREAD, {"max_cycles": 0}, "max_cycles must be an integer in [1, 10,000,000]"),
+    (SPREAD, {"local_ratio": float("inf")}, "local_ratio must be a finite number"),
+    (SPREAD, {"seed": -3}, "seed must be an integer"),
+    ("pymdp:tmaze", {"episode_len": 10**9}, "episode_len must be an integer in [1, 10,000]"),
+    ("pymdp:tmaze", {"reward_probs": [2, -1]}, "reward_probs must be two probabilities"),
+])
+def test_world_arg_bombs_are_refused_naming_the_argument_before_anything_is_built(name, args, words):
+    started = time.monotonic()
+    with pytest.raises(WorldUnavailable) as info:
+        WorldSpec(name, args).build()
+    assert words in str(info.value) and time.monotonic() - started < 5
