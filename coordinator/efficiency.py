@@ -41,6 +41,11 @@ CPU_BOUND_FACTOR = 16
 CPU_BOUND_FLOOR_US = 100
 CPU_BOUND_SAMPLE = 64
 CPU_BOUND_MIN_UNITS = 3
+#: What no claim can move: the step rate per agent, against the best full window of the
+#: last RATE_HISTORY windows; below 1/RATE_FALL of it for the hold time, the alert is
+#: raised whatever the efficiency (which rests on what agents claim in cpu_us) says.
+RATE_FALL = 10
+RATE_HISTORY = 30
 
 
 def cpu_bound(units) -> float:
@@ -95,6 +100,9 @@ class LiveEfficiency:
         self.alerting = False
         self._below_since: float | None = None
         self.last_cause = ""
+        #: step rate per agent of recent full windows (one a window), for RATE_FALL
+        self._history: collections.deque[float] = collections.deque(maxlen=RATE_HISTORY)
+        self._recorded_at = -math.inf
 
     def sample(self, s: Sample, agents: int) -> None:
         """Record the counters now; samples older than the window (but one) are dropped."""
@@ -136,25 +144,42 @@ class LiveEfficiency:
         the units, names it (:func:`explain`) and gives it back with :meth:`raised`."""
         f = self.figures()
         eff = f["efficiency"]
-        if eff is None:
+        fell = self._rate_fell(f, now)
+        if fell is not None:
+            f["rate_fell"] = fell
+        if eff is None and fell is None:
             self._below_since = None
             if self.alerting and not self.agents:
                 self.alerting = False
                 return AlertEvent(False, 0.0, self.threshold, "no agents are stepping", f)
             return None
-        if eff < self.threshold:
+        if fell is not None or eff < self.threshold:
             if self._below_since is None:
                 self._below_since = now
             if not self.alerting and now - self._below_since >= self.hold:
                 self.alerting = True
                 f["alert"] = True
-                return AlertEvent(True, eff, self.threshold, "", f)
+                return AlertEvent(True, eff if eff is not None else 0.0, self.threshold, "", f)
             return None
         self._below_since = None
         if self.alerting:
             self.alerting = False
             f["alert"] = False
             return AlertEvent(False, eff, self.threshold, "efficiency recovered", f)
+        return None
+
+    def _rate_fell(self, f: dict, now: float) -> tuple[float, float] | None:
+        """``(recent best, now)`` in steps per second per agent when the rate fell below
+        1/RATE_FALL of the best full window of the last RATE_HISTORY; records one a window."""
+        if f["rate"] is None or not self.agents or f["window_s"] < self.window * 0.9:
+            return None
+        per_agent = f["rate"] / self.agents
+        best = max(self._history, default=None)
+        if now - self._recorded_at >= self.window:
+            self._history.append(per_agent)
+            self._recorded_at = now
+        if best is not None and per_agent * RATE_FALL < best:
+            return best, per_agent
         return None
 
     def raised(self, event: AlertEvent, cause: str) -> AlertEvent:
@@ -170,9 +195,15 @@ class LiveEfficiency:
         if event is None:
             return None
         if event.raised:
-            event = self.raised(event, why(event.figures))
-            log.warning("efficiency %.0f%% below the %.0f%% threshold for %.0f s: %s", event.efficiency * 100,
-                        event.threshold * 100, self.hold, event.cause)
+            fell = event.figures.get("rate_fell")
+            cause = why(event.figures)
+            if fell is not None:
+                best, per_agent = fell
+                cause = (f"the step rate fell to {per_agent:.3g}/s per agent from its recent {best:.3g} "
+                         f"({best / max(per_agent, 1e-9):,.0f}x less), whatever the agents claim of their CPU; {cause}")
+            event = self.raised(event, cause)
+            log.warning("efficiency %.0f%% (threshold %.0f%%), the alert raised after %.0f s: %s",
+                        event.efficiency * 100, event.threshold * 100, self.hold, event.cause)
         else:
             log.info("efficiency alert cleared (%s): %s", f"{event.efficiency:.0%}" if event.efficiency else "-",
                      event.cause)

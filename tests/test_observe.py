@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -236,3 +237,48 @@ def test_an_agent_that_reports_its_wait_as_work_cannot_clear_the_alert_and_is_na
     assert raised and not [e for e in events if not e.raised], events      # raised, never cleared
     assert "slowest: liar (" in raised[0].cause
     assert core.stats(now).live.efficiency < 0.1 and core.ledger.errors["cpu_us_capped"] > 0
+
+
+def test_lying_hosts_cannot_keep_the_alert_off_while_the_step_rate_falls():
+    """Three one-member hosts, the majority of the units, answer late and claim the wait
+    as CPU: efficiency reads high whatever the bus does.  The alert also watches the step
+    rate per agent against its own recent history, which no claim moves: a fall of 100x
+    and more raises it, and says so."""
+    core = CoordinatorCore(Settings(deadline=1.0, efficiency_window=4.0, alert_for=2.0, alert_threshold=0.5,
+                                    drop_after=0), GridWorld(WorldConfig(seed=1)), "s", clock=FakeClock())
+    now = 0.0
+    honest = [(b"a%d" % i, f"honest-{i}") for i in range(2)]
+    hosts = [(b"h%d" % i, f"liar-{i}") for i in range(3)]
+    for peer, host in hosts:
+        core.on_message(peer, P.HostHello(host, "k", 1, f"{host}-m", 0, 1), now)
+        core.on_message(peer, P.Heartbeat(), now)
+    for peer, agent in honest:
+        core.on_message(peer, P.Hello(agent, "k", 1), now)
+        core.on_message(peer, P.Heartbeat(), now)
+    events = []
+
+    def tick(wait: float) -> None:
+        nonlocal now, events
+        core.take_outbox()
+        t = core.tick
+        now += 0.001
+        for peer, _ in honest:
+            core.on_message(peer, P.Action(t, 4, 900, 900), now)
+        now += wait
+        claim = int(wait * 1e6)
+        for peer, _ in hosts:
+            core.on_message(peer, P.HostAction(t, np.array([4], np.uint8), claim, claim), now)
+        core.on_timer(now)
+        events += core.take_alerts()
+
+    while now < 10.0:                     # answering at once: the rate it is used to
+        tick(0.001)
+    assert not [e for e in events if e.raised]
+    rate = core.stats(now).live.rate
+    while now < 30.0:                     # the liars wait 0.6 s a tick and claim it all as work
+        tick(0.6)
+    assert core.stats(now).live.efficiency > 0.5       # what the claims say ...
+    raised = [e for e in events if e.raised]
+    assert raised, "the alert stayed off while the rate fell"
+    assert "step rate fell" in raised[0].cause and "whatever the agents claim" in raised[0].cause
+    assert core.stats(now).live.rate * 100 < rate      # ... and what the bus did
