@@ -163,6 +163,30 @@ class Array(Space):
                 raise SpaceError("an array space's low and high are numbers or null")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", dtype.str)
+        lo, hi = self._interval()
+        if not lo <= hi:
+            raise SpaceError(f"an array space of {dtype} within [{self.low}, {self.high}] holds no value")
+
+    def _interval(self) -> tuple[float, float]:
+        """The values the bounds leave of the dtype's range: ``[lo, hi]`` (integers rounded
+        inwards); empty when ``lo > hi``."""
+        import numpy as np
+
+        dtype = np.dtype(self.dtype)
+        if dtype.kind == "b":
+            lo, hi = 0, 1
+        elif dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            lo, hi = int(info.min), int(info.max)
+        else:
+            info = np.finfo(dtype)
+            lo, hi = float(info.min), float(info.max)
+        whole = dtype.kind in "biu"
+        if self.low is not None:
+            lo = max(lo, math.ceil(self.low) if whole and math.isfinite(self.low) else self.low)
+        if self.high is not None:
+            hi = min(hi, math.floor(self.high) if whole and math.isfinite(self.high) else self.high)
+        return lo, hi
 
     def to_wire(self) -> dict:
         return {"type": "array", "shape": list(self.shape), "dtype": self.dtype, "low": self.low, "high": self.high}
@@ -177,16 +201,23 @@ class Array(Space):
                 and (self.high is None or bool(np.all(a <= self.high))))
 
     def sample(self, rng):
+        """Values within the bounds (where a bound is missing, within 2 of the other one,
+        or of 0), always of the space."""
         import numpy as np
 
         dtype = np.dtype(self.dtype)
-        lo = -1.0 if self.low is None or not math.isfinite(self.low) else self.low
-        hi = 1.0 if self.high is None or not math.isfinite(self.high) else self.high
-        if dtype.kind in "iu":
-            return rng.integers(int(lo), int(hi) + 1, size=self.shape).astype(dtype)
-        if dtype.kind == "b":
-            return rng.integers(0, 2, size=self.shape).astype(bool)
-        return rng.uniform(lo, hi, size=self.shape).astype(dtype)
+        lo, hi = self._interval()
+        bounded_lo = self.low is not None and self.low > -math.inf
+        bounded_hi = self.high is not None and self.high < math.inf
+        if not bounded_lo:
+            lo = max(lo, min(-1, hi - 2))
+        if not bounded_hi:
+            hi = min(hi, max(1, lo + 2))
+        if dtype.kind in "biu":
+            return rng.integers(int(lo), int(hi), size=self.shape, endpoint=True).astype(dtype)
+        if not math.isfinite(hi - lo):  # a span past float64: halve both ends (inf x 0 would be NaN)
+            lo, hi = lo / 2, hi / 2
+        return np.clip(rng.uniform(lo, hi, size=self.shape), lo, hi).astype(dtype)
 
     @property
     def size(self) -> int:

@@ -248,8 +248,8 @@ class CoordinatorCore:
             return
         if (admission := reg.admit(peer, [msg.agent_id], msg.agent_id, msg.token, key, address, now)) is None:
             return
-        if unit is not None:
-            self._drop(unit, now)
+        for gone in [u for u in (unit, *admission.displaced) if u is not None]:
+            self._drop(gone, now)
         if old is not None:
             # The same agent, from a new connection (it restarted, or reconnected).
             self._plog.info(now, "agent %s re-registered (peer %s)", msg.agent_id, peer.hex())
@@ -284,8 +284,8 @@ class CoordinatorCore:
         admission = reg.admit(peer, ids, f"host {msg.host_id}", msg.token, key, address, now, host_id=msg.host_id)
         if admission is None:
             return
-        if unit is not None:
-            self._drop(unit, now)
+        for gone in [u for u in (unit, *admission.displaced) if u is not None]:
+            self._drop(gone, now)
         if (old_host := reg.hosts.get(msg.host_id)) is not None:
             self._plog.info(now, "host %s re-registered (peer %s)", msg.host_id, peer.hex())
             self._drop(old_host, now, keep_position=True)

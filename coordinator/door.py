@@ -87,6 +87,16 @@ class Door:
                                  f"{values[i].item()!r} (row {i})")
         return self._rows(values, single=False)
 
+    @staticmethod
+    def fill(actions, bad: np.ndarray, defaults: list):
+        """``actions`` with its ``bad`` rows replaced by ``defaults`` (one per bad row), or,
+        where ``actions`` is None (nothing of it usable), ``defaults`` itself, one per row."""
+        if actions is None:
+            return np.array(defaults)
+        actions = actions.copy()
+        actions[bad] = np.array(defaults, dtype=actions.dtype).reshape(actions[bad].shape)
+        return actions
+
     def _rows(self, values: np.ndarray, single: bool):
         """Rows of ``self._shape``: ``(rows cast, None)`` / ``(rows, bad, reason)``."""
         n = len(values)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import hmac
+import itertools
+import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -28,10 +30,21 @@ from agentbus_zmq.coordinator.settings import ConfigError, Settings
 from agentbus_zmq.coordinator.units import (JOINING, UNITS, AgentEntry, HostEntry, Member, Unit, unit_of)
 from agentbus_zmq.coordinator.world import World, WorldFull
 
-__all__ = ["Admission", "Registry", "MAX_TRACKED_IDS", "RESTARTS_KEPT", "WorldFull"]
+__all__ = ["Admission", "Registry", "MAX_TRACKED_IDS", "RESTARTS_KEPT", "WorldFull", "DISPLACE_AFTER_S"]
 
 #: Agent ids whose registrations are counted for ``restarts`` in stats (bounded memory).
 MAX_TRACKED_IDS = 65_536
+#: When pending registrations are full, one still getting ready this long may make way for
+#: a newcomer from another origin (those of the origin holding the most first, then the
+#: stalest); an origin may displace once every DISPLACE_EVERY_S.  Squatters from many
+#: addresses can then renew their places only by displacing each other, at a bounded
+#: rate, so some of theirs are always old enough, and a real agent gets in within seconds.
+DISPLACE_AFTER_S = 1.0
+DISPLACE_EVERY_S = 2.0
+#: pending registrations looked at, oldest first, for one that may make way; origins
+#: whose last displacement is remembered
+DISPLACE_SCAN = 64
+DISPLACERS_KEPT = 4096
 #: The agent ids ``restarts`` keeps: the most recently re-registered (stats shows them,
 #: sorted, at a cost that does not grow with the session).
 RESTARTS_KEPT = PAGE_SIZE
@@ -47,6 +60,9 @@ class Admission(NamedTuple):
     grace_from: float
     #: who is charged for it while it gets ready: its CURVE key, else its address
     origin: str
+    #: registrations still getting ready that make way for it (pending full; told BUSY:
+    #: the caller drops them)
+    displaced: tuple = ()
 
 
 class Registry:
@@ -68,6 +84,10 @@ class Registry:
         #: agents registered and not yet ready (Settings.max_pending), in all and by origin
         self.joining = 0
         self._joining_by: collections.Counter = collections.Counter()
+        #: the units charged while they get ready, oldest first
+        self._pending: dict[Unit, None] = {}
+        #: origin -> when it last displaced a pending registration (DISPLACE_EVERY_S)
+        self._displaced_at: dict[str, float] = {}
         #: registered agents that have answered at least one observation
         self.ready = 0
         #: registrations per agent id this session (restarts = registrations - 1)
@@ -130,11 +150,18 @@ class Registry:
         taking_over = [h for h in holders if h.peer != peer]
         joining = [h for h in taking_over if h.state is JOINING]
         current = self.by_peer.get(peer)  # a registered connection registering again: the driver skips its address
+        if current is not None and current.state is JOINING and current not in joining:
+            joining.append(current)       # it goes; it keeps its age (cycling ids on one connection renews nothing)
         origin = (f"key:{key.hex()}" if key is not None else current.origin if current is not None and not address
                   else f"address:{address}")
-        if busy := self._pending_refusal(len(ids), origin, joining):
+        busy, displaced = self._pending_refusal(len(ids), origin, joining, now)
+        if busy:
             self.outbox.reject(peer, ErrorCode.BUSY, f"{who}: {busy}", now)
             return None
+        for unit in displaced:
+            self._errors["displaced"] += 1
+            self.outbox.error(unit.peer, ErrorCode.BUSY, f"{unit.name}: displaced by a newer registration while "
+                                                         f"{self.settings.max_pending} were getting ready")
         for holder in taking_over:
             if type(holder) is HostEntry and holder.host_id != host_id and \
                     any(holder.ids[i] not in ids for i in holder.live_idx.tolist()):
@@ -146,24 +173,43 @@ class Registry:
             if holder.state is JOINING or now - holder.last_seen <= self.settings.expiry:
                 self.outbox.error(holder.peer, ErrorCode.REPLACED, f"{holder.name}: taken over by another "
                                                                    f"connection that presented its token or key")
-        return Admission(taking_over, min([now, *(h.grace_from for h in joining)]), origin)
+        return Admission(taking_over, min([now, *(h.grace_from for h in joining)]), origin, tuple(displaced))
 
-    def _pending_refusal(self, n: int, origin: str, joining: list[Unit]) -> str:
+    def _pending_refusal(self, n: int, origin: str, joining: list[Unit], now: float) -> tuple[str, list[Unit]]:
         """Why ``n`` more agents from ``origin`` may not join the pending ones now ("" if
         they may).  The units in ``joining`` are taken over: their share is freed.  One
         origin (a CURVE key, or an address) holds at most half the limit, so one that
         registers and never gets ready, however many connections and ids it cycles,
         leaves the other half to everyone else; a registration larger than the limit
-        gets in when nothing else is pending."""
+        gets in when nothing else is pending.  When the limit in all is reached, pending
+        registrations of other origins older than DISPLACE_AFTER_S make way (returned, to
+        be dropped), if that makes room."""
         limit = self.settings.max_pending
         total = self.joining - sum(h.charged for h in joining)
         mine = self._joining_by[origin] - sum(h.charged for h in joining if h.origin == origin)
-        if total and total + n > limit:
-            return f"{total} agents are waiting to say they are ready (at most {limit})"
         if mine and mine + n > max(1, limit // 2):
             return (f"{mine} agents from this {origin.partition(':')[0]} are waiting to "
-                    f"say they are ready (at most {max(1, limit // 2)} from one)")
-        return ""
+                    f"say they are ready (at most {max(1, limit // 2)} from one)"), []
+        if not total or total + n <= limit:
+            return "", []
+        if now - self._displaced_at.get(origin, -math.inf) < DISPLACE_EVERY_S:
+            return f"{total} agents are waiting to say they are ready (at most {limit})", []
+        stale = [u for u in itertools.islice(self._pending, DISPLACE_SCAN)  # the oldest few: bounded per HELLO
+                 if u.origin != origin and now - u.grace_from >= DISPLACE_AFTER_S and u not in joining]
+        stale.sort(key=lambda u: (-self._joining_by[u.origin], u.grace_from))
+        displaced = []
+        for unit in stale:
+            if total + n <= limit:
+                break
+            displaced.append(unit)
+            total -= unit.charged
+        if total + n > limit:
+            return f"{total} agents are waiting to say they are ready (at most {limit})", []
+        self._displaced_at.pop(origin, None)
+        self._displaced_at[origin] = now   # the oldest remembered goes first
+        if len(self._displaced_at) > DISPLACERS_KEPT:
+            del self._displaced_at[next(iter(self._displaced_at))]
+        return "", displaced
 
     def _may_replace(self, holder: Unit, token: str, key: bytes | None, now: float) -> bool:
         """A new connection may take ``holder``'s registration when the new one proves it
@@ -199,12 +245,14 @@ class Registry:
         unit.origin, unit.charged, unit.grace_from = admission.origin, n, admission.grace_from
         self.joining += n
         self._joining_by[unit.origin] += n
+        self._pending[unit] = None
 
     def _discharge(self, unit: Unit) -> None:
         self.joining -= unit.charged
         self._joining_by[unit.origin] -= unit.charged
         if not self._joining_by[unit.origin]:
             del self._joining_by[unit.origin]
+        self._pending.pop(unit, None)
         unit.charged = 0
 
     def add_host(self, peer: bytes, msg: P.HostHello, ids: list[str], key: bytes | None, admission: Admission,
@@ -243,9 +291,9 @@ class Registry:
     def remove(self, unit: Unit, keep_position: bool = False) -> None:
         """Forget a unit and its agents (the schedule has settled what it owed).
         ``keep_position``: its agents keep their places (a new registration of theirs follows)."""
+        if unit.charged:
+            self._discharge(unit)
         if self.by_peer.get(unit.peer) is unit:
-            if unit.state is JOINING:
-                self._discharge(unit)
             del self.by_peer[unit.peer]
         UNITS.move(unit, "leave")
         if type(unit) is HostEntry:

@@ -115,13 +115,8 @@ class Schedule(abc.ABC):
         self.outbox.reject(host.peer, ErrorCode.BAD_FIELD, f"HOST_ACTION for tick {msg.tick}: {reason}; the "
                            f"world's default action was applied for those members", now)
         slots = host.slots[host.pending_idx]
-        defaults = [self.world.default_action(s) for s in slots[bad].tolist()]
-        if checked is None:  # nothing of it usable: every row is the default
-            checked = np.array([self.world.default_action(s) for s in slots.tolist()])
-        else:
-            checked = checked.copy()
-            checked[bad] = np.array(defaults, dtype=checked.dtype).reshape(checked[bad].shape)
-        return checked
+        return self._door.fill(checked, bad, [self.world.default_action(s) for s in
+                                              (slots if checked is None else slots[bad]).tolist()])
 
     def _door_action(self, entry: AgentEntry, msg: P.Action, now: float):
         """An agent's action through the door: itself, or (refused) the world's default."""

@@ -376,6 +376,36 @@ def test_a_registration_larger_than_the_limit_gets_in_when_nothing_is_pending():
     assert type(h.send(b"a", P.Hello("a", "test", 1), address="10.0.0.9")[0][1]) is P.Welcome
 
 
+def test_squatters_from_many_addresses_make_way_for_a_real_agent():
+    """Eight addresses hold every pending place and never get ready: a newcomer from a
+    ninth displaces the stalest of them once it is DISPLACE_AFTER_S old; squatters can
+    renew only by displacing each other, once every DISPLACE_EVERY_S an address, and
+    cycling ids on one connection keeps their age."""
+    h = Harness(max_pending=8, setup_grace=120.0)
+    for i in range(8):
+        assert type(h.send(b"s%d" % i, P.Hello(f"squat-{i}", "test", 1), address=f"10.0.1.{i}")[0][1]) is P.Welcome
+    out = h.send(b"real", P.Hello("real", "test", 1), address="10.0.0.9")
+    assert [m.code for _, m in out] == [ErrorCode.BUSY]             # none old enough yet
+    h.now = 1.5
+    out = h.send(b"s0", P.Hello("squat-0b", "test", 1), address="")  # cycling an id on its connection: no younger
+    assert type(out[0][1]) is P.Welcome and h.core.agents["squat-0b"].grace_from == 0.0
+    out = h.send(b"real", P.Hello("real", "test", 1), address="10.0.0.9")
+    assert [type(m) for _, m in out] == [P.Error, P.Welcome]
+    (notice,) = [(p, m) for p, m in out if type(m) is P.Error]
+    assert notice[0] in {b"s%d" % i for i in range(8)} and notice[1].code == ErrorCode.BUSY
+    assert "displaced" in notice[1].reason and h.core.pending == 8
+    assert len([a for a in h.core.agents if a.startswith("squat")]) == 7
+    assert h.core.ledger.errors["displaced"] == 1
+    out = h.send(b"s9", P.Hello("squat-9", "test", 1), address="10.0.1.1")
+    assert type(out[-1][1]) is P.Welcome                             # squatters displace each other ...
+    out = h.send(b"s10", P.Hello("squat-10", "test", 1), address="10.0.1.1")
+    assert [m.code for _, m in out] == [ErrorCode.BUSY]              # ... once every 2 s an address
+    out = h.send(b"s11", P.Hello("squat-11", "test", 1), address="10.0.1.2")
+    assert "real" in h.core.agents                                   # never the one under a second old
+    h.send(b"real", P.Heartbeat())
+    assert h.core.agents["real"].state is not AgentState.JOINING and h.core.pending == 7
+
+
 def test_a_takeover_while_getting_ready_does_not_start_the_setup_grace_again():
     """A squatter renewing its registrations with their tokens from new connections used
     to keep them (and the pending slots) for ever: the grace runs from the first HELLO."""

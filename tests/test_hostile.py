@@ -531,6 +531,38 @@ def test_an_address_that_never_gets_ready_cannot_keep_a_real_agent_out(bus):
             s.close(linger=0)
 
 
+def test_squatters_from_eight_addresses_filling_the_pending_places_cannot_keep_a_real_agent_out(bus):
+    """Squatters from 127.0.0.2 .. 127.0.0.9 hold all of --max-pending 8 and keep
+    registering from new connections with new ids: a real agent from 127.0.0.1 used to get
+    BUSY for good.  It displaces the stalest and steps within seconds."""
+    endpoint = bus.coordinator("tcp://127.0.0.1:*", "--max-pending", "8", "--setup-grace", "120")
+    port = endpoint.rpartition(":")[2]
+    squatters: list = []
+
+    def squat(n: int) -> None:
+        for i in range(8):
+            s = sockets.dealer(f"tcp://127.0.0.{2 + i}:0;127.0.0.1:{port}")
+            squatters.append(s)
+            s.send(P.encode(P.Hello(f"squat-{n}-{i}", "null", 0)))
+
+    try:
+        squat(0)
+        wait_until(lambda: bus.stats()["pending"] == 8, 10, "the squatters to hold every pending place")
+        agent = bus.agents(1, "--kind", "null")
+        started, n = time.monotonic(), 1
+        while bus.stats()["ready"] < 1:
+            assert time.monotonic() - started < 30, "the real agent never got in"
+            squat(n)                                   # renewing from new connections, new ids
+            n += 1
+            time.sleep(0.3)
+        log = open(agent.log_path).read()
+        assert log.count("BUSY") <= 12, log            # in within about 5 s of HELLOs (every 0.5 s)
+        assert bus.stats()["ledger"]["errors"].get("displaced", 0) >= 1
+    finally:
+        for s in squatters:
+            s.close(linger=0)
+
+
 def test_an_agent_whose_id_was_taken_over_stops_and_is_not_restarted(fake_coordinator):
     router, start = fake_coordinator
     launcher = start("--kind", "null", "--restart", "--restart-backoff", "0.05")
