@@ -33,7 +33,7 @@ from typing import Callable
 
 from agentbus_zmq.agents.host import Host
 from agentbus_zmq.agents.layout import host_layout
-from agentbus_zmq.agents.runtime import EXIT_ID_TAKEN, EXIT_NOT_ALLOWED, EXIT_REPLACED, Runtime
+from agentbus_zmq.agents.runtime import EXIT_NOT_ALLOWED, EXIT_REPLACED, Runtime
 from agentbus_zmq.bus import sockets
 from agentbus_zmq.agents.sdk import Agent
 from agentbus_zmq.agents.restarts import Restart, RestartPolicy, RestartDecisions
@@ -181,12 +181,6 @@ def _supervise(children: dict[int, str], spawn: Callable[[str], int], supervisor
                     continue
                 if code == EXIT_REPLACED:  # another process holds its id: restarting would fight it
                     log.error("agent %s (pid %d): another connection took its id over; not restarted", agent_id, pid)
-                    failed.append(agent_id)
-                    permanent.append(code)
-                    continue
-                if code == EXIT_ID_TAKEN:  # another live process holds its id: restarting would be refused alike
-                    log.error("agent %s (pid %d): its id was refused as taken for a minute in a row (another live "
-                              "process holds it); not restarted (give this one another --id)", agent_id, pid)
                     failed.append(agent_id)
                     permanent.append(code)
                     continue

@@ -63,8 +63,8 @@ EXIT_REPLACED = 4
 #: the coordinator will never let this agent register under its id (its CURVE key is
 #: bound to other ids): restarting cannot help, and is not done
 EXIT_NOT_ALLOWED = 5
-#: its id was refused as taken (ID_TAKEN) for a minute in a row: another live process
-#: holds it; restarting would be refused alike
+#: reserved: until 0.4 an agent refused ID_TAKEN for a minute stopped with it; it now keeps
+#: retrying (a squatter must not end it), and units still list it as not to be restarted
 EXIT_ID_TAKEN = 6
 
 
@@ -75,7 +75,6 @@ class Exit(enum.IntEnum):
     FAILED = EXIT_AGENT_FAILED
     REPLACED = EXIT_REPLACED
     NOT_ALLOWED = EXIT_NOT_ALLOWED
-    ID_TAKEN = EXIT_ID_TAKEN
 
 
 class _Lane:
@@ -260,12 +259,16 @@ class Runtime:
                 self._flush(lane)
             elif etype is Refused:
                 if event.fatal:
-                    self.exit = {ErrorCode.NOT_ALLOWED: Exit.NOT_ALLOWED,
-                                 ErrorCode.ID_TAKEN: Exit.ID_TAKEN}.get(event.error.code, Exit.REPLACED)
+                    self.exit = Exit.NOT_ALLOWED if event.error.code == ErrorCode.NOT_ALLOWED else Exit.REPLACED
                     log.error("%s: %s; stopping (exit status %d)", lane.agent_id, printable(event.error.reason),
                               self.exit)
                     return 0.0
-                if event.rehello:
+                if event.error.code == ErrorCode.ID_TAKEN:
+                    self._plog.warning(now, "%s: its id is held by another live connection (%s); %s", lane.agent_id,
+                                       printable(event.error.reason, 200),
+                                       f"retrying in {session.reconnect_at - now:.0f} s" if session.state is
+                                       SessionState.BACKING_OFF else "saying HELLO again")
+                elif event.rehello:
                     self._plog.info(now, "%s: coordinator says %s; saying HELLO again", lane.agent_id,
                                     ErrorCode(event.error.code).name)
                     self._flush(lane)

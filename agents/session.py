@@ -16,7 +16,7 @@ States (:data:`SESSION` is the whole table)::
     REGISTERED --BYE from the coordinator--> BACKING_OFF
     BACKING_OFF --backoff elapsed--> CONNECTING                        (a fresh socket)
     HELLO_SENT / REGISTERED --REPLACED or NOT_ALLOWED--> STOPPED          (our id is taken, or not ours)
-    HELLO_SENT --ID_TAKEN for ID_TAKEN_GIVE_UP_S in a row--> STOPPED      (a live process holds our id)
+    HELLO_SENT --ID_TAKEN for ID_TAKEN_BACK_OFF_S in a row--> BACKING_OFF (a live connection holds our id)
     any --stop--> STOPPED
 
 ``SESSION.move(session, event)`` (``bus.fsm``, the coordinator's mechanism too) is the
@@ -36,10 +36,14 @@ only way the state changes; an event the table does not allow raises.
   (a fresh socket) then takes its own registration over at once, even while the
   coordinator still sees the old connection.  Another process without the token gets
   ID_TAKEN; one that has it takes over, and this session, told REPLACED, stops.
-* ID_TAKEN is repeated while the holder may still be found gone (its connection closed,
-  silent past liveness, or past its setup grace: 30 s by default); refused for
-  ``id_taken_limit`` seconds in a row (60), the id is another live process's, and the
-  session stops rather than repeat HELLO for ever.
+* ID_TAKEN never ends the session: a peer without our token or key may squat our id
+  (without CURVE, ids are first come), and a squatter must cost us no more than retries.
+  HELLO is repeated every ``heartbeat`` while the holder may still be found gone (its
+  connection closed, silent past liveness, or past its setup grace: 30 s by default);
+  refused for ``id_taken_limit`` seconds in a row (60), the session backs off, doubling
+  up to ``backoff_max``, and tries again from a fresh socket, for as long as it runs (the
+  runtime says so at each refusal).  Only REPLACED (the holder proved to be us, with our
+  token or key) and NOT_ALLOWED end it.
 """
 
 from __future__ import annotations
@@ -62,9 +66,10 @@ REHELLO = frozenset({ErrorCode.NOT_REGISTERED, ErrorCode.SHUTTING_DOWN, ErrorCod
 #: refusals that end the session: another connection took the id over, or the
 #: coordinator will never let this agent have it (its CURVE key is bound to other ids)
 FATAL = frozenset({ErrorCode.REPLACED, ErrorCode.NOT_ALLOWED})
-#: Seconds of ID_TAKEN in a row after which the id is taken to be another live process's:
-#: twice the coordinator's default setup grace, the longest a holder may stay silent.
-ID_TAKEN_GIVE_UP_S = 60.0
+#: Seconds of ID_TAKEN in a row after which HELLO backs off instead of repeating every
+#: heartbeat: twice the coordinator's default setup grace, the longest a holder may stay
+#: silent before it is found gone.
+ID_TAKEN_BACK_OFF_S = 60.0
 
 
 class SessionState(enum.Enum):
@@ -90,6 +95,7 @@ SESSION = Machine("session", {
     (_R, "bye"): _B,
     (_H, "bye"): _B,
     (_B, "retry"): _C,
+    (_H, "held"): _B,
     (_H, "replaced"): _S,
     (_R, "replaced"): _S,
     **{(state, "stop"): _S for state in SessionState},
@@ -137,7 +143,7 @@ class AgentSession:
     def __init__(self, agent_id: str, kind: str, pid: int = 0, heartbeat: float = config.DEFAULTS.heartbeat,
                  liveness: int = config.DEFAULTS.liveness, backoff_min: float = config.DEFAULTS.backoff_min,
                  backoff_max: float = config.DEFAULTS.backoff_max, members: tuple[str, int, int] | None = None,
-                 id_taken_limit: float = ID_TAKEN_GIVE_UP_S):
+                 id_taken_limit: float = ID_TAKEN_BACK_OFF_S):
         """``agent_id`` is the host's id when ``members`` (prefix, first, count) is given:
         the session then registers a host's agents with HOST_HELLO and expects
         HOST_WELCOME and HOST_OBSERVATION instead of their single-agent twins."""
@@ -224,12 +230,11 @@ class AgentSession:
         if mtype is P.Error:
             live = self.state in (SessionState.HELLO_SENT, _REGISTERED)
             if live and msg.code == ErrorCode.ID_TAKEN:
-                if self._id_taken_since is None:
+                if self._id_taken_since is None:  # kept across reconnections: reset by a WELCOME
                     self._id_taken_since = now
-                elif now - self._id_taken_since >= self.id_taken_limit:
-                    self._move("replaced")
-                    self._outbox.clear()
-                    return Refused(msg, False, True)
+                elif now - self._id_taken_since >= self.id_taken_limit and self.state is SessionState.HELLO_SENT:
+                    self._back_off(now, "held")
+                return Refused(msg, False)
             if live and msg.code in FATAL:
                 self._move("replaced")
                 self._outbox.clear()

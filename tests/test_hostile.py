@@ -563,6 +563,32 @@ def test_squatters_from_eight_addresses_filling_the_pending_places_cannot_keep_a
             s.close(linger=0)
 
 
+def test_a_squatter_holding_an_agents_id_costs_it_retries_never_its_life(bus):
+    """Without CURVE, ids are first come: a squatter that registered an agent's id first
+    (right after a coordinator restart, say) gets the agent refused ID_TAKEN.  The agent
+    keeps asking (it backs off after a minute, docs/protocol.md) and steps once the id is
+    free; it used to exit 6 after a minute, and its launcher restarted nothing."""
+    bus.coordinator()
+    squatter = sockets.dealer(bus.endpoint)
+    try:
+        squatter.send(P.encode(P.Hello("t", "null", 0)))
+        assert type(_recv(squatter)) is P.Welcome
+        agent = bus.agents(1, "--kind", "null", "--restart")
+        refused, deadline = 0, time.monotonic() + 30
+        while refused < 6:                        # the squatter stays alive: refused again and again
+            assert time.monotonic() < deadline, "the agent was not refused"
+            squatter.send(P.encode(P.Heartbeat()))
+            _drain(squatter)
+            refused = open(agent.log_path).read().count("its id is held by another live connection")
+            time.sleep(0.2)
+        assert agent.proc.poll() is None
+        squatter.send(P.encode(P.Bye("done squatting")))   # ... then goes: the agent is in
+    finally:
+        squatter.close(linger=100)
+    wait_until(lambda: bus.stats()["ready"] == 1, 30, "the agent to step once its id is free")
+    assert agent.proc.poll() is None and "exit status" not in open(agent.log_path).read()
+
+
 def test_an_agent_whose_id_was_taken_over_stops_and_is_not_restarted(fake_coordinator):
     router, start = fake_coordinator
     launcher = start("--kind", "null", "--restart", "--restart-backoff", "0.05")

@@ -252,34 +252,33 @@ def test_id_taken_before_welcome_keeps_saying_hello():
     assert h.advance(0.5) == [P.Hello("a1", "test", 7)]
 
 
-def test_id_taken_for_a_minute_in_a_row_stops_the_session():
-    """A holder may yet be found gone (its connection closed, silent, past its setup
-    grace): the session keeps asking; refused for 60 s in a row, it stops for good."""
-    h = Harness()
+def test_id_taken_never_ends_the_session_it_backs_off_and_keeps_trying():
+    """A squatter may hold our id (without CURVE, ids are first come): the session keeps
+    asking every heartbeat while the holder may yet be found gone, then backs off,
+    doubling, and tries again from a fresh socket for as long as it runs."""
+    h = Harness(id_taken_limit=10.0)
     h.s.connect(0.0)
     h.out()
-    while h.now < 59.5:
+    while h.now < 9.5:
         event = h.recv(P.Error(ErrorCode.ID_TAKEN, "held"))
         assert not event.fatal and h.s.state is SessionState.HELLO_SENT
         h.advance(0.5)
     h.advance(0.5)
+    waits = []
+    for _ in range(5):                                      # refused again and again: never stopped
+        event = h.recv(P.Error(ErrorCode.ID_TAKEN, "held"))
+        assert not event.fatal and h.s.state is SessionState.BACKING_OFF
+        waits.append(h.s.reconnect_at - h.now)
+        h.advance(waits[-1])
+        assert h.s.state is SessionState.CONNECTING
+        h.s.connect(h.now)                                  # the runtime's fresh socket: HELLO again
+        assert h.s.state is SessionState.HELLO_SENT and P.Hello("a1", "test", 7) in h.out()
+    assert waits == sorted(waits) and waits[-1] > waits[0]  # backing off
+    h.register()                                            # the id is free again: in, and the count reset
+    assert h.s.state is SessionState.REGISTERED and h.s.reconnects == 0
+    h.recv(P.Error(ErrorCode.NOT_REGISTERED, "coordinator restarted"))
     event = h.recv(P.Error(ErrorCode.ID_TAKEN, "held"))
-    assert event.fatal and h.s.state is SessionState.STOPPED and h.out() == []
-    # a WELCOME between refusals starts the count again
-    h = Harness(id_taken_limit=10.0)
-    h.s.connect(0.0)
-
-    def refused_for(seconds: float) -> bool:
-        end, fatal = h.now + seconds, False
-        while h.now < end and not fatal:
-            fatal = h.recv(P.Error(ErrorCode.ID_TAKEN, "held")).fatal
-            h.advance(0.5)
-        return fatal
-
-    assert not refused_for(9.0)
-    h.register()
-    h.recv(P.Error(ErrorCode.NOT_REGISTERED, "coordinator restarted"))   # back to HELLO
-    assert not refused_for(9.0) and refused_for(2.0)
+    assert h.s.state is SessionState.HELLO_SENT              # the minute starts again
 
 
 def test_the_coordinators_heartbeat_and_liveness_win():
