@@ -20,6 +20,7 @@ hundred series as one of 10.  Per-agent detail is ``busctl agents``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -198,8 +199,13 @@ class MetricsServer:
     at most MAX_CONNS connections (PER_PEER from one address; when full, the oldest that
     has not finished its request makes way), requests of MAX_REQUEST bytes, TIMEOUT_S
     each.  A scrape is served from a page rendered at most once every RENDER_EVERY_S,
-    whoever asks and however often.  When accept fails (out of descriptors) it says so
-    at most once a second and stops accepting for BACKOFF_S, doubling to 1 s."""
+    whoever asks and however often.  The loop's time is bounded whatever comes: at most
+    ACCEPTS_PER_S connections are taken a second (a tenth of them each tenth of a second),
+    then listening pauses until the tenth is over (the kernel's backlog holds the rest; a flood waits in its connects instead of
+    costing the bus), and at most PER_PEER_PER_S of them a second from one address are
+    served: the rest are closed as they are taken, so a flooding address drains the
+    backlog for the others rather than holding it.  When accept fails (out of descriptors) it says so at most once a
+    second and stops accepting for BACKOFF_S, doubling to 1 s."""
 
     MAX_CONNS = 32
     PER_PEER = 8
@@ -207,6 +213,8 @@ class MetricsServer:
     TIMEOUT_S = 5.0
     RENDER_EVERY_S = 1.0
     BACKOFF_S = 0.05
+    ACCEPTS_PER_S = 256
+    PER_PEER_PER_S = 16
 
     def __init__(self, address: str, render: Callable[[], bytes]):
         host, port = parse_address(address)
@@ -224,6 +232,12 @@ class MetricsServer:
         self._page, self._page_at = b"", -math.inf
         #: accept failures: listening paused until, the next pause's length, last warning
         self._paused_until, self._backoff, self._warned_at = 0.0, self.BACKOFF_S, -math.inf
+        #: connections taken in the current tenth of a second, and when it ends; by address
+        #: in the current second
+        self._accepted, self._slot_ends, self._second_ends = 0, -math.inf, -math.inf
+        self._taken: collections.Counter = collections.Counter()
+        #: seconds in which the accept budget ran out (a flood, or more scrapers than it serves)
+        self.budget_spent = 0
         self.renders = 0
 
     @property
@@ -264,12 +278,22 @@ class MetricsServer:
     def close(self) -> None:
         for fd in list(self._conns):
             self._close(fd)
-        if self._poller is not None:
+        if self._poller is not None and not self._paused_until:  # a paused listener is not registered
             self._poller.unregister(self.listener)
         self.listener.close()
 
     def _accept(self, now: float) -> None:
+        if now >= self._slot_ends:  # the budget comes in tenths of a second: a waiting scrape is taken soon
+            self._accepted, self._slot_ends = 0, now + 0.1
+        if now >= self._second_ends:
+            self._second_ends = now + 1.0
+            self._taken.clear()
         for _ in range(self.MAX_CONNS):
+            if self._accepted >= self.ACCEPTS_PER_S // 10:  # this tenth's budget is spent: listen again next tenth
+                self.budget_spent += 1
+                self._poller.unregister(self.listener)
+                self._paused_until = self._slot_ends
+                return
             try:
                 sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -284,7 +308,12 @@ class MetricsServer:
                 self._paused_until = now + self._backoff
                 self._backoff = min(self._backoff * 2, 1.0)
                 return
+            self._accepted += 1
             peer = address[0] if isinstance(address, tuple) else ""
+            self._taken[peer] += 1
+            if self._taken[peer] > self.PER_PEER_PER_S:  # its share of this second is served
+                sock.close()
+                continue
             mine = [fd for fd, c in self._conns.items() if c.peer == peer]
             if len(mine) >= self.PER_PEER:
                 self._close(mine[0])  # its own oldest makes way: one address cannot hold them all
