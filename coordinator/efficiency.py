@@ -196,14 +196,20 @@ class LiveEfficiency:
             return None
         if event.raised:
             fell = event.figures.get("rate_fell")
+            if event.figures["efficiency"] is not None and event.figures["efficiency"] < self.threshold:
+                fell = None  # the efficiency says it: the rate is named only when it alone raised the alert
             cause = why(event.figures)
             if fell is not None:
                 best, per_agent = fell
                 cause = (f"the step rate fell to {per_agent:.3g}/s per agent from its recent {best:.3g} "
                          f"({best / max(per_agent, 1e-9):,.0f}x less), whatever the agents claim of their CPU; {cause}")
             event = self.raised(event, cause)
-            log.warning("efficiency %.0f%% (threshold %.0f%%), the alert raised after %.0f s: %s",
-                        event.efficiency * 100, event.threshold * 100, self.hold, event.cause)
+            if fell is None:
+                log.warning("efficiency %.0f%% below the %.0f%% threshold for %.0f s: %s", event.efficiency * 100,
+                            event.threshold * 100, self.hold, event.cause)
+            else:
+                log.warning("step rate fallen for %.0f s (efficiency %.0f%%, threshold %.0f%%): %s", self.hold,
+                            event.efficiency * 100, event.threshold * 100, event.cause)
         else:
             log.info("efficiency alert cleared (%s): %s", f"{event.efficiency:.0%}" if event.efficiency else "-",
                      event.cause)

@@ -277,8 +277,28 @@ def test_lying_hosts_cannot_keep_the_alert_off_while_the_step_rate_falls():
     rate = core.stats(now).live.rate
     while now < 30.0:                     # the liars wait 0.6 s a tick and claim it all as work
         tick(0.6)
-    assert core.stats(now).live.efficiency > 0.5       # what the claims say ...
+    live = core.stats(now).live
+    assert live.efficiency > 0.5                       # what the claims say ...
+    assert live.rate * 100 < rate                      # ... and what the bus did
     raised = [e for e in events if e.raised]
-    assert raised, "the alert stayed off while the rate fell"
-    assert "step rate fell" in raised[0].cause and "whatever the agents claim" in raised[0].cause
-    assert core.stats(now).live.rate * 100 < rate      # ... and what the bus did
+    assert raised and live.alert, "the claims turned the alert off while the rate stayed fallen"
+    assert all(e.raised for e in events[events.index(raised[0]):])    # never cleared since
+
+
+def test_a_fall_of_the_step_rate_alone_raises_the_alert_whatever_the_claims():
+    """Efficiency reads 100 % throughout (every agent claims a full core): the rate per
+    agent falls 100x, and the alert is raised for that, and says so."""
+    live = LiveEfficiency(window=4.0, cores=2, threshold=0.5, hold=2.0)
+    cpu, steps, t, events = 0, 0, 0.0, []
+    while t < 40.0:
+        t += 0.5
+        cpu += int(0.5 * 2 * 1e6)                       # two agents, a full core each, claimed
+        steps += 500 if t < 15.0 else 5                 # 1,000 steps/s, then 10
+        event = live.watch(Sample(t, cpu, steps, 0, 0.0), 2, t, lambda f: "named by the core")
+        if event is not None:
+            events.append(event)
+    (raised,) = events
+    assert raised.raised and raised.efficiency >= 0.99
+    assert raised.cause.startswith("the step rate fell to 5/s per agent from its recent 500")
+    assert "whatever the agents claim" in raised.cause and raised.cause.endswith("named by the core")
+
