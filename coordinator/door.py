@@ -79,9 +79,9 @@ class Door:
             if values.ndim != 1 or values.dtype.kind not in "iu":
                 return None, np.ones(n, bool), (f"a host's actions in this world are a 1-D integer array, got "
                                                 f"{_what(values)}")
+            if not n or (values.max() < self.n and (values.dtype.kind == "u" or values.min() >= 0)):
+                return values, None, None  # the frame of every step: two reductions, no mask
             bad = (values < 0) | (values >= self.n)
-            if not bad.any():
-                return values, None, None
             i = int(np.flatnonzero(bad)[0])
             return values, bad, (f"{int(bad.sum())} of {n} actions out of [0, {self.n}), the first "
                                  f"{values[i].item()!r} (row {i})")
@@ -165,18 +165,34 @@ def observations_fault(space: Space, values, n: int) -> np.ndarray | str | None:
         shape, kinds = (n, space.size), "iu"
     if not isinstance(values, np.ndarray) or values.shape != shape or values.dtype.kind not in kinds:
         return f"observe_many returned {_what(values)}, not {shape}"
+    if not n:
+        return None
     flat = values.reshape(n, -1)
-    if isinstance(space, Array):
-        bad = ~np.isfinite(flat).all(axis=1) if values.dtype.kind == "f" else np.zeros(n, bool)
-        with np.errstate(invalid="ignore"):
-            if space.low is not None:
-                bad |= (flat < space.low).any(axis=1)
-            if space.high is not None:
-                bad |= (flat > space.high).any(axis=1)
-    else:
-        nvec = np.asarray((space.n,) if isinstance(space, Discrete) else space.nvec, dtype=np.int64)
+    if not isinstance(space, Array):
+        nvec = _nvec(space)
+        if values.dtype.kind == "u" or flat.min() >= 0:  # the frame of every step: a reduction a column, no mask
+            if all(flat[:, i].max() < n_i for i, n_i in enumerate(nvec.tolist())):
+                return None
         bad = ((flat < 0) | (flat >= nvec)).any(axis=1)
+        return bad if bad.any() else None
+    bad = ~np.isfinite(flat).all(axis=1) if values.dtype.kind == "f" else np.zeros(n, bool)
+    with np.errstate(invalid="ignore"):
+        if space.low is not None:
+            bad |= (flat < space.low).any(axis=1)
+        if space.high is not None:
+            bad |= (flat > space.high).any(axis=1)
     return bad if bad.any() else None
+
+
+_NVEC: dict[Space, np.ndarray] = {}
+
+
+def _nvec(space: Space) -> np.ndarray:
+    """A discrete space's sizes as an array, built once per space."""
+    nvec = _NVEC.get(space)
+    if nvec is None:
+        nvec = _NVEC[space] = np.asarray((space.n,) if isinstance(space, Discrete) else space.nvec, dtype=np.int64)
+    return nvec
 
 
 def info_fault(info) -> str | None:

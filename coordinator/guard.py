@@ -69,7 +69,7 @@ class GuardedWorld(World):
         self.closed: dict[int, float] = {}
         #: arenas closed since take_closed, with the reason
         self._closing: list[tuple[int, str]] = []
-        #: arena -> the episode whose observation was checked (singles); -1: check the next
+        #: arena -> the episode whose observation was checked (singles); a fault forgets it
         self._checked: dict[int, int] = {}
         self._traced: set[str] = set()
         self._door = Door(self._act_space)
