@@ -104,13 +104,13 @@ def test_inf_into_a_pettingzoo_world_is_refused_and_the_others_go_on(bus):
 
 
 def test_a_world_that_raises_leaves_the_other_arenas_stepping_and_names_itself(bus):
-    bus.coordinator(None, "--world", "tests.faulty_world:grid", "--world-arg", "after=50", "--world-arg",
-                    "arena_agents=2", "--mode", "lockstep", "--deadline", "0.5")
-    bus.agents(4, "--kind", "null")            # two arenas of two
-    bus.wait_agents(4)
-    world = wait_until(lambda: (w := bus.stats()["world"])["closed_arenas"] == 1 and w, 30, "arena 0 to be closed")
+    bus.coordinator(None, "--world", "tests.faulty_world:grid", "--world-arg", "after=50", "--world-arg", "agents=4",
+                    "--world-arg", "arena_agents=2", "--mode", "lockstep", "--deadline", "0.5")
+    bus.agents(4, "--kind", "null")            # two arenas of two; arena 0 fails 50 ticks after all four are in
+    world = wait_until(lambda: (w := bus.stats()["world"])["closed_arenas"] == 1 and w, 60, "arena 0 to be closed")
     assert world["faults"] >= 3
     stats = bus.stats()
+    assert stats["agents"] == 2                 # arena 0's agents were dropped (and are refused until it reopens)
     steps = _steps(bus, set(stats["agent_ids"]))
     wait_until(lambda: _steps(bus, set(bus.stats()["agent_ids"])) >= steps + 50, 20, "the other arena to step on")
     assert bus.coordinator_child.proc.poll() is None
