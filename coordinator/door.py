@@ -91,10 +91,11 @@ class Door:
     def fill(actions, bad: np.ndarray, defaults: list):
         """``actions`` with its ``bad`` rows replaced by ``defaults`` (one per bad row), or,
         where ``actions`` is None (nothing of it usable), ``defaults`` itself, one per row."""
+        filler = np.array(defaults)
         if actions is None:
-            return np.array(defaults)
-        actions = actions.copy()
-        actions[bad] = np.array(defaults, dtype=actions.dtype).reshape(actions[bad].shape)
+            return filler
+        actions = actions.astype(np.promote_types(actions.dtype, filler.dtype))  # a copy, wide enough for both
+        actions[bad] = filler.reshape(actions[bad].shape)
         return actions
 
     def _rows(self, values: np.ndarray, single: bool):

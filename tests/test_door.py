@@ -371,3 +371,11 @@ def test_the_driver_survives_timers_that_raise_and_exits_only_when_they_keep_rai
                 d.run_once(0.0)
     finally:
         d.close()
+
+
+def test_a_hosts_narrow_integer_actions_take_a_wider_default():
+    """int8 actions in a world of 300 actions whose default is 299: promoted, not overflowed."""
+    door = Door(Discrete(300))
+    checked, bad, reason = door.actions(np.array([1, -5, 3], np.int8), 3)
+    assert bad.tolist() == [False, True, False] and "the first -5 (row 1)" in reason
+    assert Door.fill(checked, bad, [299]).tolist() == [1, 299, 3]

@@ -31,6 +31,7 @@ from agentbus_zmq.agents.sdk import BadObservation, BadWelcome, spaces_of
 from agentbus_zmq.agents.session import AgentSession
 from agentbus_zmq.bus import protocol as P
 from agentbus_zmq.bus.clock import FakeClock
+from agentbus_zmq.bus.commands import COMMANDS
 from agentbus_zmq.bus.spaces import Discrete
 from agentbus_zmq.coordinator.core import CoordinatorCore, Settings
 from agentbus_zmq.coordinator.worlds import WorldSpec
@@ -112,6 +113,12 @@ class CoreFuzz(RuleBasedStateMachine):
           mtype=st.one_of(st.sampled_from([int(t) for t in P.MsgType]), ints), version=st.sampled_from([1, 1, 1, 0, 2]))
     def any_frame(self, peer, fields, mtype, version):
         self.feed(peer, frame([version, mtype, *fields]))
+
+    @rule(command=st.sampled_from(sorted(COMMANDS) + ["nope"]), args=st.dictionaries(
+        st.sampled_from(["page", "agents", "steps", "warmup_steps", "timeout_s", "duration_s", "x"]), values, max_size=4),
+          request_id=ints)
+    def control(self, command, args, request_id):
+        self.feed(b"ctl", frame([1, int(P.MsgType.CONTROL), request_id, command, args]))
 
     @rule(peer=st.sampled_from([b"x1", b"x2"]), data=st.binary(max_size=64))
     def garbage(self, peer, data):
