@@ -379,3 +379,14 @@ def test_a_hosts_narrow_integer_actions_take_a_wider_default():
     checked, bad, reason = door.actions(np.array([1, -5, 3], np.int8), 3)
     assert bad.tolist() == [False, True, False] and "the first -5 (row 1)" in reason
     assert Door.fill(checked, bad, [299]).tolist() == [1, 299, 3]
+
+
+def test_control_agents_with_a_null_page_is_refused_not_raised():
+    """Found by the fuzzer: CONTROL agents with {"page": null} raised TypeError in the core."""
+    h = Harness()
+    h.join(b"p1", "a1")
+    out = h.send(b"ctl", P.Control(7, "agents", {"page": None}))
+    (reply,) = [m for _, m in out if type(m) is P.Reply]
+    assert reply.request_id == 7 and not reply.ok and "page must be a non-negative integer" in reply.result["error"]
+    (ok,) = [m for _, m in h.send(b"ctl", P.Control(8, "stats", {"page": None})) if type(m) is P.Reply]
+    assert ok.ok                                     # stats' page may be left out, or null

@@ -106,7 +106,9 @@ def command(cls: type[Command]) -> type[Command]:
 def page_arg(args: dict, name: str, default: int | None = 0) -> int | None:
     """The optional ``page`` argument (the only one ``stats`` and ``agents`` read)."""
     page = args.get("page", default)
-    if page is not None and (type(page) is not int or page < 0):
+    if page is None and default is None:  # a command whose page may be left out says so with its default
+        return None
+    if type(page) is not int or page < 0:
         raise CommandError(ErrorCode.BAD_FIELD, f"{name}'s page must be a non-negative integer")
     return page
 
