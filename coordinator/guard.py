@@ -347,7 +347,8 @@ class GuardedWorld(World):
             except Exception as exc:
                 self._fault(arena, "move_many", exc)
 
-    # --- what the bus reports ------------------------------------------------------------
+    # --- the interface's plain calls, unchecked: the schedules use observation() and
+    # --- observations(); these exist so the guard is a World (tools may read through it)
 
     def info(self, slot: int):
         return self.inner.info(slot)
@@ -360,6 +361,8 @@ class GuardedWorld(World):
 
     def observe_many(self, slots):
         return self.inner.observe_many(slots)
+
+    # --- what the bus reports ------------------------------------------------------------
 
     def figures(self) -> dict:
         try:
